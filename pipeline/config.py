@@ -1,0 +1,51 @@
+"""Command-line flags from config dataclasses, and knowing which flags the user actually gave.
+
+Each flag is a dataclass field (`--batch_size` is `TrainConfig.batch_size`); its help text is
+the field's `metadata["help"]`. Flags default to "not given", so resuming a run can tell the
+settings the user changed from the ones recorded in the run.
+"""
+
+import argparse
+import dataclasses
+import typing
+
+
+def field(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _flag_type(f):
+    hint = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing))
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_flags(parser, config_class, skip=()):
+    """One `--name` flag per dataclass field, defaulting to argparse.SUPPRESS (= not given)."""
+    for f in dataclasses.fields(config_class):
+        if f.name in skip or not f.init:
+            continue
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kind = _flag_type(f)
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
+                                help=f"{help_text} (default: {default})")
+
+
+def given(namespace, config_class):
+    """The flags of `config_class` that appear in the parsed namespace."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return {k: v for k, v in vars(namespace).items() if k in names}
+
+
+def build(config_class, *layers):
+    """config_class(**defaults | layer1 | layer2 ...), ignoring keys it does not have."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    values = {}
+    for layer in layers:
+        values.update({k: v for k, v in (layer or {}).items() if k in names})
+    return config_class(**values)

@@ -1,0 +1,221 @@
+"""Image data from a CSV: validation, decoding, the train/validation split, batching.
+
+The CSV has a column `image_path` (relative to the CSV's folder, or absolute) and optionally
+`label`. Images of any format, mode and size become uint8 arrays (C, S, S): converted to RGB or
+grayscale, resized so the shorter side is S and center-cropped. Cheap checks (the CSV, the
+columns, file existence) run before anything trains; decoding failures name the file and row.
+"""
+
+import hashlib
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from pipeline.errors import UserError
+
+GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
+IN_MEMORY_LIMIT_BYTES = 4 << 30  # decode once and keep in RAM below this; stream above it
+
+
+@dataclass
+class ImageTable:
+    """The rows of an image CSV, validated. `rows[i]` is the 0-based data row of `paths[i]`."""
+    csv_path: Path
+    paths: list
+    rows: list
+    labels: list  # None when the CSV has no `label` column
+
+    def where(self, i):
+        return f"{self.csv_path} row {self.rows[i] + 1} ('{self.paths[i]}')"
+
+    def subset(self, keep):
+        return ImageTable(self.csv_path, [self.paths[i] for i in keep],
+                          [self.rows[i] for i in keep],
+                          None if self.labels is None else [self.labels[i] for i in keep])
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_table(csv_path):
+    """Read and validate an image CSV: the file, its columns, and that every image file exists."""
+    import pandas as pd
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path}: no such CSV file")
+    try:
+        frame = pd.read_csv(csv_path)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{csv_path}: the CSV is empty")
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{csv_path}: not a readable CSV ({str(e).splitlines()[0]})")
+    if "image_path" not in frame.columns:
+        raise UserError(f"{csv_path}: no 'image_path' column "
+                        f"(columns: {', '.join(map(str, frame.columns)) or 'none'})")
+    if len(frame) == 0:
+        raise UserError(f"{csv_path}: the CSV has a header but no rows")
+    paths, missing = [], []
+    for row, value in enumerate(frame["image_path"]):
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"{csv_path} row {row + 1}: empty image_path")
+        path = Path(value.strip())
+        path = path if path.is_absolute() else csv_path.parent / path
+        paths.append(path)
+        if not path.is_file():
+            missing.append(row)
+    if missing:
+        row = missing[0]
+        more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise UserError(f"{csv_path} row {row + 1}: image '{paths[row]}' does not exist{more}")
+    labels = None
+    if "label" in frame.columns:
+        labels = [v.item() if hasattr(v, "item") else v for v in frame["label"]]
+    return ImageTable(csv_path, paths, list(range(len(paths))), labels)
+
+
+def detect_channels(table, skip_bad=False):
+    """1 when every image is grayscale, else 3. Reads headers only (cheap); returns the table
+    without unreadable files when skip_bad, else raises on the first one."""
+    modes, keep = set(), []
+    for i, path in enumerate(table.paths):
+        try:
+            with Image.open(path) as img:
+                modes.add(img.mode)
+            keep.append(i)
+        except Exception as e:
+            _bad_image(table, i, e, skip_bad)
+    channels = 1 if modes and modes <= GRAYSCALE_MODES else 3
+    return channels, table.subset(keep) if len(keep) < len(table.paths) else table
+
+
+def _bad_image(table, i, error, skip_bad):
+    message = f"{table.where(i)}: cannot read image ({type(error).__name__}: " \
+              f"{str(error).splitlines()[0] if str(error) else 'corrupt'})"
+    if not skip_bad:
+        raise UserError(message)
+    print(f"warning: skipping {message}", file=sys.stderr)
+
+
+def decode_image(path, channels, size):
+    """One image file -> uint8 array (channels, size, size)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. PIL's palette-transparency notes
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img = img.convert("L" if channels == 1 else "RGB")
+            img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+            array = np.asarray(img, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def decode_all(table, channels, size, skip_bad=False, progress=True):
+    """Decode every image into one uint8 tensor (N, C, S, S); returns (tensor, kept table)."""
+    from tqdm import tqdm
+    arrays, keep = [], []
+    for i in tqdm(range(len(table.paths)), desc="decoding images", unit="img",
+                  disable=not progress or len(table.paths) < 2000, leave=False):
+        try:
+            arrays.append(decode_image(table.paths[i], channels, size))
+            keep.append(i)
+        except Exception as e:
+            _bad_image(table, i, e, skip_bad)
+    if not arrays:
+        raise UserError(f"{table.csv_path}: no readable images")
+    kept = table.subset(keep) if len(keep) < len(table.paths) else table
+    return torch.from_numpy(np.stack(arrays)), kept
+
+
+def fits_in_memory(table, channels, size):
+    return len(table.paths) * channels * size * size <= IN_MEMORY_LIMIT_BYTES
+
+
+def split_indices(n, val_fraction, seed):
+    """Deterministic train/validation split of range(n): the same (n, fraction, seed) always
+    gives the same rows, so later stages can hold out exactly the rows the VQ-VAE held out."""
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+class StreamingImages(torch.utils.data.Dataset):
+    """Decodes on access, for sets too large for RAM; used with DataLoader workers.
+
+    A bad file must not surface as a worker traceback: __getitem__ reports it as a flag and the
+    main process turns it into a one-line error (or skips it)."""
+
+    def __init__(self, table, channels, size):
+        self.table, self.channels, self.size = table, channels, size
+
+    def __len__(self):
+        return len(self.table.paths)
+
+    def __getitem__(self, i):
+        try:
+            return torch.from_numpy(decode_image(self.table.paths[i], self.channels, self.size)), i, ""
+        except Exception as e:
+            blank = torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8)
+            return blank, i, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+class ImageData:
+    """Images for training and evaluation, in RAM when they fit, streamed otherwise.
+
+    `batches(indices, batch_size, generator)` yields uint8 (B, C, S, S) batches forever, in a
+    random order drawn from `generator` (saved in checkpoints, so a resumed run continues the
+    same stream); `ordered(indices, batch_size)` yields each index once, in order."""
+
+    def __init__(self, table, channels, size, skip_bad=False, num_workers=2, force_stream=False):
+        self.channels, self.size, self.skip_bad, self.num_workers = \
+            channels, size, skip_bad, num_workers
+        if fits_in_memory(table, channels, size) and not force_stream:
+            self.images, self.table = decode_all(table, channels, size, skip_bad)
+        else:
+            self.images, self.table = None, table
+            self.dataset = StreamingImages(table, channels, size)
+
+    def __len__(self):
+        return len(self.table.paths)
+
+    def batches(self, indices, batch_size, generator):
+        indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        batch_size = min(batch_size, len(indices))
+        while True:  # one pass per epoch, dropping the ragged last batch
+            order = indices[torch.randperm(len(indices), generator=generator)]
+            usable = len(order) - len(order) % batch_size
+            yield from self._load(order[:usable].tolist(), batch_size)
+
+    def ordered(self, indices, batch_size):
+        yield from self._load(list(np.asarray(indices).tolist()), batch_size)
+
+    def _load(self, order, batch_size):
+        if self.images is not None:
+            for start in range(0, len(order), batch_size):
+                yield self.images[order[start:start + batch_size]]
+            return
+        # One loader per pass, so the workers are started once per epoch, not per batch.
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, order),
+                                             batch_size=batch_size, num_workers=self.num_workers)
+        for images, rows, errors in loader:
+            for k, e in enumerate(errors):
+                if e:
+                    message = f"{self.table.where(int(rows[k]))}: cannot read image ({e})"
+                    if not self.skip_bad:
+                        raise UserError(message)
+                    print(f"warning: skipping {message}", file=sys.stderr)
+            good = [k for k, e in enumerate(errors) if not e]
+            if good:
+                yield images[good]

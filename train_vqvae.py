@@ -1,0 +1,28 @@
+"""Train a VQ-VAE on a CSV of images; prints run_id=<id> as the last line.
+
+    python train_vqvae.py --path_to_data data/train.csv --image_size 32 --max_steps 5000
+    python train_vqvae.py --resume_run_id <id>
+"""
+
+import argparse
+
+from pipeline.config import add_flags, given
+from pipeline.errors import run_cli
+from vqvae.model import VQVAEConfig
+from vqvae.train import TrainConfig, train_vqvae
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser, TrainConfig)
+    add_flags(parser, VQVAEConfig, skip=("in_channels",))
+    parser.add_argument("--resume_run_id", help="continue this run from its checkpoints/last.pt")
+    args = parser.parse_args(argv)
+    run_id = train_vqvae(given(args, VQVAEConfig), given(args, TrainConfig),
+                         resume_run_id=args.resume_run_id)
+    print(f"run_id={run_id}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,196 @@
+"""Training a VQ-VAE on a CSV of images, tracked in MLflow. A plain loop."""
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from pipeline import tracking
+from pipeline.config import build, field
+from pipeline.device import autocast, needs_grad_scaler, pick_device
+from pipeline.errors import UserError
+from pipeline.images import ImageData, detect_channels, file_sha256, read_table, split_indices
+from pipeline.runs import TrainingRun
+from pipeline.schedule import learning_rate_at
+from pipeline.visual import side_by_side
+from vqvae.model import VQVAE, VQVAEConfig
+
+STAGE = "vqvae"
+
+
+@dataclass
+class TrainConfig:
+    path_to_data: str = field("", "CSV with an image_path column (and optionally label)")
+    in_channels: Optional[int] = field(None, "1 (grayscale) or 3 (RGB); detected when unset")
+    batch_size: int = field(64, "images per step")
+    max_steps: int = field(5000, "optimizer steps")
+    learning_rate: float = field(1e-3, "peak AdamW learning rate (warmup, then cosine)")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    grad_clip: float = field(1.0, "clip the gradient norm to this")
+    val_fraction: float = field(0.1, "fraction of rows held out for validation")
+    seed: int = field(0, "seed for the split, initialisation and batch order")
+    eval_every: int = field(200, "evaluate and log reconstructions every N steps")
+    checkpoint_every: int = field(500, "write checkpoints/last.pt every N steps")
+    device: Optional[str] = field(None, "cpu, cuda or cuda:N (default: cuda when available)")
+    experiment: Optional[str] = field(None, "MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME)")
+    skip_bad_images: bool = field(False, "skip unreadable images with a warning instead of failing")
+    num_workers: int = field(2, "DataLoader workers when images are streamed from disk")
+    checkpoint_dir: str = field("checkpoints", "local copies of checkpoints, one folder per run")
+
+
+# Settings that may change when a run is resumed; everything else is the run's recorded value.
+RESUME_OVERRIDES = ("max_steps", "device", "eval_every", "checkpoint_every", "num_workers",
+                    "checkpoint_dir", "skip_bad_images")
+
+
+@torch.no_grad()
+def evaluate(model, data, indices, device, batch_size=256):
+    """Reconstruction and codebook metrics over `indices` (pixels on the [0, 1] scale)."""
+    model.eval()
+    squared_error, pixels, loss_sum, batches = 0.0, 0, 0.0, 0
+    counts = torch.zeros(model.config.codebook_size, device=device)
+    for batch in data.ordered(indices, batch_size):
+        images = batch.to(device).float() / 255
+        with autocast(device):
+            recon, loss, codes = model(images)
+        squared_error += (recon.float().clamp(0, 1) - images).pow(2).sum().item()
+        pixels += images.numel()
+        loss_sum, batches = loss_sum + loss.item(), batches + 1
+        counts += torch.bincount(codes.flatten(), minlength=len(counts))
+    model.train()
+    mse = squared_error / pixels
+    probs = counts / counts.sum()
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum().item()
+    return {"val/loss": loss_sum / batches, "val/mse": mse,
+            "val/psnr": 10 * math.log10(1 / max(mse, 1e-12)),
+            "val/codebook_usage": (counts > 0).float().mean().item(),
+            "val/perplexity": math.exp(entropy)}
+
+
+def train_vqvae(model_flags=None, train_flags=None, resume_run_id=None, parent_run_id=None,
+                tags=None, progress=True):
+    """Train (or resume) a VQ-VAE; returns the MLflow run id.
+
+    model_flags / train_flags: the VQVAEConfig / TrainConfig fields the user set."""
+    if resume_run_id:
+        run, recorded = TrainingRun.reopen(STAGE, resume_run_id, (train_flags or {}).get(
+            "checkpoint_dir", TrainConfig.checkpoint_dir))
+        overrides = {k: v for k, v in (train_flags or {}).items() if k in RESUME_OVERRIDES}
+        train = build(TrainConfig, recorded["train"], overrides)
+        model_config = build(VQVAEConfig, recorded["model"])
+    else:
+        train = build(TrainConfig, train_flags)
+        model_config = None
+    if not train.path_to_data:
+        raise UserError("--path_to_data is required (a CSV with an image_path column)")
+    for name in ("batch_size", "max_steps", "eval_every", "checkpoint_every"):
+        if getattr(train, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(train, name)}")
+
+    table = read_table(train.path_to_data)
+    channels = train.in_channels
+    if channels is None:
+        channels, table = detect_channels(table, train.skip_bad_images)
+    if model_config is None:
+        model_config = build(VQVAEConfig, model_flags, {"in_channels": channels})
+        model_config.validate()
+    data = ImageData(table, model_config.in_channels, model_config.image_size,
+                     train.skip_bad_images, train.num_workers)
+    train_idx, val_idx = split_indices(len(data), train.val_fraction, train.seed)
+    if len(val_idx) == 0:
+        print("warning: no validation split; evaluating on the training images", file=sys.stderr)
+        val_idx = train_idx
+
+    device = pick_device(train.device)
+    torch.manual_seed(train.seed)
+    model = VQVAE(model_config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate,
+                                  weight_decay=train.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device))
+    generator = torch.Generator().manual_seed(train.seed)
+    step, best_val_loss = 0, float("inf")
+
+    if resume_run_id:
+        checkpoint = run.load_last("vqvae")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        generator.set_state(checkpoint["rng"])
+        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        print(f"resuming run {run.run_id} from step {step}", file=sys.stderr)
+    else:
+        config = {"model": asdict(model_config), "train": asdict(train),
+                  "data": {"csv_sha256": file_sha256(table.csv_path), "num_images": len(data),
+                           "num_train": len(train_idx), "num_val": len(val_idx)}}
+        params = {**asdict(model_config), **asdict(train), "num_images": len(data)}
+        run = TrainingRun.start(STAGE, config, params, train.checkpoint_dir, train.experiment,
+                                tags=tags, parent_run_id=parent_run_id)
+
+    def checkpoint_dict():
+        return {"kind": "vqvae", "config": asdict(model_config), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "step": step,
+                "best_val_loss": best_val_loss, "train": asdict(train),
+                "rng": generator.get_state(), "run_id": run.run_id}
+
+    preview = next(data.ordered(val_idx[:16], 16)).to(device).float() / 255
+    batches = data.batches(train_idx, train.batch_size, generator)
+    bar = tqdm(total=train.max_steps, initial=step, desc="vqvae", unit="step",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    window_start, window_images = time.perf_counter(), 0
+    status = "FAILED"
+    try:
+        model.train()
+        while step < train.max_steps:
+            lr = learning_rate_at(step, train.learning_rate, train.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = next(batches).to(device, non_blocking=True).float() / 255
+            with autocast(device):
+                _, loss, _ = model(images)
+            if not torch.isfinite(loss):
+                raise UserError(f"run {run.run_id}: loss became {loss.item()} at step {step}; "
+                                f"stopped. The last good checkpoint is checkpoints/last.pt "
+                                f"(try a lower --learning_rate)")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            window_images += len(images)
+            bar.update(1)
+
+            if step % 10 == 0 or step == train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                speed = window_images / elapsed
+                window_start, window_images = time.perf_counter(), 0
+                run.metrics.log({"train/loss": loss.item(), "train/lr": lr,
+                                 "train/images_per_sec": speed}, step)
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{speed:.0f}")
+            if step % train.eval_every == 0 or step == train.max_steps:
+                metrics = evaluate(model, data, val_idx, device)
+                run.metrics.log(metrics, step)
+                model.eval()
+                with torch.no_grad():
+                    recon = model(preview)[0]
+                model.train()
+                tracking.log_image(run.run_id, side_by_side(preview, recon), "reconstructions",
+                                   step)
+                bar.write(f"step {step}: val/psnr {metrics['val/psnr']:.2f} dB, "
+                          f"val/codebook_usage {metrics['val/codebook_usage']:.3f}, "
+                          f"val/perplexity {metrics['val/perplexity']:.1f}")
+                if metrics["val/loss"] < best_val_loss:
+                    best_val_loss = metrics["val/loss"]
+                    run.save("best.pt", checkpoint_dict())
+                window_start = time.perf_counter()  # keep evaluation out of the throughput
+            if step % train.checkpoint_every == 0 or step == train.max_steps:
+                run.save("last.pt", checkpoint_dict())
+        status = "FINISHED"
+    finally:
+        bar.close()
+        run.finish(status)
+    return run.run_id
