@@ -25,7 +25,7 @@ def _quiet_mlflow():
     # The sqlite store logs its schema migrations at INFO on first use; users need none of it.
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.client"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def client():
@@ -106,6 +106,12 @@ def log_artifact(run_id, local_path, artifact_dir=""):
     """Upload a finished local file under `artifact_dir`, retrying transient store failures."""
     _with_retries(lambda: client().log_artifact(run_id, str(local_path), artifact_dir or None),
                   f"upload {Path(local_path).name} to run {run_id}")
+
+
+def log_artifacts(run_id, local_dir, artifact_dir):
+    """Upload every file of `local_dir` under `artifact_dir`, retrying transient failures."""
+    _with_retries(lambda: client().log_artifacts(run_id, str(local_dir), artifact_dir),
+                  f"upload {artifact_dir}/ to run {run_id}")
 
 
 def log_image(run_id, image, key, step):
