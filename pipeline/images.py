@@ -114,7 +114,7 @@ def decode_image(path, channels, size):
             img = ImageOps.exif_transpose(img)
             img = img.convert("L" if channels == 1 else "RGB")
             img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
-            array = np.asarray(img, dtype=np.uint8)
+            array = np.array(img, dtype=np.uint8)  # a writable copy
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 

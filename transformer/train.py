@@ -134,7 +134,7 @@ def train_prior(model_flags=None, train_flags=None, resume_run_id=None, parent_r
         if "vqvae_run_id" in meta:
             run_tags[tracking.VQVAE_RUN_TAG] = meta["vqvae_run_id"]
         config = {"model": asdict(model_config), "train": asdict(train), "vqvae": lineage}
-        params = {**asdict(model_config), **asdict(train), "num_sequences": n}
+        params = {**asdict(train), **asdict(model_config), "num_sequences": n}
         run = TrainingRun.start(STAGE, config, params, train.checkpoint_dir, train.experiment,
                                 tags=run_tags, parent_run_id=parent_run_id)
 

@@ -125,7 +125,7 @@ def train_vqvae(model_flags=None, train_flags=None, resume_run_id=None, parent_r
         config = {"model": asdict(model_config), "train": asdict(train),
                   "data": {"csv_sha256": file_sha256(table.csv_path), "num_images": len(data),
                            "num_train": len(train_idx), "num_val": len(val_idx)}}
-        params = {**asdict(model_config), **asdict(train), "num_images": len(data)}
+        params = {**asdict(train), **asdict(model_config), "num_images": len(data)}  # resolved model values win
         run = TrainingRun.start(STAGE, config, params, train.checkpoint_dir, train.experiment,
                                 tags=tags, parent_run_id=parent_run_id)
 

@@ -1,0 +1,77 @@
+"""Training runs end to end against an MLflow store in a temp folder."""
+
+import json
+import tempfile
+
+import numpy as np
+import torch
+
+import train_vqvae
+from conftest import TINY_VQVAE, run_main
+from pipeline import tracking
+from pipeline.checkpoint import load_checkpoint
+from vqvae.model import vqvae_from_checkpoint
+
+
+def metric_history(run_id, key):
+    return [(m.step, m.value) for m in tracking.client().get_metric_history(run_id, key)]
+
+
+def download_checkpoint(run_id, name):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tracking.download_artifact(run_id, f"checkpoints/{name}", tmp)
+        return load_checkpoint(path, "vqvae")
+
+
+def test_short_vqvae_training_lowers_the_loss_and_logs_everything(chain):
+    run_id = chain["vqvae"]
+    run = tracking.client().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.STAGE_TAG] == "vqvae"
+    assert run.data.params["codebook_size"] == "16" and run.data.params["in_channels"] == "1"
+    losses = [v for _, v in metric_history(run_id, "train/loss")]
+    assert losses[-1] < 0.8 * losses[0]  # the first value is logged at step 10
+    for key in ("val/mse", "val/psnr", "val/codebook_usage", "val/perplexity",
+                "train/images_per_sec"):
+        history = metric_history(run_id, key)
+        assert history, key
+    assert [s for s, _ in metric_history(run_id, "val/psnr")] == [40, 80]
+    usage = metric_history(run_id, "val/codebook_usage")[-1][1]
+    assert 0 < usage <= 1
+    artifacts = tracking.list_artifacts(run_id) + tracking.list_artifacts(run_id, "checkpoints")
+    assert "config.json" in artifacts
+    assert {"checkpoints/last.pt", "checkpoints/best.pt"} <= set(artifacts)
+    images = tracking.list_artifacts(run_id, "images")
+    assert any("reconstructions" in p for p in images), images
+    config = tracking.load_json_artifact(run_id, "config.json")
+    assert config["model"]["codebook_size"] == 16 and config["train"]["max_steps"] == 80
+
+
+def test_checkpoint_alone_rebuilds_a_model_better_than_untrained(chain):
+    from pipeline.images import ImageData, read_table
+    from vqvae.model import VQVAE, VQVAEConfig
+    checkpoint = download_checkpoint(chain["vqvae"], "last.pt")
+    assert checkpoint["step"] == 80 and "optimizer" in checkpoint
+    trained = vqvae_from_checkpoint(checkpoint)
+    images = next(ImageData(read_table(chain["csv"]), 1, 16).ordered(range(48), 48)).float() / 255
+    untrained = VQVAE(VQVAEConfig(**checkpoint["config"]))
+    untrained(images)  # k-means init only
+    untrained.eval()
+    error = lambda model: (model(images)[0].clamp(0, 1) - images).pow(2).mean()
+    assert error(trained) < 0.5 * error(untrained)
+    assert trained.encode_to_indices(images).shape == (48, 4, 4)
+
+
+def test_resume_continues_the_same_run_with_its_settings(store, image_csv):
+    args = ["--path_to_data", str(image_csv), "--max_steps", "20", "--eval_every", "10",
+            "--checkpoint_every", "10", *TINY_VQVAE]
+    run_id = run_main(train_vqvae.main, args)
+    assert download_checkpoint(run_id, "last.pt")["step"] == 20
+    # resume with nothing but the run id and a longer horizon
+    resumed = run_main(train_vqvae.main, ["--resume_run_id", run_id, "--max_steps", "30"])
+    assert resumed == run_id
+    checkpoint = download_checkpoint(run_id, "last.pt")
+    assert checkpoint["step"] == 30 and checkpoint["train"]["batch_size"] == 16
+    steps = [s for s, _ in metric_history(run_id, "train/loss")]
+    assert steps == sorted(steps) and steps[-1] == 30 and 20 in steps
+    assert tracking.client().get_run(run_id).info.status == "FINISHED"
