@@ -20,8 +20,9 @@ def _flag_type(f):
     return args[0] if args else hint
 
 
-def add_flags(parser, config_class, skip=()):
-    """One `--name` flag per dataclass field, defaulting to argparse.SUPPRESS (= not given)."""
+def add_flags(parser, config_class, skip=(), prefix=""):
+    """One `--{prefix}name` flag per dataclass field, defaulting to argparse.SUPPRESS (= not
+    given). The prefix (e.g. "vqvae.") lets one command take the flags of several stages."""
     for f in dataclasses.fields(config_class):
         if f.name in skip or not f.init:
             continue
@@ -29,17 +30,17 @@ def add_flags(parser, config_class, skip=()):
         default = f.default if f.default is not dataclasses.MISSING else None
         kind = _flag_type(f)
         if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
+            parser.add_argument(f"--{prefix}{f.name}", action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
+            parser.add_argument(f"--{prefix}{f.name}", type=kind, default=argparse.SUPPRESS,
                                 help=f"{help_text} (default: {default})")
 
 
-def given(namespace, config_class):
-    """The flags of `config_class` that appear in the parsed namespace."""
-    names = {f.name for f in dataclasses.fields(config_class)}
-    return {k: v for k, v in vars(namespace).items() if k in names}
+def given(namespace, config_class, prefix=""):
+    """The flags of `config_class` (named `{prefix}field`) that appear in the namespace."""
+    names = {prefix + f.name for f in dataclasses.fields(config_class)}
+    return {k[len(prefix):]: v for k, v in vars(namespace).items() if k in names}
 
 
 def build(config_class, *layers):

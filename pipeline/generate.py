@@ -70,7 +70,7 @@ def decode_and_log(vqvae, codes, device, log_run_id, name, out_dir=None, where="
 def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=None, top_p=None,
              seed=0, out_dir=None, no_decode=False, name=None, device=None):
     """Sample code grids from a prior run, log generated/<name>.npy, decode unless no_decode.
-    Returns (codes LongTensor (N, h, w), name, seconds spent sampling)."""
+    Returns (codes LongTensor (N, h, w), name, seconds spent sampling, decoded images or None)."""
     from transformer.model import gpt_from_checkpoint
     from transformer.sample import sample
     if num_samples < 1:
@@ -107,10 +107,11 @@ def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=Non
                           f"generated/{name}.json")
         tracking.log_artifact(run_id, path, "generated")
     tracking.client().set_tag(run_id, LATEST_TAG, name)
+    images = None
     if vqvae is not None:
-        decode_and_log(vqvae, codes, device, run_id, name, out_dir,
-                       where=f"--run_id {run_id} generated/{name}.npy")
-    return codes, name, seconds
+        images = decode_and_log(vqvae, codes, device, run_id, name, out_dir,
+                                where=f"--run_id {run_id} generated/{name}.npy")
+    return codes, name, seconds, images
 
 
 def check_prior_matches(prior_config, vqvae_config, run_id):

@@ -1,0 +1,222 @@
+"""One command from a CSV to images: VQ-VAE -> quantize -> prior -> generate -> decode.
+
+Everything runs under one MLflow parent run, each stage a child run. A stage's settings and
+inputs hash to a key (tag `pipeline.key`); running the same command again reuses the finished
+run with that key, and resumes one that was interrupted, instead of training again.
+"""
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pipeline import tracking
+from pipeline.codes import quantize
+from pipeline.config import build
+from pipeline.errors import UserError
+from pipeline.generate import generate
+from pipeline.images import ImageData, file_sha256, read_table, split_indices
+from pipeline.visual import image_grid, save_png, save_pngs
+
+KEY_TAG = "pipeline.key"
+
+PRESETS = {
+    # 1,500 16x16 images end to end in a few minutes on 2 CPU cores
+    "small": {
+        "vqvae": {"image_size": 16, "channels": 64, "downsample": 4, "codebook_size": 128,
+                  "batch_size": 64, "max_steps": 600, "learning_rate": 1e-3,
+                  "eval_every": 200, "checkpoint_every": 200},
+        "prior": {"n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.3, "batch_size": 64,
+                  "max_steps": 800, "learning_rate": 6e-4, "weight_decay": 0.1,
+                  "eval_every": 100, "checkpoint_every": 200},
+        "sample": {"num_samples": 300, "temperature": 1.0, "top_k": None, "top_p": None},
+    },
+    # a GPU: larger images, codebook and prior
+    "base": {
+        "vqvae": {"image_size": 32, "channels": 128, "downsample": 4, "codebook_size": 512,
+                  "batch_size": 128, "max_steps": 10000, "learning_rate": 5e-4,
+                  "eval_every": 500, "checkpoint_every": 1000},
+        "prior": {"n_layer": 8, "n_head": 8, "n_embd": 512, "dropout": 0.1, "batch_size": 128,
+                  "max_steps": 20000, "learning_rate": 3e-4, "eval_every": 1000,
+                  "checkpoint_every": 1000},
+        "sample": {"num_samples": 256, "temperature": 1.0, "top_k": None, "top_p": None},
+    },
+    # for tests: seconds, not minutes
+    "tiny": {
+        "vqvae": {"image_size": 16, "channels": 16, "downsample": 4, "codebook_size": 16,
+                  "code_dim": 8, "n_res_blocks": 1, "batch_size": 16, "max_steps": 30,
+                  "learning_rate": 3e-3, "eval_every": 15, "checkpoint_every": 15},
+        "prior": {"n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0, "batch_size": 16,
+                  "max_steps": 20, "eval_every": 10, "checkpoint_every": 10},
+        "sample": {"num_samples": 64, "temperature": 1.0, "top_k": None, "top_p": None},
+    },
+}
+SAMPLE_KEYS = ("num_samples", "batch_size", "temperature", "top_k", "top_p", "seed")
+
+
+def stage_key(*parts):
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def find_stage_run(key, experiment):
+    """-> ("reuse" | "resume" | "new", run_id or None) for the stage with this key."""
+    runs = tracking.client().search_runs([tracking.experiment_id(experiment)],
+                                         filter_string=f"tags.`{KEY_TAG}` = '{key}'",
+                                         order_by=["attributes.start_time DESC"], max_results=20)
+    for run in runs:
+        if run.info.status == "FINISHED":
+            return "reuse", run.info.run_id
+    for run in runs:  # interrupted (killed: still RUNNING; crashed: FAILED) with a checkpoint
+        if "checkpoints/last.pt" in tracking.list_artifacts(run.info.run_id, "checkpoints"):
+            return "resume", run.info.run_id
+    return "new", None
+
+
+def run_stage(name, key, experiment, train_fn, model_flags, train_flags, parent_run_id):
+    action, run_id = find_stage_run(key, experiment)
+    print(f"[{name}] {'reusing finished' if action == 'reuse' else action} run "
+          f"{run_id or ''}".rstrip(), file=sys.stderr)
+    if action == "reuse":
+        return run_id, action
+    if action == "resume":
+        return train_fn(resume_run_id=run_id, train_flags={}), action
+    run_id = train_fn(model_flags, train_flags, parent_run_id=parent_run_id,
+                      tags={KEY_TAG: key})
+    return run_id, action
+
+
+def split_flags(flags, *config_classes):
+    return [{k: v for k, v in flags.items() if k in {f for f in cls.__dataclass_fields__}}
+            for cls in config_classes]
+
+
+def load_split_images(vqvae_run_id, csv_path, heldout_csv=None):
+    """(train images, held-out images, train labels) as floats in [0, 1], using the VQ-VAE's
+    image size and split, or `heldout_csv` for the held-out set when given."""
+    config = tracking.load_json_artifact(vqvae_run_id, "config.json")
+    model, train = config["model"], config["train"]
+    data = ImageData(read_table(csv_path), model["in_channels"], model["image_size"],
+                     train.get("skip_bad_images", False))
+    train_idx, val_idx = split_indices(len(data), train["val_fraction"], train["seed"])
+    load = lambda d, idx: torch.cat(list(d.ordered(idx, 512))).float() / 255
+    labels = None if data.table.labels is None else [data.table.labels[i] for i in train_idx]
+    if heldout_csv:
+        heldout_data = ImageData(read_table(heldout_csv), model["in_channels"], model["image_size"])
+        heldout = load(heldout_data, range(len(heldout_data)))
+    else:
+        heldout = load(data, val_idx)
+    return load(data, train_idx), heldout, labels
+
+
+def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experiment=None,
+                 heldout_csv=None, seed=0):
+    """Run (or reuse) every stage; writes out_dir/samples/*.png, grid.png, summary.json."""
+    from transformer.model import GPTConfig
+    from transformer.train import TrainConfig as PriorTrainConfig, train_prior
+    from vqvae.model import VQVAEConfig
+    from vqvae.train import TrainConfig as VQTrainConfig, train_vqvae
+    from pipeline.quality import quality_report
+
+    if preset not in PRESETS:
+        raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got '{preset}'")
+    table = read_table(path_to_data)  # fail on a bad CSV before any run is created
+    out_dir = Path(out_dir)
+    overrides = overrides or {}
+    settings = {stage: {"seed": seed, **PRESETS[preset][stage], **overrides.get(stage, {})}
+                for stage in ("vqvae", "prior", "sample")}
+    csv_hash = file_sha256(table.csv_path)
+    timings, started = {}, time.perf_counter()
+
+    parent = tracking.create_run("pipeline", experiment, run_name=f"pipeline-{preset}",
+                                 tags={"pipeline.preset": preset})
+    tracking.log_params(parent, {"path_to_data": str(path_to_data), "preset": preset,
+                                 **{f"{s}.{k}": v for s, f in settings.items() for k, v in f.items()}})
+    status = "FAILED"
+    try:
+        # 1. VQ-VAE
+        t0 = time.perf_counter()
+        vq_model, vq_train = split_flags(settings["vqvae"], VQVAEConfig, VQTrainConfig)
+        vq_train = {**vq_train, "path_to_data": str(path_to_data), "experiment": experiment}
+        vq_key = stage_key("vqvae", csv_hash, vq_model, {k: v for k, v in vq_train.items()
+                                                          if k not in ("path_to_data", "experiment")})
+        vq_run, vq_action = run_stage("vqvae", vq_key, experiment, train_vqvae, vq_model,
+                                      vq_train, parent)
+        timings["vqvae_s"] = time.perf_counter() - t0
+
+        # 2. quantize (skipped when the run already holds codes of this very CSV)
+        t0 = time.perf_counter()
+        existing = [p for p in tracking.list_artifacts(vq_run, "codes") if p == "codes/train.npy"]
+        if not existing or tracking.load_json_artifact(vq_run, "codes/train.json")["csv_sha256"] != csv_hash:
+            quantize(vq_run, str(path_to_data), name="train")
+        timings["quantize_s"] = time.perf_counter() - t0
+
+        # 3. prior
+        t0 = time.perf_counter()
+        pr_model, pr_train = split_flags(settings["prior"], GPTConfig, PriorTrainConfig)
+        pr_train = {**pr_train, "run_id": vq_run, "codes": "train", "experiment": experiment}
+        pr_key = stage_key("prior", vq_run, csv_hash, pr_model,
+                           {k: v for k, v in pr_train.items() if k != "experiment"})
+        prior_run, prior_action = run_stage("prior", pr_key, experiment, train_prior, pr_model,
+                                            pr_train, parent)
+        timings["prior_s"] = time.perf_counter() - t0
+
+        # 4. generate and decode (cheap: always fresh, so the samples match this invocation)
+        t0 = time.perf_counter()
+        sample = {k: v for k, v in settings["sample"].items() if k in SAMPLE_KEYS}
+        _, name, sampling_s, images = generate(prior_run, name=f"pipeline-{parent[:8]}", **sample)
+        samples_dir = out_dir / "samples"
+        if samples_dir.is_dir():  # a previous, possibly larger, set must not mix in
+            for old in samples_dir.glob("sample_*.png"):
+                old.unlink()
+        save_pngs(images, samples_dir)
+        save_png(image_grid(images[:64], ncol=8), out_dir / "grid.png")
+        timings["generate_s"] = time.perf_counter() - t0
+        timings["sampling_codes_per_s"] = images.shape[0] * _grid_codes(prior_run) / sampling_s
+
+        # 5. quality, against held-out real images
+        t0 = time.perf_counter()
+        train_images, heldout, labels = load_split_images(vq_run, path_to_data, heldout_csv)
+        quality = quality_report(images, heldout, train_images, labels, seed=seed)
+        timings["quality_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - started
+
+        vq_metrics = tracking.client().get_run(vq_run).data.metrics
+        prior_metrics = tracking.client().get_run(prior_run).data.metrics
+        metrics = {**{f"vqvae/{k}": vq_metrics[k] for k in ("val/psnr", "val/codebook_usage",
+                                                             "val/perplexity") if k in vq_metrics},
+                   **{f"prior/{k}": prior_metrics[k] for k in ("val/loss", "val/bits_per_dim")
+                      if k in prior_metrics},
+                   **{f"quality/{k}": v for k, v in quality.items() if isinstance(v, (int, float))}}
+        run_log = tracking.MetricLogger(parent)
+        run_log.log({**metrics, **{f"time/{k}": v for k, v in timings.items()}}, step=0)
+        run_log.flush()
+        tracking.client().set_tag(parent, tracking.VQVAE_RUN_TAG, vq_run)
+        tracking.client().set_tag(parent, "pipeline.prior_run_id", prior_run)
+        summary = {"pipeline_run_id": parent, "vqvae_run_id": vq_run, "prior_run_id": prior_run,
+                   "stages": {"vqvae": vq_action, "prior": prior_action},
+                   "generated": f"generated/{name}.npy", "samples_dir": str(samples_dir),
+                   "grid": str(out_dir / "grid.png"), "preset": preset, "settings": settings,
+                   "metrics": metrics, "class_counts": quality.get("class_counts"),
+                   "timings": timings, "tracking_uri": tracking.tracking_uri()}
+        _write_json(out_dir / "summary.json", summary)
+        tracking.log_json(parent, summary, "summary.json")
+        status = "FINISHED"
+        return summary
+    finally:
+        tracking.end_run(parent, status)
+
+
+def _grid_codes(prior_run):
+    config = tracking.load_json_artifact(prior_run, "config.json")["model"]
+    return config["grid_h"] * config["grid_w"]
+
+
+def _write_json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.replace(path)
