@@ -25,9 +25,11 @@ from pipeline.visual import image_grid, save_png, save_pngs
 KEY_TAG = "pipeline.key"
 
 PRESETS = {
-    # 1,500 16x16 images end to end in a few minutes on 2 CPU cores
+    # 1,500 16x16 images end to end in a few minutes on 2 CPU cores. K=64 rather than 128: a
+    # smaller vocabulary is easier for the prior to learn from 1,350 sequences (FD ratio 1.72
+    # vs 1.92, PSNR 28.3 vs 29.3 dB on the demo digits).
     "small": {
-        "vqvae": {"image_size": 16, "channels": 64, "downsample": 4, "codebook_size": 128,
+        "vqvae": {"image_size": 16, "channels": 64, "downsample": 4, "codebook_size": 64,
                   "batch_size": 64, "max_steps": 600, "learning_rate": 1e-3,
                   "eval_every": 200, "checkpoint_every": 200},
         "prior": {"n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.3, "batch_size": 64,

@@ -1,0 +1,97 @@
+"""Prior throughput: sampling (with and without the KV cache) and training, in tokens/s, with
+FLOPs per token and the fraction of this machine's measured matmul peak.
+
+    python benchmarks/bench_transformer.py                      # the issue's size: 16x16 grid,
+    python benchmarks/bench_transformer.py --batch_sizes 1 64 256   # d=256, 8 heads, 4 layers, 512 codes
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import matmul_peak_flops, timed  # noqa: E402
+from pipeline.device import pick_device  # noqa: E402
+from transformer.model import GPT, GPTConfig  # noqa: E402
+from transformer.sample import sample, sample_without_cache  # noqa: E402
+
+
+def flops_per_token(config, context):
+    """Forward FLOPs for one token: 2 per weight-multiply in the blocks and head, plus the
+    attention scores and weighted sum over `context` keys (per layer: 2 * 2 * context * d)."""
+    d, layers = config.n_embd, config.n_layer
+    weights = layers * 12 * d * d + d * config.vocab_size
+    return 2 * weights + layers * 4 * context * d
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--n_embd", type=int, default=256)
+    parser.add_argument("--n_head", type=int, default=8)
+    parser.add_argument("--n_layer", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--uncached_batch", type=int, default=1)
+    parser.add_argument("--uncached_codes", type=int, default=64,
+                        help="time the uncached sampler over this many codes (it is slow)")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=args.vocab, grid_h=args.grid, grid_w=args.grid,
+                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
+    model = GPT(config).to(device).eval()
+    T = config.block_size
+    peak = matmul_peak_flops(device)
+    sample_flops = flops_per_token(config, T / 2)  # mean context while sampling a sequence
+    print(f"device {device}, torch threads {torch.get_num_threads()}, measured fp32 matmul "
+          f"peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"model: {args.n_layer} layers, d={args.n_embd}, {args.n_head} heads, {args.vocab} "
+          f"codes, {T} codes per image; {sample_flops / 1e6:.2f} MFLOP per sampled code")
+
+    print("\nsampling with KV cache (one forward step per code):")
+    cached = {}
+    for b in args.batch_sizes:
+        seconds = timed(lambda: sample(model, b), device, repeat=1, warmup=1 if b <= 64 else 0)
+        rate = b * T / seconds
+        cached[b] = rate
+        print(f"  batch {b:4d}: {rate:10.0f} codes/s  {rate * sample_flops / peak:6.1%} of peak"
+              f"  ({seconds:.2f} s for {b} images)")
+
+    # the reference's way: re-run the whole prefix for each new code, one image at a time
+    b, n_codes = args.uncached_batch, min(args.uncached_codes, T)
+    small = GPT(GPTConfig(**{**config.__dict__, "grid_h": 1, "grid_w": n_codes})).to(device).eval()
+    small.load_state_dict({k: (v[:n_codes] if k == "position_embedding.weight" else v)
+                           for k, v in model.state_dict().items()}, strict=False)
+    # a prefix of n_codes costs sum_t t ~ n^2/2 token-forwards; scale to a full T-code image
+    seconds = timed(lambda: sample_without_cache(small, b), device, repeat=1, warmup=0)
+    full_seconds = seconds * (T * (T + 1)) / (n_codes * (n_codes + 1))
+    uncached = b * T / full_seconds
+    print(f"\nsampling without cache (prefix re-run every step), batch {b}: "
+          f"{uncached:.1f} codes/s (timed over {n_codes} codes, scaled to {T})")
+    best = max(cached.values())
+    print(f"speed-up of the best cached batch over uncached batch {b}: {best / uncached:.0f}x")
+
+    print("\ntraining (forward + backward + AdamW step):")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    train_flops = 3 * flops_per_token(config, T / 2)  # backward ~ 2x forward
+    for b in [bs for bs in args.batch_sizes if bs >= 16] or [16]:
+        codes = torch.randint(args.vocab, (b, T), device=device)
+
+        def step():
+            _, loss = model(codes)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        seconds = timed(step, device, repeat=3, warmup=1)
+        rate = b * T / seconds
+        print(f"  batch {b:4d}: {rate:10.0f} tokens/s  {rate * train_flops / peak:6.1%} of peak")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""`python -m pipeline` end to end on the tiny preset: outputs, reuse, resume."""
+
+import json
+
+import pytest
+
+from conftest import make_images, run_main, write_csv
+from pipeline import tracking
+from pipeline.__main__ import main as pipeline_main
+
+
+@pytest.fixture(scope="module")
+def digits_like(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipe")
+    names = make_images(folder / "imgs", n=40, seed=1)
+    return write_csv(folder / "train.csv", [f"imgs/{n},{i % 2}" for i, n in enumerate(names)])
+
+
+def pipeline(csv, out, experiment):
+    return run_main(pipeline_main, ["--path_to_data", str(csv), "--out_dir", str(out),
+                                    "--preset", "tiny", "--experiment", experiment])
+
+
+def test_end_to_end_then_reuse(store, digits_like, tmp_path):
+    out = tmp_path / "out"
+    parent = pipeline(digits_like, out, "pipe-e2e")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pipeline_run_id"] == parent
+    assert summary["stages"] == {"vqvae": "new", "prior": "new"}
+    assert len(list((out / "samples").glob("sample_*.png"))) == 64 and (out / "grid.png").is_file()
+    run_ids = {k: v for k, v in summary.items() if k.endswith("run_id")}
+    assert set(run_ids) == {"pipeline_run_id", "vqvae_run_id", "prior_run_id"}
+    for stage, key in (("vqvae", "vqvae_run_id"), ("transformer", "prior_run_id")):
+        run = tracking.client().get_run(summary[key])
+        assert run.data.tags[tracking.STAGE_TAG] == stage
+        assert run.data.tags["mlflow.parentRunId"] == parent
+    prior = tracking.client().get_run(summary["prior_run_id"])
+    assert prior.data.tags[tracking.VQVAE_RUN_TAG] == summary["vqvae_run_id"]
+    metrics = summary["metrics"]
+    for key in ("vqvae/val/psnr", "prior/val/loss", "quality/fd_ratio", "quality/nn_ratio",
+                "quality/classes_present"):
+        assert key in metrics, key
+    assert tracking.client().get_run(parent).data.metrics["quality/fd_ratio"] == pytest.approx(
+        metrics["quality/fd_ratio"])
+
+    again = pipeline(digits_like, out, "pipe-e2e")
+    second = json.loads((out / "summary.json").read_text())
+    assert again != parent and second["stages"] == {"vqvae": "reuse", "prior": "reuse"}
+    assert second["vqvae_run_id"] == summary["vqvae_run_id"]
+    assert second["prior_run_id"] == summary["prior_run_id"]
+
+    changed = run_main(pipeline_main, ["--path_to_data", str(digits_like), "--out_dir", str(out),
+                                       "--preset", "tiny", "--experiment", "pipe-e2e",
+                                       "--prior.n_layer", "1"])
+    third = json.loads((out / "summary.json").read_text())
+    assert third["stages"] == {"vqvae": "reuse", "prior": "new"} and changed != again
+
+
+def test_an_interrupted_stage_resumes_in_the_same_run(store, digits_like, tmp_path, monkeypatch):
+    import vqvae.train
+    real_evaluate, calls = vqvae.train.evaluate, []
+
+    def crash_on_second_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # step 30 of 30, after last.pt was written at step 15
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+    monkeypatch.setattr(vqvae.train, "evaluate", crash_on_second_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline(digits_like, tmp_path / "out", "pipe-resume")
+    monkeypatch.setattr(vqvae.train, "evaluate", real_evaluate)
+    interrupted = tracking.client().search_runs([tracking.experiment_id("pipe-resume")],
+                                                "tags.`pipeline.stage` = 'vqvae'")
+    assert len(interrupted) == 1 and interrupted[0].info.status == "FAILED"
+
+    pipeline(digits_like, tmp_path / "out", "pipe-resume")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["stages"]["vqvae"] == "resume"
+    assert summary["vqvae_run_id"] == interrupted[0].info.run_id
+    steps = [m.step for m in tracking.client().get_metric_history(summary["vqvae_run_id"],
+                                                                  "train/loss")]
+    assert steps[-1] == 30 and 10 in steps
+
+
+def test_bad_csv_fails_before_any_run(store, tmp_path, capsys):
+    from pipeline.errors import run_cli
+    (tmp_path / "x.csv").write_text("image_path\nnope.png\n")
+    with pytest.raises(SystemExit):
+        run_cli(pipeline_main, ["--path_to_data", str(tmp_path / "x.csv"), "--out_dir",
+                                str(tmp_path / "o"), "--experiment", "pipe-bad"])
+    assert "nope.png' does not exist" in capsys.readouterr().err
+    assert tracking.client().get_experiment_by_name("pipe-bad") is None
