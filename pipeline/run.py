@@ -9,14 +9,12 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from pipeline import tracking
 from pipeline.codes import quantize
-from pipeline.config import build
 from pipeline.errors import UserError
 from pipeline.generate import generate
 from pipeline.images import ImageData, file_sha256, read_table, split_indices

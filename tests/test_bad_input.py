@@ -1,10 +1,8 @@
 """Every script meets bad input with one line on stderr, exit status 2, and no traceback."""
 
 import os
-import pickle
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np

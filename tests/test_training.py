@@ -1,10 +1,7 @@
 """Training runs end to end against an MLflow store in a temp folder."""
 
-import json
 import tempfile
 
-import numpy as np
-import torch
 
 import train_vqvae
 from conftest import TINY_VQVAE, run_main

@@ -6,12 +6,10 @@ from a local .npy file with `--codebook_size`.
 
 import math
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -23,6 +21,7 @@ from pipeline.errors import UserError
 from pipeline.images import split_indices
 from pipeline.runs import TrainingRun
 from pipeline.schedule import learning_rate_at
+from pipeline.training import check_finite, optimizer_step
 from transformer.model import GPT, GPTConfig
 
 STAGE = "transformer"
@@ -158,16 +157,8 @@ def train_prior(model_flags=None, train_flags=None, resume_run_id=None, parent_r
             batch = train_codes[pick].to(device, non_blocking=True)
             with autocast(device):
                 _, loss = model(batch)
-            if not torch.isfinite(loss):
-                raise UserError(f"run {run.run_id}: loss became {loss.item()} at step {step}; "
-                                f"stopped. The last good checkpoint is checkpoints/last.pt "
-                                f"(try a lower --learning_rate)")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            check_finite(loss, run.run_id, step)
+            optimizer_step(loss, model, optimizer, scaler, train.grad_clip)
             step += 1
             window_tokens += batch.numel()
             bar.update(1)

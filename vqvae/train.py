@@ -3,7 +3,7 @@
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -16,6 +16,7 @@ from pipeline.errors import UserError
 from pipeline.images import ImageData, detect_channels, file_sha256, read_table, split_indices
 from pipeline.runs import TrainingRun
 from pipeline.schedule import learning_rate_at
+from pipeline.training import check_finite, optimizer_step
 from pipeline.visual import side_by_side
 from vqvae.model import VQVAE, VQVAEConfig
 
@@ -150,16 +151,8 @@ def train_vqvae(model_flags=None, train_flags=None, resume_run_id=None, parent_r
             images = next(batches).to(device, non_blocking=True).float() / 255
             with autocast(device):
                 _, loss, _ = model(images)
-            if not torch.isfinite(loss):
-                raise UserError(f"run {run.run_id}: loss became {loss.item()} at step {step}; "
-                                f"stopped. The last good checkpoint is checkpoints/last.pt "
-                                f"(try a lower --learning_rate)")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            check_finite(loss, run.run_id, step)
+            optimizer_step(loss, model, optimizer, scaler, train.grad_clip)
             step += 1
             window_images += len(images)
             bar.update(1)
