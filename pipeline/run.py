@@ -167,7 +167,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         # 4. generate and decode (cheap: always fresh, so the samples match this invocation)
         t0 = time.perf_counter()
         sample = {k: v for k, v in settings["sample"].items() if k in SAMPLE_KEYS}
-        _, name, sampling_s, images = generate(prior_run, name=f"pipeline-{parent[:8]}", **sample)
+        codes, name, sampling_s, images = generate(prior_run, name=f"pipeline-{parent[:8]}", **sample)
         samples_dir = out_dir / "samples"
         if samples_dir.is_dir():  # a previous, possibly larger, set must not mix in
             for old in samples_dir.glob("sample_*.png"):
@@ -175,7 +175,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         save_pngs(images, samples_dir)
         save_png(image_grid(images[:64], ncol=8), out_dir / "grid.png")
         timings["generate_s"] = time.perf_counter() - t0
-        timings["sampling_codes_per_s"] = images.shape[0] * _grid_codes(prior_run) / sampling_s
+        timings["sampling_codes_per_s"] = codes.numel() / sampling_s
 
         # 5. quality, against held-out real images
         t0 = time.perf_counter()
@@ -208,11 +208,6 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         return summary
     finally:
         tracking.end_run(parent, status)
-
-
-def _grid_codes(prior_run):
-    config = tracking.load_json_artifact(prior_run, "config.json")["model"]
-    return config["grid_h"] * config["grid_w"]
 
 
 def _write_json(path, obj):

@@ -66,6 +66,16 @@ class TrainingRun:
                     raise
         return max(candidates, key=lambda c: c["step"])
 
+    def restore(self, kind, model, optimizer, generator):
+        """Load the newest last.pt into model, optimizer and batch-order RNG;
+        returns (step, best_val_loss)."""
+        checkpoint = self.load_last(kind)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        generator.set_state(checkpoint["rng"])
+        print(f"resuming run {self.run_id} from step {checkpoint['step']}", file=sys.stderr)
+        return checkpoint["step"], checkpoint["best_val_loss"]
+
     def finish(self, status="FINISHED"):
         self.metrics.flush()
         tracking.end_run(self.run_id, status)

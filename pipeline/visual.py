@@ -48,6 +48,3 @@ def save_png(image, path):
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
 
-
-def as_float(images_uint8):
-    return images_uint8.float() / 255

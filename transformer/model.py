@@ -10,7 +10,7 @@ one forward step per new code.
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -184,6 +184,3 @@ def gpt_from_checkpoint(checkpoint):
     model.load_state_dict(checkpoint["model"])
     return model.eval()
 
-
-def config_dict(config):
-    return asdict(config)

@@ -122,12 +122,7 @@ def train_prior(model_flags=None, train_flags=None, resume_run_id=None, parent_r
                                     "image_size", "in_channels") if k in meta}
 
     if resume_run_id:
-        checkpoint = run.load_last("transformer")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        generator.set_state(checkpoint["rng"])
-        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        print(f"resuming run {run.run_id} from step {step}", file=sys.stderr)
+        step, best_val_loss = run.restore("transformer", model, optimizer, generator)
     else:
         run_tags = dict(tags or {})
         if "vqvae_run_id" in meta:

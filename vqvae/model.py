@@ -7,7 +7,7 @@ with h = w = image_size / downsample.
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -128,6 +128,3 @@ def vqvae_from_checkpoint(checkpoint):
     model.load_state_dict(checkpoint["model"])
     return model.eval()
 
-
-def config_dict(config):
-    return asdict(config)

@@ -116,12 +116,7 @@ def train_vqvae(model_flags=None, train_flags=None, resume_run_id=None, parent_r
     step, best_val_loss = 0, float("inf")
 
     if resume_run_id:
-        checkpoint = run.load_last("vqvae")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        generator.set_state(checkpoint["rng"])
-        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        print(f"resuming run {run.run_id} from step {step}", file=sys.stderr)
+        step, best_val_loss = run.restore("vqvae", model, optimizer, generator)
     else:
         config = {"model": asdict(model_config), "train": asdict(train),
                   "data": {"csv_sha256": file_sha256(table.csv_path), "num_images": len(data),
