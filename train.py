@@ -22,7 +22,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     run_id = train_prior(given(args, GPTConfig), given(args, TrainConfig),
                          resume_run_id=args.resume_run_id)
-    print(f"run_id={run_id}")
+    if run_id is not None:  # under torchrun only rank 0 has it
+        print(f"run_id={run_id}")
 
 
 if __name__ == "__main__":

@@ -190,13 +190,16 @@ class ImageData:
     def __len__(self):
         return len(self.table.paths)
 
-    def batches(self, indices, batch_size, generator):
+    def batches(self, indices, batch_size, generator, rank=0, world_size=1):
+        """Under torchrun every rank draws the same order and loads only its slice
+        [rank::world_size] of each global batch of `batch_size`."""
         indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        batch_size = min(batch_size, len(indices))
+        batch_size = min(batch_size, len(indices) - len(indices) % world_size)
         while True:  # one pass per epoch, dropping the ragged last batch
             order = indices[torch.randperm(len(indices), generator=generator)]
             usable = len(order) - len(order) % batch_size
-            yield from self._load(order[:usable].tolist(), batch_size)
+            mine = order[:usable].view(-1, batch_size)[:, rank::world_size]  # (batches, B/world)
+            yield from self._load(mine.flatten().tolist(), batch_size // world_size)
 
     def ordered(self, indices, batch_size):
         yield from self._load(list(np.asarray(indices).tolist()), batch_size)

@@ -191,9 +191,8 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
                    **{f"prior/{k}": prior_metrics[k] for k in ("val/loss", "val/bits_per_dim")
                       if k in prior_metrics},
                    **{f"quality/{k}": v for k, v in quality.items() if isinstance(v, (int, float))}}
-        run_log = tracking.MetricLogger(parent)
-        run_log.log({**metrics, **{f"time/{k}": v for k, v in timings.items()}}, step=0)
-        run_log.flush()
+        tracking.log_metrics(parent, {**metrics, **{f"time/{k}": v for k, v in timings.items()}},
+                             step=0)
         tracking.client().set_tag(parent, tracking.VQVAE_RUN_TAG, vq_run)
         tracking.client().set_tag(parent, "pipeline.prior_run_id", prior_run)
         summary = {"pipeline_run_id": parent, "vqvae_run_id": vq_run, "prior_run_id": prior_run,

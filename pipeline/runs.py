@@ -1,12 +1,19 @@
 """The life of one training run in MLflow, shared by the VQ-VAE and prior trainers.
 
 A run records `config.json` ({"model": ..., "train": ...}) and every setting as a param, logs
-metrics through a batching `MetricLogger`, and keeps two checkpoints, `checkpoints/last.pt` and
-`checkpoints/best.pt`. Each checkpoint is first written locally (atomically) under
-`<checkpoint_dir>/<run_id>/`, then uploaded, so a tracking-store outage never loses a checkpoint
-and a resume can use whichever copy is newer.
+metrics and images through a background `Uploader`, and keeps two checkpoints,
+`checkpoints/last.pt` and `checkpoints/best.pt`.
+
+Crash safety: each checkpoint is first written locally (atomically) under
+`<checkpoint_dir>/<run_id>/`, then uploaded in the background. A tracking-store outage therefore
+never blocks training or loses a checkpoint, and a resume uses whichever readable copy of
+`last.pt`, local or uploaded, has the later step (an upload cut short by a crash is skipped).
+Metrics that could not be sent by the end of training are kept in `unsent_metrics.json` beside
+the checkpoints and sent by the next resume.
 """
 
+import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -15,13 +22,24 @@ from pipeline import tracking
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.errors import UserError
 
+# How long the end of training waits for queued uploads when the store is slow or down.
+UPLOAD_TIMEOUT_S = float(os.environ.get("PIPELINE_UPLOAD_TIMEOUT_S", "120"))
+SCRIPTS = {"vqvae": "train_vqvae.py", "transformer": "train.py"}
+UNSENT_METRICS = "unsent_metrics.json"
+
+
+def recorded_config(stage, run_id):
+    """The config.json of a run to resume (checking that it is a `stage` run)."""
+    tracking.get_run(run_id, stage, flag="--resume_run_id")
+    return tracking.load_json_artifact(run_id, "config.json", flag="--resume_run_id")
+
 
 class TrainingRun:
 
     def __init__(self, stage, checkpoint_dir, run_id):
         self.stage, self.run_id = stage, run_id
         self.local_dir = Path(checkpoint_dir) / run_id
-        self.metrics = tracking.MetricLogger(run_id)
+        self.uploader = tracking.Uploader(run_id)
 
     @classmethod
     def start(cls, stage, config, params, checkpoint_dir, experiment=None, run_name=None,
@@ -33,52 +51,125 @@ class TrainingRun:
 
     @classmethod
     def reopen(cls, stage, run_id, checkpoint_dir):
-        """Reopen a run to resume it; returns (run, its recorded config.json)."""
-        tracking.get_run(run_id, stage, flag="--resume_run_id")
-        config = tracking.load_json_artifact(run_id, "config.json", flag="--resume_run_id")
+        """Reopen a run to resume it (after `recorded_config` has checked it)."""
         tracking.client().update_run(run_id, status="RUNNING")
-        return cls(stage, checkpoint_dir, run_id), config
+        run = cls(stage, checkpoint_dir, run_id)
+        run._queue_unsent_metrics()
+        return run
+
+    # logging: all of it only queues, so a slow or unreachable store never stalls training
+
+    def log_metrics(self, metrics, step):
+        self.uploader.log_metrics(metrics, step)
+
+    def log_image(self, image, key, step):
+        self.uploader.submit(
+            f"image:{key}:{step}",
+            lambda: tracking.client().log_image(self.run_id, image, key=key, step=step),
+            f"image '{key}' at step {step}")
 
     def save(self, name, checkpoint):
-        """Write checkpoints/<name> locally, then upload it (retrying if the store is down)."""
+        """Write checkpoints/<name> locally (atomically), then queue its upload."""
         path = self.local_dir / name
         save_checkpoint(checkpoint, path)
-        try:
-            tracking.log_artifact(self.run_id, path, "checkpoints")
-        except Exception:
-            print(f"warning: checkpoint kept locally at {path}; upload it later with "
-                  f"`mlflow artifacts log-artifact` or resume to retry", file=sys.stderr)
+        self._upload(path)
 
-    def load_last(self, kind):
-        """The newest of the uploaded and the local `last.pt` (by step), or UserError."""
-        where = f"run {self.run_id} checkpoints/last.pt"
-        candidates = []
+    def _upload(self, path):
+        self.uploader.submit(
+            f"checkpoints/{path.name}",
+            lambda: tracking.client().log_artifact(self.run_id, str(path), "checkpoints"),
+            f"checkpoints/{path.name}")
+
+    # resuming
+
+    def restore(self, kind):
+        """The newest readable `last.pt`, local or uploaded. A local copy newer than the uploaded
+        one (the store was down, or the upload was cut short) is uploaded again."""
+        copies, problems = {}, []
         local = self.local_dir / "last.pt"
         if local.is_file():
-            candidates.append(load_checkpoint(local, kind, where=str(local)))
+            try:
+                copies["local"] = load_checkpoint(local, kind, where=str(local))
+            except UserError as e:
+                problems.append(str(e))
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 path = tracking.download_artifact(self.run_id, "checkpoints/last.pt", tmp,
                                                   flag="--resume_run_id")
-                candidates.append(load_checkpoint(path, kind, where=where))
-            except UserError:
-                if not candidates:
-                    raise
-        return max(candidates, key=lambda c: c["step"])
+                copies["uploaded"] = load_checkpoint(
+                    path, kind, where=f"run {self.run_id} checkpoints/last.pt")
+            except UserError as e:
+                problems.append(str(e))
+        if not copies:
+            raise UserError("; ".join(problems) or f"run {self.run_id}: no checkpoints/last.pt")
+        for problem in problems:
+            if "has no artifact" not in problem:
+                print(f"warning: skipping an unusable copy: {problem}", file=sys.stderr)
+        source = max(copies, key=lambda k: copies[k]["step"])
+        uploaded_step = copies["uploaded"]["step"] if "uploaded" in copies else -1
+        if source == "local" and copies["local"]["step"] > uploaded_step:
+            for name in ("last.pt", "best.pt"):
+                if (self.local_dir / name).is_file():
+                    self._upload(self.local_dir / name)
+        print(f"resuming run {self.run_id} from step {copies[source]['step']} "
+              f"({source} checkpoint)", file=sys.stderr)
+        return copies[source]
 
-    def restore(self, kind, model, optimizer, generator):
-        """Load the newest last.pt into model, optimizer and batch-order RNG;
-        returns (step, best_val_loss)."""
-        checkpoint = self.load_last(kind)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        generator.set_state(checkpoint["rng"])
-        print(f"resuming run {self.run_id} from step {checkpoint['step']}", file=sys.stderr)
-        return checkpoint["step"], checkpoint["best_val_loss"]
+    def _queue_unsent_metrics(self):
+        path = self.local_dir / UNSENT_METRICS
+        if not path.is_file():
+            return
+        try:
+            rows = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            print(f"warning: ignoring unreadable {path}", file=sys.stderr)
+            return
+        for key, value, timestamp_ms, step in rows:
+            self.uploader.log_metrics({key: value}, step, timestamp_ms)
+
+    # the end
 
     def finish(self, status="FINISHED"):
-        self.metrics.flush()
-        tracking.end_run(self.run_id, status)
+        """Send what is queued and close the run. If the store cannot be reached, keep unsent
+        metrics on disk and (for a finished training) fail with one line saying how to recover."""
+        metrics, uploads = self.uploader.close(UPLOAD_TIMEOUT_S)
+        unsent = self.local_dir / UNSENT_METRICS
+        if metrics:
+            unsent.parent.mkdir(parents=True, exist_ok=True)
+            tmp = unsent.with_name(unsent.name + ".tmp")
+            tmp.write_text(json.dumps([[m.key, m.value, m.timestamp, m.step] for m in metrics]))
+            os.replace(tmp, unsent)
+        elif unsent.is_file():
+            unsent.unlink()
+        problem = None
+        if metrics or uploads:
+            what = uploads + ([f"{len(metrics)} metrics"] if metrics else [])
+            problem = f"not uploaded: {', '.join(what)} ({self.uploader.outage or 'timed out'})"
+        else:
+            try:
+                tracking.end_run(self.run_id, status)
+            except Exception as e:
+                if tracking.store_failure(e) is None:
+                    raise
+                problem = f"could not close the run ({tracking.describe_error(e)})"
+        if problem is None:
+            return
+        message = (f"run {self.run_id}: tracking store {tracking.tracking_uri()} unreachable; "
+                   f"{problem}. Nothing is lost: the checkpoints are in {self.local_dir}/. "
+                   f"When the store is back, `python {SCRIPTS[self.stage]} --resume_run_id "
+                   f"{self.run_id}` uploads them and closes the run")
+        if status == "FINISHED":
+            raise UserError(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def apply_checkpoint(checkpoint, model, optimizer, generator):
+    """Load a training checkpoint into model, optimizer and batch-order RNG;
+    returns (step, best_val_loss)."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    generator.set_state(checkpoint["rng"])
+    return checkpoint["step"], checkpoint["best_val_loss"]
 
 
 def load_run_checkpoint(run_id, stage, kind, flag="--run_id", prefer="best.pt"):

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def _quiet_mlflow():
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.client"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's default (7 HTTP retries, backoff 2 s) makes a call to a server that is down hang
+    # for ~4 minutes before failing; 3 retries fail in ~15 s. Our uploader retries on its own.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 
 
 def client():
@@ -77,8 +81,11 @@ def get_run(run_id, stage=None, flag="--run_id"):
     from pipeline.errors import UserError
     try:
         run = client().get_run(run_id)
-    except MlflowException:
-        raise UserError(f"{flag} {run_id}: no such MLflow run in {tracking_uri()}")
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
+            raise UserError(f"{flag} {run_id}: no such MLflow run in {tracking_uri()}")
+        raise UserError(f"{flag} {run_id}: cannot read the run from the tracking store "
+                        f"({describe_error(e)})")
     actual = run.data.tags.get(STAGE_TAG)
     if stage is not None and actual != stage:
         raise UserError(f"{flag} {run_id}: is a '{actual or 'untagged'}' run, "
@@ -133,6 +140,9 @@ def download_artifact(run_id, artifact_path, dst_dir, flag="--run_id"):
                                                     dst_path=str(dst_dir),
                                                     tracking_uri=tracking_uri())
     except Exception as e:  # MLflow raises several types for a missing artifact
+        reason = describe_error(e)
+        if reason.startswith(("cannot connect", "no answer")):
+            raise UserError(f"{flag} {run_id}: cannot download '{artifact_path}' ({reason})")
         raise UserError(f"{flag} {run_id}: has no artifact '{artifact_path}' "
                         f"({type(e).__name__})")
     return Path(local)
@@ -148,61 +158,136 @@ def load_json_artifact(run_id, artifact_path, flag="--run_id"):
             raise UserError(f"{flag} {run_id}: artifact '{artifact_path}' is not valid JSON")
 
 
-def _with_retries(fn, what, attempts=4, required=True):
-    """Call fn, retrying with backoff (1, 2, 4 s). A store outage must not lose training work:
-    if every attempt fails, warn and carry on (required=False) or raise (required=True)."""
+def log_metrics(run_id, metrics, step):
+    """Log a dict of metrics at `step` now, in one call (for one-off summaries, not training)."""
+    from mlflow.entities import Metric
+    now_ms = int(time.time() * 1000)
+    items = [Metric(k, float(v), now_ms, int(step)) for k, v in metrics.items()]
+    _with_retries(lambda: client().log_batch(run_id, metrics=items), f"log metrics to run {run_id}")
+
+
+def describe_error(e):
+    """A one-line account of a tracking-store failure, e.g. for "could not upload ... (...)"."""
+    text = str(e).strip()
+    if "Failed to establish a new connection" in text or "Connection refused" in text:
+        return f"cannot connect to {tracking_uri()}"
+    if "Max retries exceeded" in text or "Read timed out" in text:
+        return f"no answer from {tracking_uri()}"
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def store_failure(e):
+    """A one-line message if `e` is a failure of the tracking store itself, else None."""
+    from mlflow.exceptions import MlflowException
+    import requests
+    if isinstance(e, (MlflowException, requests.exceptions.RequestException)):
+        return f"MLflow tracking store {tracking_uri()}: {describe_error(e)}"
+    return None
+
+
+def _with_retries(fn, what, attempts=3, required=True):
+    """Call fn, retrying with backoff (1, 2 s) on top of MLflow's own HTTP retries. If every
+    attempt fails, raise (required=True) or warn and carry on (required=False)."""
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as e:
             if attempt == attempts - 1:
-                print(f"warning: could not {what} after {attempts} tries: "
-                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                      file=sys.stderr)
                 if required:
                     raise
+                print(f"warning: could not {what}: {describe_error(e)}", file=sys.stderr)
                 return None
             time.sleep(2 ** attempt)
 
 
-class MetricLogger:
-    """Buffers metrics and sends them with one `log_batch` call every `flush_secs`.
+class Uploader:
+    """Sends one run's metrics, images and checkpoint uploads from a background thread.
 
-    A synchronous call per step costs ~60 ms against a remote server; batching makes logging a
-    negligible fraction of a training step. If the store is unreachable the buffer is kept and
-    retried at the next flush, so no metric is lost to a short outage.
+    Training never waits on the tracking store: `log_metrics` and `submit` only queue. Metrics go
+    out in one `log_batch` per `flush_secs` (a synchronous call per step would cost ~60 ms
+    against a remote server). If the store becomes unreachable, everything queued is kept and
+    retried with growing pauses (up to a minute), with one warning when the outage starts and one
+    line when it ends. `close` waits for the queue to drain and returns what could not be sent.
     """
 
-    def __init__(self, run_id, flush_secs=5.0, max_buffer=100_000):
-        self.run_id = run_id
-        self.flush_secs = flush_secs
-        self.max_buffer = max_buffer
-        self.buffer = []
-        self.last_flush = time.monotonic()
-        self.warned = False
+    def __init__(self, run_id, flush_secs=5.0):
+        self.run_id, self.flush_secs = run_id, flush_secs
+        self.metrics = []  # pending mlflow Metric entities, oldest first
+        self.jobs = {}  # key -> (what, fn); a newer upload of the same artifact replaces an older
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.closing = self.abandoned = False
+        self.outage = None  # description of the current failure, while there is one
+        self.thread = threading.Thread(target=self._loop, daemon=True,
+                                       name=f"uploader-{run_id[:8]}")
+        self.thread.start()
 
-    def log(self, metrics, step):
+    def log_metrics(self, metrics, step, timestamp_ms=None):
         from mlflow.entities import Metric
-        now_ms = int(time.time() * 1000)
-        self.buffer.extend(Metric(k, float(v), now_ms, int(step)) for k, v in metrics.items())
-        if time.monotonic() - self.last_flush >= self.flush_secs:
-            self.flush()
+        now_ms = timestamp_ms or int(time.time() * 1000)
+        with self.lock:
+            self.metrics.extend(Metric(k, float(v), now_ms, int(step)) for k, v in metrics.items())
 
-    def flush(self):
-        self.last_flush = time.monotonic()
+    def submit(self, key, fn, what):
+        """Queue fn() (an upload); `what` names it in messages. Returns at once."""
+        with self.lock:
+            self.jobs.pop(key, None)  # re-queue at the end, after the metrics that preceded it
+            self.jobs[key] = (what, fn)
+        self.wake.set()
+
+    def pending(self):
+        """(unsent metrics, names of unsent uploads)."""
+        with self.lock:
+            return list(self.metrics), [what for what, _ in self.jobs.values()]
+
+    def close(self, timeout):
+        """Send everything still queued, trying for up to `timeout` seconds; stop the thread.
+        Returns `pending()`: empty lists when everything was sent."""
+        self.closing = True
+        self.wake.set()
+        self.thread.join(timeout)
+        self.abandoned = True
+        self.wake.set()
+        return self.pending()
+
+    def _loop(self):
+        pause = self.flush_secs
+        while not self.abandoned:
+            self.wake.wait(pause)
+            self.wake.clear()
+            if self.abandoned:
+                return
+            sent = self._send()
+            if sent and self.closing:
+                if not any(self.pending()):
+                    return
+                self.wake.set()  # more was queued while sending: go round again at once
+            pause = self.flush_secs if sent else min(60.0, max(1.0, 2 * pause))
+
+    def _send(self):
+        with self.lock:
+            metrics, jobs = list(self.metrics), list(self.jobs.items())
         try:
-            for i in range(0, len(self.buffer), 1000):  # MLflow caps a batch at 1000 metrics
-                client().log_batch(self.run_id, metrics=self.buffer[i:i + 1000])
-            self.buffer = []
-            if self.warned:
-                print("tracking store reachable again; buffered metrics sent", file=sys.stderr)
-                self.warned = False
+            for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 per batch
+                chunk = metrics[i:i + 1000]
+                client().log_batch(self.run_id, metrics=chunk)
+                with self.lock:
+                    del self.metrics[:len(chunk)]  # new metrics only ever join at the end
+            for key, job in jobs:
+                job[1]()
+                with self.lock:
+                    if self.jobs.get(key) is job:  # not replaced by a newer upload meanwhile
+                        del self.jobs[key]
         except Exception as e:
-            if not self.warned:
-                print(f"warning: tracking store unreachable ({type(e).__name__}); "
-                      f"keeping {len(self.buffer)} metrics to retry", file=sys.stderr)
-                self.warned = True
-            # A long outage must not grow memory without bound: keep the newest metrics.
-            self.buffer = self.buffer[-self.max_buffer:]
+            if self.outage is None:
+                self.outage = describe_error(e)
+                waiting = len(self.pending()[0])
+                print(f"warning: run {self.run_id}: tracking store unreachable ({self.outage}); "
+                      f"training goes on, checkpoints stay on local disk, {waiting} metrics and "
+                      f"{len(self.jobs)} uploads are kept and retried", file=sys.stderr)
             return False
+        if self.outage is not None:
+            print(f"run {self.run_id}: tracking store reachable again; queued metrics and "
+                  f"uploads sent", file=sys.stderr)
+            self.outage = None
         return True

@@ -13,13 +13,13 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from pipeline import tracking
+from pipeline import distributed, tracking
 from pipeline.codes import load_codes_file, load_run_codes
 from pipeline.config import build, field
-from pipeline.device import autocast, needs_grad_scaler, pick_device
+from pipeline.device import autocast, needs_grad_scaler
 from pipeline.errors import UserError
 from pipeline.images import split_indices
-from pipeline.runs import TrainingRun
+from pipeline.runs import TrainingRun, apply_checkpoint, recorded_config
 from pipeline.schedule import learning_rate_at
 from pipeline.training import check_finite, optimizer_step
 from transformer.model import GPT, GPTConfig
@@ -80,17 +80,29 @@ def _load_codes(train):
 
 def train_prior(model_flags=None, train_flags=None, resume_run_id=None, parent_run_id=None,
                 tags=None, progress=True):
-    """Train (or resume) the prior; returns the MLflow run id."""
+    """Train (or resume) the prior; returns the MLflow run id (None on torchrun ranks > 0).
+    Under torchrun every process calls this; see pipeline/distributed.py."""
+    train_flags = train_flags or {}
+    ctx = distributed.init(train_flags.get("device"))
+    try:
+        return _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress)
+    finally:
+        distributed.close(ctx)
+
+
+def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress):
     if resume_run_id:
-        run, recorded = TrainingRun.reopen(STAGE, resume_run_id, (train_flags or {}).get(
-            "checkpoint_dir", TrainConfig.checkpoint_dir))
-        overrides = {k: v for k, v in (train_flags or {}).items() if k in RESUME_OVERRIDES}
+        recorded = recorded_config(STAGE, resume_run_id)
+        overrides = {k: v for k, v in train_flags.items() if k in RESUME_OVERRIDES}
         train = build(TrainConfig, recorded["train"], overrides)
     else:
         train = build(TrainConfig, train_flags)
     for name in ("batch_size", "max_steps", "eval_every", "checkpoint_every"):
         if getattr(train, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(train, name)}")
+    if train.batch_size % ctx.world_size:
+        raise UserError(f"--batch_size {train.batch_size} must be a multiple of the number of "
+                        f"processes ({ctx.world_size}): it is the global batch")
 
     grids, meta = _load_codes(train)
     n, grid_h, grid_w = grids.shape
@@ -107,8 +119,8 @@ def train_prior(model_flags=None, train_flags=None, resume_run_id=None, parent_r
     image_dims = (meta["in_channels"] * meta["image_size"] ** 2
                   if "image_size" in meta and "in_channels" in meta else None)
 
-    device = pick_device(train.device)
-    torch.manual_seed(train.seed)
+    device = ctx.device
+    torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = GPT(model_config).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -116,30 +128,39 @@ def train_prior(model_flags=None, train_flags=None, resume_run_id=None, parent_r
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=train.learning_rate, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device))
-    generator = torch.Generator().manual_seed(train.seed)
+    generator = torch.Generator().manual_seed(train.seed)  # batch order, identical on all ranks
     step, best_val_loss = 0, float("inf")
     lineage = {k: meta[k] for k in ("vqvae_run_id", "codes_name", "codebook_size", "grid",
                                     "image_size", "in_channels") if k in meta}
 
     if resume_run_id:
-        step, best_val_loss = run.restore("transformer", model, optimizer, generator)
+        run = distributed.on_main(ctx, lambda: TrainingRun.reopen(STAGE, resume_run_id,
+                                                                  train.checkpoint_dir))
+        checkpoint = distributed.on_main(ctx, lambda: run.restore("transformer"))
+        step, best_val_loss = apply_checkpoint(distributed.broadcast_checkpoint(ctx, checkpoint),
+                                               model, optimizer, generator)
     else:
         run_tags = dict(tags or {})
         if "vqvae_run_id" in meta:
             run_tags[tracking.VQVAE_RUN_TAG] = meta["vqvae_run_id"]
         config = {"model": asdict(model_config), "train": asdict(train), "vqvae": lineage}
-        params = {**asdict(train), **asdict(model_config), "num_sequences": n}
-        run = TrainingRun.start(STAGE, config, params, train.checkpoint_dir, train.experiment,
-                                tags=run_tags, parent_run_id=parent_run_id)
+        params = {**asdict(train), **asdict(model_config), "num_sequences": n,
+                  "world_size": ctx.world_size}
+        run = distributed.on_main(ctx, lambda: TrainingRun.start(
+            STAGE, config, params, train.checkpoint_dir, train.experiment, tags=run_tags,
+            parent_run_id=parent_run_id))
+    run_id = distributed.broadcast_str(ctx, run.run_id if ctx.is_main else None)
+    ddp_model = distributed.wrap(ctx, model)
+    torch.manual_seed(train.seed + ctx.rank)  # different dropout masks on different ranks
 
     def checkpoint_dict():
         return {"kind": "transformer", "config": asdict(model_config),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "best_val_loss": best_val_loss, "train": asdict(train),
-                "rng": generator.get_state(), "run_id": run.run_id, "vqvae": lineage}
+                "rng": generator.get_state(), "run_id": run_id, "vqvae": lineage}
 
     bar = tqdm(total=train.max_steps, initial=step, desc="prior", unit="step",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+               disable=not (progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0
     status = "FAILED"
     try:
@@ -148,28 +169,32 @@ def train_prior(model_flags=None, train_flags=None, resume_run_id=None, parent_r
             lr = learning_rate_at(step, train.learning_rate, train.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # every rank draws the same global batch and trains on its slice of it
             pick = torch.randint(len(train_codes), (train.batch_size,), generator=generator)
-            batch = train_codes[pick].to(device, non_blocking=True)
+            batch = train_codes[distributed.shard(ctx, pick)].to(device, non_blocking=True)
             with autocast(device):
-                _, loss = model(batch)
-            check_finite(loss, run.run_id, step)
-            optimizer_step(loss, model, optimizer, scaler, train.grad_clip)
+                _, loss = ddp_model(batch)
+            mean_loss = distributed.mean(ctx, loss)  # every rank stops on a NaN anywhere
+            check_finite(mean_loss, run_id, step)
+            optimizer_step(loss, ddp_model, optimizer, scaler, train.grad_clip)
             step += 1
-            window_tokens += batch.numel()
+            window_tokens += batch.numel() * ctx.world_size
             bar.update(1)
+            if not ctx.is_main:  # the rest (logging, evaluation, checkpoints) is rank 0's
+                continue
 
             if step % 10 == 0 or step == train.max_steps:
                 speed = window_tokens / (time.perf_counter() - window_start)
                 window_start, window_tokens = time.perf_counter(), 0
-                run.metrics.log({"train/loss": loss.item(), "train/lr": lr,
+                run.log_metrics({"train/loss": mean_loss.item(), "train/lr": lr,
                                  "train/tokens_per_sec": speed}, step)
-                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{speed:.0f}")
+                bar.set_postfix(loss=f"{mean_loss.item():.3f}", tok_s=f"{speed:.0f}")
             if step % train.eval_every == 0 or step == train.max_steps:
                 val_loss = evaluate(model, val_codes, device)
                 metrics = {"val/loss": val_loss}
                 if image_dims:
                     metrics["val/bits_per_dim"] = val_loss * codes.shape[1] / (image_dims * math.log(2))
-                run.metrics.log(metrics, step)
+                run.log_metrics(metrics, step)
                 bar.write(f"step {step}: val/loss {val_loss:.4f} nats/code")
                 if val_loss < best_val_loss:
                     best_val_loss = val_loss
@@ -180,5 +205,6 @@ def train_prior(model_flags=None, train_flags=None, resume_run_id=None, parent_r
         status = "FINISHED"
     finally:
         bar.close()
-        run.finish(status)
-    return run.run_id
+        if ctx.is_main:
+            run.finish(status)
+    return run_id if ctx.is_main else None

@@ -9,12 +9,12 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from pipeline import tracking
+from pipeline import distributed
 from pipeline.config import build, field
-from pipeline.device import autocast, needs_grad_scaler, pick_device
+from pipeline.device import autocast, needs_grad_scaler
 from pipeline.errors import UserError
 from pipeline.images import ImageData, detect_channels, file_sha256, read_table, split_indices
-from pipeline.runs import TrainingRun
+from pipeline.runs import TrainingRun, apply_checkpoint, recorded_config
 from pipeline.schedule import learning_rate_at
 from pipeline.training import check_finite, optimizer_step
 from pipeline.visual import side_by_side
@@ -74,13 +74,22 @@ def evaluate(model, data, indices, device, batch_size=256):
 
 def train_vqvae(model_flags=None, train_flags=None, resume_run_id=None, parent_run_id=None,
                 tags=None, progress=True):
-    """Train (or resume) a VQ-VAE; returns the MLflow run id.
+    """Train (or resume) a VQ-VAE; returns the MLflow run id (None on torchrun ranks > 0).
 
-    model_flags / train_flags: the VQVAEConfig / TrainConfig fields the user set."""
+    model_flags / train_flags: the VQVAEConfig / TrainConfig fields the user set. Under torchrun
+    every process calls this; see pipeline/distributed.py."""
+    train_flags = train_flags or {}
+    ctx = distributed.init(train_flags.get("device"))
+    try:
+        return _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress)
+    finally:
+        distributed.close(ctx)
+
+
+def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress):
     if resume_run_id:
-        run, recorded = TrainingRun.reopen(STAGE, resume_run_id, (train_flags or {}).get(
-            "checkpoint_dir", TrainConfig.checkpoint_dir))
-        overrides = {k: v for k, v in (train_flags or {}).items() if k in RESUME_OVERRIDES}
+        recorded = recorded_config(STAGE, resume_run_id)
+        overrides = {k: v for k, v in train_flags.items() if k in RESUME_OVERRIDES}
         train = build(TrainConfig, recorded["train"], overrides)
         model_config = build(VQVAEConfig, recorded["model"])
     else:
@@ -91,6 +100,9 @@ def train_vqvae(model_flags=None, train_flags=None, resume_run_id=None, parent_r
     for name in ("batch_size", "max_steps", "eval_every", "checkpoint_every"):
         if getattr(train, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(train, name)}")
+    if train.batch_size % ctx.world_size:
+        raise UserError(f"--batch_size {train.batch_size} must be a multiple of the number of "
+                        f"processes ({ctx.world_size}): it is the global batch")
 
     table = read_table(train.path_to_data)
     channels = train.in_channels
@@ -106,35 +118,43 @@ def train_vqvae(model_flags=None, train_flags=None, resume_run_id=None, parent_r
         print("warning: no validation split; evaluating on the training images", file=sys.stderr)
         val_idx = train_idx
 
-    device = pick_device(train.device)
-    torch.manual_seed(train.seed)
+    device = ctx.device
+    torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = VQVAE(model_config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate,
                                   weight_decay=train.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device))
-    generator = torch.Generator().manual_seed(train.seed)
+    generator = torch.Generator().manual_seed(train.seed)  # batch order, identical on all ranks
     step, best_val_loss = 0, float("inf")
 
     if resume_run_id:
-        step, best_val_loss = run.restore("vqvae", model, optimizer, generator)
+        run = distributed.on_main(ctx, lambda: TrainingRun.reopen(STAGE, resume_run_id,
+                                                                  train.checkpoint_dir))
+        checkpoint = distributed.on_main(ctx, lambda: run.restore("vqvae"))
+        step, best_val_loss = apply_checkpoint(distributed.broadcast_checkpoint(ctx, checkpoint),
+                                               model, optimizer, generator)
     else:
         config = {"model": asdict(model_config), "train": asdict(train),
                   "data": {"csv_sha256": file_sha256(table.csv_path), "num_images": len(data),
                            "num_train": len(train_idx), "num_val": len(val_idx)}}
-        params = {**asdict(train), **asdict(model_config), "num_images": len(data)}  # resolved model values win
-        run = TrainingRun.start(STAGE, config, params, train.checkpoint_dir, train.experiment,
-                                tags=tags, parent_run_id=parent_run_id)
+        params = {**asdict(train), **asdict(model_config), "num_images": len(data),
+                  "world_size": ctx.world_size}  # resolved model values win
+        run = distributed.on_main(ctx, lambda: TrainingRun.start(
+            STAGE, config, params, train.checkpoint_dir, train.experiment, tags=tags,
+            parent_run_id=parent_run_id))
+    run_id = distributed.broadcast_str(ctx, run.run_id if ctx.is_main else None)
+    ddp_model = distributed.wrap(ctx, model)
 
     def checkpoint_dict():
         return {"kind": "vqvae", "config": asdict(model_config), "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step,
                 "best_val_loss": best_val_loss, "train": asdict(train),
-                "rng": generator.get_state(), "run_id": run.run_id}
+                "rng": generator.get_state(), "run_id": run_id}
 
     preview = next(data.ordered(val_idx[:16], 16)).to(device).float() / 255
-    batches = data.batches(train_idx, train.batch_size, generator)
+    batches = data.batches(train_idx, train.batch_size, generator, ctx.rank, ctx.world_size)
     bar = tqdm(total=train.max_steps, initial=step, desc="vqvae", unit="step",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+               disable=not (progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
     window_start, window_images = time.perf_counter(), 0
     status = "FAILED"
     try:
@@ -145,29 +165,31 @@ def train_vqvae(model_flags=None, train_flags=None, resume_run_id=None, parent_r
                 group["lr"] = lr
             images = next(batches).to(device, non_blocking=True).float() / 255
             with autocast(device):
-                _, loss, _ = model(images)
-            check_finite(loss, run.run_id, step)
-            optimizer_step(loss, model, optimizer, scaler, train.grad_clip)
+                _, loss, _ = ddp_model(images)
+            mean_loss = distributed.mean(ctx, loss)  # every rank stops on a NaN anywhere
+            check_finite(mean_loss, run_id, step)
+            optimizer_step(loss, ddp_model, optimizer, scaler, train.grad_clip)
             step += 1
-            window_images += len(images)
+            window_images += len(images) * ctx.world_size
             bar.update(1)
+            if not ctx.is_main:  # the rest (logging, evaluation, checkpoints) is rank 0's
+                continue
 
             if step % 10 == 0 or step == train.max_steps:
                 elapsed = time.perf_counter() - window_start
                 speed = window_images / elapsed
                 window_start, window_images = time.perf_counter(), 0
-                run.metrics.log({"train/loss": loss.item(), "train/lr": lr,
+                run.log_metrics({"train/loss": mean_loss.item(), "train/lr": lr,
                                  "train/images_per_sec": speed}, step)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{speed:.0f}")
+                bar.set_postfix(loss=f"{mean_loss.item():.4f}", img_s=f"{speed:.0f}")
             if step % train.eval_every == 0 or step == train.max_steps:
                 metrics = evaluate(model, data, val_idx, device)
-                run.metrics.log(metrics, step)
+                run.log_metrics(metrics, step)
                 model.eval()
                 with torch.no_grad():
                     recon = model(preview)[0]
                 model.train()
-                tracking.log_image(run.run_id, side_by_side(preview, recon), "reconstructions",
-                                   step)
+                run.log_image(side_by_side(preview, recon), "reconstructions", step)
                 bar.write(f"step {step}: val/psnr {metrics['val/psnr']:.2f} dB, "
                           f"val/codebook_usage {metrics['val/codebook_usage']:.3f}, "
                           f"val/perplexity {metrics['val/perplexity']:.1f}")
@@ -180,5 +202,6 @@ def train_vqvae(model_flags=None, train_flags=None, resume_run_id=None, parent_r
         status = "FINISHED"
     finally:
         bar.close()
-        run.finish(status)
-    return run.run_id
+        if ctx.is_main:
+            run.finish(status)
+    return run_id if ctx.is_main else None

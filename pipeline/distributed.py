@@ -1,0 +1,137 @@
+"""Data-parallel training under torchrun: one process per device, rank 0 talks to MLflow.
+
+    torchrun --standalone --nproc_per_node 2 train_vqvae.py --path_to_data data.csv ...
+
+Every process runs the same trainer. Rank 0 creates (or reopens) the one MLflow run, logs,
+evaluates and writes checkpoints; every rank trains on its own slice of each batch, and
+DistributedDataParallel averages the gradients. `--batch_size` stays the global batch, so a run
+gives the same updates on 1 or N processes and can be resumed with a different N.
+
+Without torchrun (WORLD_SIZE unset) everything here is a no-op and the trainers run as one plain
+process.
+"""
+
+import io
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pipeline.device import pick_device
+from pipeline.errors import UserError
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+
+def init(device_flag=None):
+    """Join the torchrun process group, if launched by torchrun; pick this process's device
+    (cuda:LOCAL_RANK with NCCL when there are GPUs, the CPU with gloo otherwise)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_flag)
+    if world_size == 1:
+        return Context(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"rank {rank}: LOCAL_RANK {local_rank} but only "
+                            f"{torch.cuda.device_count()} GPUs here (lower --nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Context(rank, world_size, device)
+
+
+def close(ctx):
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(ctx, model):
+    """DistributedDataParallel around `model` (which stays the module to save and evaluate).
+    Buffers are not re-broadcast each step: the only stateful ones, the VQ codebook's, are kept
+    identical by the quantizer's own all-reduce."""
+    if not ctx.enabled:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+        broadcast_buffers=False)
+
+
+def shard(ctx, batch):
+    """This rank's slice of a global batch (every rank draws the same batch from one RNG)."""
+    return batch[ctx.rank::ctx.world_size] if ctx.enabled else batch
+
+
+def mean(ctx, value):
+    """A scalar tensor averaged over ranks, so every rank sees the same loss (and the same NaN)."""
+    if not ctx.enabled:
+        return value
+    value = value.detach().float().clone()
+    dist.all_reduce(value)  # gloo has no AVG: sum, then divide
+    return value / ctx.world_size
+
+
+def on_main(ctx, fn):
+    """Rank 0 calls fn() and returns its result; the other ranks return None. If fn fails on
+    rank 0, every rank fails too, so no rank waits forever for a rank that has stopped."""
+    if not ctx.enabled:
+        return fn()
+    result, error = None, b""
+    if ctx.is_main:
+        try:
+            result = fn()
+        except BaseException as e:
+            error = (str(e) if isinstance(e, UserError) else "rank 0 failed").encode()
+            _broadcast_bytes(ctx, error)
+            raise
+    message = _broadcast_bytes(ctx, error)
+    if message:
+        raise UserError(f"rank {ctx.rank}: stopping because {message.decode()}")
+    return result
+
+
+def broadcast_checkpoint(ctx, checkpoint):
+    """Rank 0's checkpoint dict on every rank, sent as bytes and read back weights-only."""
+    if not ctx.enabled:
+        return checkpoint
+    payload = b""
+    if ctx.is_main:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        payload = buffer.getvalue()
+    payload = _broadcast_bytes(ctx, payload)
+    return checkpoint if ctx.is_main else torch.load(io.BytesIO(payload), map_location="cpu",
+                                                     weights_only=True)
+
+
+def broadcast_str(ctx, text):
+    return _broadcast_bytes(ctx, (text or "").encode()).decode() if ctx.enabled else text
+
+
+def _broadcast_bytes(ctx, payload):
+    # NCCL only moves CUDA tensors; gloo moves CPU ones.
+    where = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+    size = torch.tensor([len(payload)], dtype=torch.long, device=where)
+    dist.broadcast(size, src=0)
+    if size.item() == 0:
+        return b""
+    data = torch.empty(size.item(), dtype=torch.uint8, device=where)
+    if ctx.is_main:
+        data.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(data, src=0)
+    return data.cpu().numpy().tobytes()
