@@ -63,13 +63,13 @@ def close(ctx):
 
 def wrap(ctx, model):
     """DistributedDataParallel around `model` (which stays the module to save and evaluate).
-    Buffers are not re-broadcast each step: the only stateful ones, the VQ codebook's, are kept
-    identical by the quantizer's own all-reduce."""
+    Buffers are synced from rank 0 once, not before every step: the only ones that change, the
+    VQ codebook's, are kept identical by the quantizer's own all-reduce."""
     if not ctx.enabled:
         return model
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
-        broadcast_buffers=False)
+        forward_sync_buffers=False)
 
 
 def shard(ctx, batch):

@@ -143,8 +143,11 @@ class TrainingRun:
             unsent.unlink()
         problem = None
         if metrics or uploads:
-            what = uploads + ([f"{len(metrics)} metrics"] if metrics else [])
-            problem = f"not uploaded: {', '.join(what)} ({self.uploader.outage or 'timed out'})"
+            images = [u for u in uploads if u.startswith("image ")]
+            what = ([u for u in uploads if u not in images]
+                    + ([f"{len(images)} images"] if images else [])
+                    + ([f"{len(metrics)} metrics"] if metrics else []))
+            problem = f"{self.uploader.outage or 'timed out'}; not uploaded: {', '.join(what)}"
         else:
             try:
                 tracking.end_run(self.run_id, status)
@@ -154,10 +157,10 @@ class TrainingRun:
                 problem = f"could not close the run ({tracking.describe_error(e)})"
         if problem is None:
             return
-        message = (f"run {self.run_id}: tracking store {tracking.tracking_uri()} unreachable; "
-                   f"{problem}. Nothing is lost: the checkpoints are in {self.local_dir}/. "
-                   f"When the store is back, `python {SCRIPTS[self.stage]} --resume_run_id "
-                   f"{self.run_id}` uploads them and closes the run")
+        message = (f"run {self.run_id}: tracking store unreachable ({problem}). The checkpoints "
+                   f"and metrics are kept in {self.local_dir}/; when the store is back, "
+                   f"`python {SCRIPTS[self.stage]} --resume_run_id {self.run_id}` uploads them "
+                   f"and closes the run")
         if status == "FINISHED":
             raise UserError(message)
         print(f"warning: {message}", file=sys.stderr)

@@ -16,6 +16,7 @@ import train_vqvae
 import transformer_generation
 from conftest import ROOT, TINY_PRIOR, TINY_VQVAE, run_main
 from pipeline import tracking
+from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import run_cli
 
 
@@ -156,17 +157,32 @@ class Exploit:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_poisoned_checkpoint_is_refused_without_running_it(store, tmp_path, capsys):
+@pytest.mark.parametrize("poisoned", [("best.pt", "last.pt"), ("last.pt",)])
+def test_poisoned_checkpoint_is_refused_without_running_it(store, tmp_path, capsys, poisoned):
     marker = tmp_path / "pwned"
     run_id = bare_run("vqvae")
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    for name in ("best.pt", "last.pt"):
+    for name in poisoned:
         torch.save({"kind": "vqvae", "config": {}, "model": {}, "payload": Exploit(marker)},
                    folder / name)
         tracking.log_artifact(run_id, folder / name, "checkpoints")
     message = cli_error(quantize_dataset.main, ["--run_id", run_id], capsys)
-    assert "refused to load" in message and "checkpoints/best.pt" in message
+    assert "refused to load" in message and f"checkpoints/{poisoned[0]}" in message
+    assert not marker.exists()
+
+
+def test_poisoned_last_checkpoint_is_refused_on_resume(store, image_csv, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    run_id = run_main(train_vqvae.main, ["--path_to_data", str(image_csv), "--max_steps", "2",
+                                         "--checkpoint_dir", str(tmp_path / "local"),
+                                         *TINY_VQVAE])
+    torch.save({"kind": "vqvae", "config": {}, "model": {}, "payload": Exploit(marker)},
+               tmp_path / "last.pt")
+    tracking.log_artifact(run_id, tmp_path / "last.pt", "checkpoints")
+    message = cli_error(train_vqvae.main, ["--resume_run_id", run_id,
+                                           "--checkpoint_dir", str(tmp_path / "none")], capsys)
+    assert "refused to load" in message and "checkpoints/last.pt" in message
     assert not marker.exists()
 
 
@@ -176,9 +192,19 @@ def test_local_codes_file_needs_codebook_size(store, tmp_path, capsys):
         train_prior_script.main, ["--path_to_data", str(tmp_path / "c.npy")], capsys)
 
 
-def test_nan_loss_stops_with_a_message(store, image_csv, capsys):
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
+        store, image_csv, tmp_path, capsys):
     message = cli_error(train_vqvae.main, ["--path_to_data", str(image_csv), *TINY_VQVAE,
                                            "--learning_rate", "1e30", "--max_steps", "30",
-                                           "--checkpoint_every", "1"], capsys)
+                                           "--checkpoint_every", "1",
+                                           "--checkpoint_dir", str(tmp_path)], capsys)
     assert "loss became nan" in message.lower() or "loss became inf" in message.lower()
     assert "last good checkpoint" in message
+    nan_step = int(message.split(" at step ")[1].split(";")[0])
+    (last,) = tmp_path.glob("*/last.pt")
+    checkpoint = load_checkpoint(last, "vqvae")
+    assert checkpoint["step"] == nan_step  # the state just before the step that diverged
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values()
+               if t.is_floating_point())
+    run_id = last.parent.name
+    assert tracking.client().get_run(run_id).info.status == "FAILED"

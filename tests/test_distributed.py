@@ -1,0 +1,85 @@
+"""torchrun with two gloo processes on the CPU: one run, sharded batches, resume."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train as train_prior_script
+from conftest import ROOT, TINY_PRIOR, TINY_VQVAE, run_main
+from pipeline import tracking
+from pipeline.distributed import Context, shard
+from pipeline.images import ImageData, read_table
+
+
+def torchrun(script, args, cwd):
+    """`torchrun --standalone --nproc_per_node 2 script args` -> CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(ROOT / script), *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def runs_in(experiment):
+    return tracking.client().search_runs([tracking.experiment_id(experiment)])
+
+
+def test_ranks_split_every_global_batch_between_them(image_csv):
+    data = ImageData(read_table(image_csv), 1, 16)
+    def draw(rank, world_size):
+        batches = data.batches(range(40), 8, torch.Generator().manual_seed(3), rank, world_size)
+        return [next(batches) for _ in range(6)]  # past an epoch boundary (5 batches of 8)
+    for whole, first, second in zip(draw(0, 1), draw(0, 2), draw(1, 2)):
+        assert len(first) == len(second) == 4
+        halves = torch.cat([first, second])
+        # together the two ranks see exactly the single process's batch, each image once
+        assert sorted(map(bytes, halves.numpy())) == sorted(map(bytes, whole.numpy()))
+    picks = torch.arange(8)
+    assert torch.equal(torch.sort(torch.cat([shard(Context(0, 2), picks),
+                                             shard(Context(1, 2), picks)]))[0], picks)
+
+
+def test_vqvae_under_torchrun_makes_one_run_and_resumes(store, image_csv):
+    experiment = "torchrun-vqvae"
+    args = ["--path_to_data", str(image_csv), "--max_steps", "40", "--eval_every", "20",
+            "--checkpoint_every", "20", "--experiment", experiment, *TINY_VQVAE]
+    result = torchrun("train_vqvae.py", args, store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [l for l in result.stdout.splitlines() if l.startswith("run_id=")]
+    assert len(lines) == 1  # printed by rank 0 only
+    run_id = lines[0].split("=")[1]
+    (run,) = runs_in(experiment)  # exactly one run for the two processes
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == "2"
+    losses = tracking.client().get_metric_history(run_id, "train/loss")
+    assert [m.step for m in losses] == [10, 20, 30, 40]  # one value per step, not one per rank
+    assert losses[-1].value < losses[0].value
+
+    result = torchrun("train_vqvae.py", ["--resume_run_id", run_id, "--max_steps", "60"], store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(runs_in(experiment)) == 1
+    assert "resuming run" in result.stderr
+    steps = [m.step for m in tracking.client().get_metric_history(run_id, "train/loss")]
+    assert steps == [10, 20, 30, 40, 50, 60]
+
+
+def test_prior_on_two_processes_matches_one_process(chain, store):
+    """Global batch semantics: 2 ranks x 8 sequences take the same steps as 1 x 16."""
+    args = ["--run_id", chain["vqvae"], "--max_steps", "30", "--eval_every", "30", *TINY_PRIOR]
+    single = run_main(train_prior_script.main, [*args, "--experiment", "torchrun-prior-1"])
+    result = torchrun("train.py", [*args, "--experiment", "torchrun-prior-2"], store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (double,) = runs_in("torchrun-prior-2")
+    history = lambda run_id: np.array([m.value for m in tracking.client().get_metric_history(
+        run_id, "train/loss")])
+    # Same weights, same batches, gradients averaged over the halves: the same losses, up to
+    # float summation order.
+    np.testing.assert_allclose(history(double.info.run_id), history(single), rtol=1e-4)
+
+
+def test_an_uneven_global_batch_is_a_clear_error(store, image_csv):
+    result = torchrun("train_vqvae.py", ["--path_to_data", str(image_csv), "--batch_size", "15",
+                                         "--max_steps", "2"], store)
+    assert result.returncode != 0
+    assert "error: --batch_size 15 must be a multiple of the number of processes (2)" in result.stderr
