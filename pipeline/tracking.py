@@ -200,6 +200,12 @@ def _with_retries(fn, what, attempts=3, required=True):
             time.sleep(2 ** attempt)
 
 
+def _say(message):
+    """A line on stderr that does not garble a progress bar drawn at the same time."""
+    from tqdm import tqdm
+    tqdm.write(message, file=sys.stderr)
+
+
 class Uploader:
     """Sends one run's metrics, images and checkpoint uploads from a background thread.
 
@@ -282,12 +288,12 @@ class Uploader:
             if self.outage is None:
                 self.outage = describe_error(e)
                 waiting = len(self.pending()[0])
-                print(f"warning: run {self.run_id}: tracking store unreachable ({self.outage}); "
-                      f"training goes on, checkpoints stay on local disk, {waiting} metrics and "
-                      f"{len(self.jobs)} uploads are kept and retried", file=sys.stderr)
+                _say(f"warning: run {self.run_id}: tracking store unreachable ({self.outage}); "
+                     f"training goes on, checkpoints stay on local disk, {waiting} metrics and "
+                     f"{len(self.jobs)} uploads are kept and retried")
             return False
         if self.outage is not None:
-            print(f"run {self.run_id}: tracking store reachable again; queued metrics and "
-                  f"uploads sent", file=sys.stderr)
+            _say(f"run {self.run_id}: tracking store reachable again; queued metrics and "
+                 f"uploads sent")
             self.outage = None
         return True
