@@ -35,9 +35,11 @@ def load_checkpoint(path, kind=None, where=None):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's message suggests weights_only=False; name only what the file asked to run.
+        asks = [line.strip() for line in str(e).splitlines()
+                if "GLOBAL" in line or "global" in line.split(":")[0]]
         raise UserError(f"{where}: refused to load, it is not a plain weights checkpoint "
-                        f"(loading it would run pickled code): {first}")
+                        f"(loading it would run pickled code)" + (f": {asks[0]}" if asks else ""))
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise UserError(f"{where}: not a readable checkpoint ({type(e).__name__})")
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:

@@ -13,6 +13,7 @@ process.
 
 import io
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,9 @@ def wrap(ctx, model):
     VQ codebook's, are kept identical by the quantizer's own all-reduce."""
     if not ctx.enabled:
         return model
+    # DDP warns that the gradients of 1x1 convolutions have other strides than their weights;
+    # they differ only in size-1 dimensions, so the memory layout is the same.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
         forward_sync_buffers=False)
