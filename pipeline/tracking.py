@@ -176,6 +176,21 @@ def describe_error(e):
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
+def is_transient(e):
+    """Whether retrying can cure `e`: no connection, a timeout, a server-side error. A request
+    the server answered and refused (a bad value, a missing file here) will fail again."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    if isinstance(e, requests.exceptions.HTTPError):
+        return e.response is None or e.response.status_code >= 500 or e.response.status_code == 429
+    if isinstance(e, requests.exceptions.RequestException):
+        return True
+    if isinstance(e, MlflowException):  # MLflow reports "could not connect" as INTERNAL_ERROR
+        return e.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE",
+                                "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED")
+    return False
+
+
 def store_failure(e):
     """A one-line message if `e` is a failure of the tracking store itself, else None."""
     from mlflow.exceptions import MlflowException
@@ -268,23 +283,25 @@ class Uploader:
                 if not any(self.pending()):
                     return
                 self.wake.set()  # more was queued while sending: go round again at once
-            pause = self.flush_secs if sent else min(60.0, max(1.0, 2 * pause))
+            pause = self.flush_secs if sent else min(60.0, 2 * pause)
 
     def _send(self):
+        """One pass over the queue; False if the store could not be reached."""
         with self.lock:
             metrics, jobs = list(self.metrics), list(self.jobs.items())
         try:
             for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 per batch
                 chunk = metrics[i:i + 1000]
-                client().log_batch(self.run_id, metrics=chunk)
+                self._attempt(lambda: client().log_batch(self.run_id, metrics=chunk),
+                              f"{len(chunk)} metrics")
                 with self.lock:
                     del self.metrics[:len(chunk)]  # new metrics only ever join at the end
             for key, job in jobs:
-                job[1]()
+                self._attempt(job[1], job[0])
                 with self.lock:
                     if self.jobs.get(key) is job:  # not replaced by a newer upload meanwhile
                         del self.jobs[key]
-        except Exception as e:
+        except Exception as e:  # only transient failures get here: keep everything, retry
             if self.outage is None:
                 self.outage = describe_error(e)
                 waiting = len(self.pending()[0])
@@ -297,3 +314,14 @@ class Uploader:
                  f"uploads sent")
             self.outage = None
         return True
+
+    def _attempt(self, fn, what):
+        """fn(); a failure that retrying cannot cure is reported and dropped, so it cannot
+        hold up everything queued behind it."""
+        try:
+            fn()
+        except Exception as e:
+            if is_transient(e):
+                raise
+            _say(f"warning: run {self.run_id}: could not log {what}, dropped: "
+                 f"{describe_error(e)}")

@@ -82,3 +82,45 @@ def test_an_uneven_global_batch_is_a_clear_error(store, image_csv):
                                          "--max_steps", "2"], store)
     assert result.returncode != 0
     assert "error: --batch_size 15 must be a multiple of the number of processes (2)" in result.stderr
+
+
+def _quantizer_worker(rank, world_size, init_file, z, out_dir, from_kmeans):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size)
+    torch.manual_seed(rank)  # different local randomness: only broadcasts may make them agree
+    quantizer = _quantizer(from_kmeans)
+    for _ in range(3):
+        quantizer(z[rank::world_size])
+    torch.save(quantizer.state_dict(), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _quantizer(from_kmeans):
+    from vqvae.quantizer import VectorQuantizer
+    quantizer = VectorQuantizer(8, 4, dead_code_threshold=0.5 if from_kmeans else 0.0).train()
+    if not from_kmeans:  # a fixed start, so the EMA updates can be compared exactly
+        quantizer.codebook.copy_(torch.linspace(-1, 1, 32).view(8, 4))
+        quantizer.ema_sum.copy_(quantizer.codebook)
+        quantizer.initialized.fill_(True)
+    return quantizer
+
+
+def test_quantizer_ranks_keep_one_codebook(tmp_path):
+    """EMA statistics summed over two ranks' halves equal one process's update on the whole
+    batch; k-means starts and dead-code restarts are rank 0's on both ranks."""
+    import torch.multiprocessing as mp
+    z = torch.randn(8, 4, 3, 3)
+    for from_kmeans in (False, True):
+        out = tmp_path / str(from_kmeans)
+        out.mkdir()
+        mp.spawn(_quantizer_worker, args=(2, str(out / "init"), z, str(out), from_kmeans),
+                 nprocs=2)
+        rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+        for name in ("codebook", "ema_count", "ema_sum"):
+            torch.testing.assert_close(rank0[name], rank1[name], msg=name)
+        if not from_kmeans:
+            single = _quantizer(False)
+            for _ in range(3):
+                single(z)
+            torch.testing.assert_close(rank0["codebook"], single.codebook)
