@@ -196,7 +196,9 @@ def store_failure(e):
     from mlflow.exceptions import MlflowException
     import requests
     if isinstance(e, (MlflowException, requests.exceptions.RequestException)):
-        return f"MLflow tracking store {tracking_uri()}: {describe_error(e)}"
+        reason = describe_error(e)
+        return (f"MLflow tracking store: {reason}" if tracking_uri() in reason else
+                f"MLflow tracking store {tracking_uri()}: {reason}")
     return None
 
 
