@@ -151,7 +151,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
             parent_run_id=parent_run_id))
     run_id = distributed.broadcast_str(ctx, run.run_id if ctx.is_main else None)
     ddp_model = distributed.wrap(ctx, model)
-    torch.manual_seed(train.seed + ctx.rank)  # different dropout masks on different ranks
+    if ctx.enabled:
+        torch.manual_seed(train.seed + ctx.rank)  # different dropout masks on different ranks
 
     def checkpoint_dict():
         return {"kind": "transformer", "config": asdict(model_config),
