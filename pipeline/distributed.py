@@ -57,6 +57,12 @@ def init(device_flag=None):
     return Context(rank, world_size, device)
 
 
+def check_global_batch(ctx, batch_size):
+    if batch_size % ctx.world_size:
+        raise UserError(f"--batch_size {batch_size} must be a multiple of the number of "
+                        f"processes ({ctx.world_size}): it is the global batch")
+
+
 def close(ctx):
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()

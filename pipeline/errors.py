@@ -2,7 +2,8 @@
 
 Library code raises `UserError` for anything the user can fix (a bad path, a wrong run id, a
 mismatched artifact). Scripts wrap their entry point in `run_cli`, which turns those, and a
-tracking store that cannot be reached, into a one-line message. Anything else is a bug in this toolkit and keeps its traceback.
+tracking store that cannot be reached, into a one-line message. Anything else is a bug in this
+toolkit and keeps its traceback.
 """
 
 import sys

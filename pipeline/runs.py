@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline import tracking
+from pipeline import distributed, tracking
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.errors import UserError
 
@@ -166,13 +166,16 @@ class TrainingRun:
         print(f"warning: {message}", file=sys.stderr)
 
 
-def apply_checkpoint(checkpoint, model, optimizer, generator):
-    """Load a training checkpoint into model, optimizer and batch-order RNG;
-    returns (step, best_val_loss)."""
+def resume(ctx, stage, run_id, checkpoint_dir, model, optimizer, generator):
+    """Reopen a run on rank 0 and load its newest last.pt into model, optimizer and batch-order
+    RNG on every rank; returns (the TrainingRun on rank 0 / None elsewhere, step, best_val_loss)."""
+    run = distributed.on_main(ctx, lambda: TrainingRun.reopen(stage, run_id, checkpoint_dir))
+    checkpoint = distributed.on_main(ctx, lambda: run.restore(stage))
+    checkpoint = distributed.broadcast_checkpoint(ctx, checkpoint)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     generator.set_state(checkpoint["rng"])
-    return checkpoint["step"], checkpoint["best_val_loss"]
+    return run, checkpoint["step"], checkpoint["best_val_loss"]
 
 
 def load_run_checkpoint(run_id, stage, kind, flag="--run_id", prefer="best.pt"):

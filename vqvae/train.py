@@ -14,7 +14,7 @@ from pipeline.config import build, field
 from pipeline.device import autocast, needs_grad_scaler
 from pipeline.errors import UserError
 from pipeline.images import ImageData, detect_channels, file_sha256, read_table, split_indices
-from pipeline.runs import TrainingRun, apply_checkpoint, recorded_config
+from pipeline.runs import TrainingRun, recorded_config, resume
 from pipeline.schedule import learning_rate_at
 from pipeline.training import check_finite, optimizer_step
 from pipeline.visual import side_by_side
@@ -100,9 +100,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     for name in ("batch_size", "max_steps", "eval_every", "checkpoint_every"):
         if getattr(train, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(train, name)}")
-    if train.batch_size % ctx.world_size:
-        raise UserError(f"--batch_size {train.batch_size} must be a multiple of the number of "
-                        f"processes ({ctx.world_size}): it is the global batch")
+    distributed.check_global_batch(ctx, train.batch_size)
 
     table = read_table(train.path_to_data)
     channels = train.in_channels
@@ -128,11 +126,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     step, best_val_loss = 0, float("inf")
 
     if resume_run_id:
-        run = distributed.on_main(ctx, lambda: TrainingRun.reopen(STAGE, resume_run_id,
-                                                                  train.checkpoint_dir))
-        checkpoint = distributed.on_main(ctx, lambda: run.restore("vqvae"))
-        step, best_val_loss = apply_checkpoint(distributed.broadcast_checkpoint(ctx, checkpoint),
-                                               model, optimizer, generator)
+        run, step, best_val_loss = resume(ctx, STAGE, resume_run_id, train.checkpoint_dir,
+                                          model, optimizer, generator)
     else:
         config = {"model": asdict(model_config), "train": asdict(train),
                   "data": {"csv_sha256": file_sha256(table.csv_path), "num_images": len(data),
