@@ -124,6 +124,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device))
     generator = torch.Generator().manual_seed(train.seed)  # batch order, identical on all ranks
     step, best_val_loss = 0, float("inf")
+    # read before the run opens, so an unreadable image cannot leave a run stuck at RUNNING
+    preview = next(data.ordered(val_idx[:16], 16)).to(device).float() / 255
 
     if resume_run_id:
         run, step, best_val_loss = resume(ctx, STAGE, resume_run_id, train.checkpoint_dir,
@@ -146,7 +148,6 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                 "best_val_loss": best_val_loss, "train": asdict(train),
                 "rng": generator.get_state(), "run_id": run_id}
 
-    preview = next(data.ordered(val_idx[:16], 16)).to(device).float() / 255
     batches = data.batches(train_idx, train.batch_size, generator, ctx.rank, ctx.world_size)
     bar = tqdm(total=train.max_steps, initial=step, desc="vqvae", unit="step",
                disable=not (progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
