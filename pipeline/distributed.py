@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node 2 train_vqvae.py --path_to_data data.csv ...
 
-Every process runs the same trainer. Rank 0 creates (or reopens) the one MLflow run, logs,
+Every process runs the same trainer, inside `process_group()`. Rank 0 creates (or reopens) the one MLflow run, logs,
 evaluates and writes checkpoints; every rank trains on its own slice of each batch, and
 DistributedDataParallel averages the gradients. `--batch_size` stays the global batch, so a run
 gives the same updates on 1 or N processes and can be resumed with a different N.
@@ -14,6 +14,7 @@ process.
 import io
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,18 @@ class Context:
     @property
     def enabled(self):
         return self.world_size > 1
+
+
+@contextmanager
+def process_group(device_flag=None):
+    """`with process_group(flag) as ctx:` joins torchrun's group for the block (nothing to join
+    without torchrun) and leaves it afterwards, however the block ends."""
+    ctx = init(device_flag)
+    try:
+        yield ctx
+    finally:
+        if ctx.enabled and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def init(device_flag=None):
@@ -61,11 +74,6 @@ def check_global_batch(ctx, batch_size):
     if batch_size % ctx.world_size:
         raise UserError(f"--batch_size {batch_size} must be a multiple of the number of "
                         f"processes ({ctx.world_size}): it is the global batch")
-
-
-def close(ctx):
-    if ctx.enabled and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def wrap(ctx, model):

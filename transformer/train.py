@@ -83,11 +83,8 @@ def train_prior(model_flags=None, train_flags=None, resume_run_id=None, parent_r
     """Train (or resume) the prior; returns the MLflow run id (None on torchrun ranks > 0).
     Under torchrun every process calls this; see pipeline/distributed.py."""
     train_flags = train_flags or {}
-    ctx = distributed.init(train_flags.get("device"))
-    try:
+    with distributed.process_group(train_flags.get("device")) as ctx:
         return _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress)
-    finally:
-        distributed.close(ctx)
 
 
 def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress):
