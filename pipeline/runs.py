@@ -100,11 +100,13 @@ class TrainingRun:
                     path, kind, where=f"run {self.run_id} checkpoints/last.pt")
             except UserError as e:
                 problems.append(str(e))
+        problems = [p for p in problems if "has no artifact" not in p]  # absent is no problem
         if not copies:
-            raise UserError("; ".join(problems) or f"run {self.run_id}: no checkpoints/last.pt")
+            raise UserError("; ".join(problems) or
+                            f"--resume_run_id {self.run_id}: the run has no checkpoints/last.pt "
+                            f"(it stopped before its first checkpoint); start a new training")
         for problem in problems:
-            if "has no artifact" not in problem:
-                print(f"warning: skipping an unusable copy: {problem}", file=sys.stderr)
+            print(f"warning: skipping an unusable copy: {problem}", file=sys.stderr)
         source = max(copies, key=lambda k: copies[k]["step"])
         uploaded_step = copies["uploaded"]["step"] if "uploaded" in copies else -1
         if source == "local" and copies["local"]["step"] > uploaded_step:

@@ -93,3 +93,15 @@ def test_an_upload_cut_short_is_skipped_for_the_local_copy(store, image_csv, tmp
     os.remove(Path("checkpoints") / run_id / "last.pt")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         train_vqvae.main(["--resume_run_id", run_id, "--max_steps", "40"])
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_so(store, image_csv, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_id = run_main(train_vqvae.main, ["--path_to_data", str(image_csv), "--max_steps", "2",
+                                         *TINY_VQVAE])
+    for name in ("last.pt", "best.pt"):  # as if killed before any checkpoint was written
+        artifact_file(run_id, f"checkpoints/{name}").unlink()
+        (Path("checkpoints") / run_id / name).unlink()
+    with pytest.raises(UserError, match="has no checkpoints/last.pt .*start a new training"):
+        train_vqvae.main(["--resume_run_id", run_id, "--max_steps", "4"])
