@@ -70,12 +70,6 @@ def init(device_flag=None):
     return Context(rank, world_size, device)
 
 
-def check_global_batch(ctx, batch_size):
-    if batch_size % ctx.world_size:
-        raise UserError(f"--batch_size {batch_size} must be a multiple of the number of "
-                        f"processes ({ctx.world_size}): it is the global batch")
-
-
 def wrap(ctx, model):
     """DistributedDataParallel around `model` (which stays the module to save and evaluate).
     Buffers are synced from rank 0 once, not before every step: the only ones that change, the

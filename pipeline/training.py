@@ -1,8 +1,18 @@
-"""The pieces of one optimizer step shared by both trainers."""
+"""What both trainers share: the settings check and the pieces of one optimizer step."""
 
 import torch
 
 from pipeline.errors import UserError
+
+
+def check_settings(train, world_size):
+    """Step counts must be positive; the global batch must split evenly over the processes."""
+    for name in ("batch_size", "max_steps", "eval_every", "checkpoint_every"):
+        if getattr(train, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(train, name)}")
+    if train.batch_size % world_size:
+        raise UserError(f"--batch_size {train.batch_size} must be a multiple of the number of "
+                        f"processes ({world_size}): it is the global batch")
 
 
 def check_finite(loss, run_id, step):

@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.images import split_indices
 from pipeline.runs import TrainingRun, recorded_config, resume
 from pipeline.schedule import learning_rate_at
-from pipeline.training import check_finite, optimizer_step
+from pipeline.training import check_finite, check_settings, optimizer_step
 from transformer.model import GPT, GPTConfig
 
 STAGE = "transformer"
@@ -94,10 +94,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         train = build(TrainConfig, recorded["train"], overrides)
     else:
         train = build(TrainConfig, train_flags)
-    for name in ("batch_size", "max_steps", "eval_every", "checkpoint_every"):
-        if getattr(train, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(train, name)}")
-    distributed.check_global_batch(ctx, train.batch_size)
+    check_settings(train, ctx.world_size)
 
     grids, meta = _load_codes(train)
     n, grid_h, grid_w = grids.shape

@@ -16,7 +16,7 @@ from pipeline.errors import UserError
 from pipeline.images import ImageData, detect_channels, file_sha256, read_table, split_indices
 from pipeline.runs import TrainingRun, recorded_config, resume
 from pipeline.schedule import learning_rate_at
-from pipeline.training import check_finite, optimizer_step
+from pipeline.training import check_finite, check_settings, optimizer_step
 from pipeline.visual import side_by_side
 from vqvae.model import VQVAE, VQVAEConfig
 
@@ -94,10 +94,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         model_config = None
     if not train.path_to_data:
         raise UserError("--path_to_data is required (a CSV with an image_path column)")
-    for name in ("batch_size", "max_steps", "eval_every", "checkpoint_every"):
-        if getattr(train, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(train, name)}")
-    distributed.check_global_batch(ctx, train.batch_size)
+    check_settings(train, ctx.world_size)
 
     table = read_table(train.path_to_data)
     channels = train.in_channels
