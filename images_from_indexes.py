@@ -1,7 +1,7 @@
-"""Decode code grids to PNGs with a VQ-VAE.
+"""Decode token grids to PNGs with a tokenizer run (VQ-VAE or pixels).
 
     python images_from_indexes.py --run_id <prior run> [--indexes NAME] --out_dir DIR
-    python images_from_indexes.py --vqvae_run_id <vqvae run> --indexes_path codes.npy --out_dir DIR
+    python images_from_indexes.py --tokenizer_run_id <tokenizer run> --indexes_path codes.npy --out_dir DIR
 """
 
 import argparse
@@ -15,14 +15,15 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_id", help="a prior run: decode its generated/<indexes>.npy")
     parser.add_argument("--indexes", help="which generated/<name>.npy (default: the latest)")
-    parser.add_argument("--vqvae_run_id", help="the VQ-VAE that decodes (default: lineage tag)")
-    parser.add_argument("--indexes_path", help="a local (N, h, w) .npy of code indices")
+    parser.add_argument("--tokenizer_run_id", "--vqvae_run_id", dest="tokenizer_run_id",
+                        help="the tokenizer that decodes (default: the prior's lineage tag)")
+    parser.add_argument("--indexes_path", help="a local (N, h, w) .npy of token indices")
     parser.add_argument("--out_dir", help="write the PNGs and grid.png here")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     args = parser.parse_args(argv)
-    images_from_indexes(args.run_id, args.indexes, args.vqvae_run_id, args.indexes_path,
+    images_from_indexes(args.run_id, args.indexes, args.tokenizer_run_id, args.indexes_path,
                         args.out_dir, args.device)
-    print(f"run_id={args.run_id or args.vqvae_run_id}")
+    print(f"run_id={args.run_id or args.tokenizer_run_id}")
 
 
 if __name__ == "__main__":

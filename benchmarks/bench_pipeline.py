@@ -59,7 +59,7 @@ def main():
           f"{again['stages']})")
     print(f"VQ-VAE: val/psnr {m['vqvae/val/psnr']:.2f} dB, codebook usage "
           f"{m['vqvae/val/codebook_usage']:.3f}, perplexity {m['vqvae/val/perplexity']:.1f}")
-    print(f"prior: val/loss {m['prior/val/loss']:.3f} nats/code, "
+    print(f"prior: val {m['prior/val/nats_per_token']:.3f} nats/token, "
           f"{m['prior/val/bits_per_dim']:.3f} bits/dim")
     print(f"samples: FD {m['quality/fd']:.5f} vs real-vs-real {m['quality/fd_real']:.5f} "
           f"(ratio {m['quality/fd_ratio']:.2f}); nearest-train ratio {m['quality/nn_ratio']:.2f}; "

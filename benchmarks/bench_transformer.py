@@ -14,8 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import matmul_peak_flops, timed  # noqa: E402
 from pipeline.device import pick_device  # noqa: E402
-from transformer.model import GPT, GPTConfig  # noqa: E402
-from transformer.sample import sample, sample_without_cache  # noqa: E402
+from transformer.gpt import GPT, GPTConfig, sample_without_cache  # noqa: E402
 
 
 def flops_per_token(config, context):
@@ -56,7 +55,7 @@ def main():
     print("\nsampling with KV cache (one forward step per code):")
     cached = {}
     for b in args.batch_sizes:
-        seconds = timed(lambda: sample(model, b), device, repeat=1, warmup=1 if b <= 64 else 0)
+        seconds = timed(lambda: model.sample(b), device, repeat=1, warmup=1 if b <= 64 else 0)
         rate = b * T / seconds
         cached[b] = rate
         print(f"  batch {b:4d}: {rate:10.0f} codes/s  {rate * sample_flops / peak:6.1%} of peak"

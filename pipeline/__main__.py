@@ -3,6 +3,7 @@
     python -m pipeline demo                       # real handwritten digits, no network
     python -m pipeline --path_to_data train.csv --out_dir out --preset small
     python -m pipeline --path_to_data train.csv --out_dir out --vqvae.max_steps 2000 --prior.n_layer 6
+    python -m pipeline evaluate --run_id <prior run> --path_to_data heldout.csv
 
 Stage flags take the stage's name as a prefix: --vqvae.<flag> (train_vqvae.py's flags),
 --prior.<flag> (train.py's) and --sample.<flag> (transformer_generation.py's).
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import add_flags, given
+from priors.base import DATA_FIELDS
 from pipeline.errors import run_cli
 
 
@@ -24,13 +26,18 @@ def sample_flags(parser):
 
 
 def main(argv=None):
-    from transformer.model import GPTConfig
-    from transformer.train import TrainConfig as PriorTrainConfig
+    import priors
+    from pipeline.train_prior import TrainConfig as PriorTrainConfig
     from vqvae.model import VQVAEConfig
     from vqvae.train import TrainConfig as VQTrainConfig
     from pipeline.run import PRESETS, run_pipeline
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
     demo = bool(argv) and argv[0] == "demo"
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--prior.prior", dest="family", default="gpt")
+    family = priors.family(first.parse_known_args(argv)[0].family)
     parser = argparse.ArgumentParser(prog="python -m pipeline" + (" demo" if demo else ""),
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,12 +58,13 @@ def main(argv=None):
     prior = parser.add_argument_group("prior stage (--prior.<flag>)")
     add_flags(prior, PriorTrainConfig, skip=("run_id", "codes", "path_to_data", "codebook_size",
                                              "experiment", "seed"), prefix="prior.")
-    add_flags(prior, GPTConfig, skip=("vocab_size", "grid_h", "grid_w"), prefix="prior.")
+    add_flags(prior, family.Config, skip=DATA_FIELDS, prefix="prior.")
     sample_flags(parser)
     args = parser.parse_args(argv[1:] if demo else argv)
 
     overrides = {"vqvae": {**given(args, VQTrainConfig, "vqvae."), **given(args, VQVAEConfig, "vqvae.")},
-                 "prior": {**given(args, PriorTrainConfig, "prior."), **given(args, GPTConfig, "prior.")},
+                 "prior": {**given(args, PriorTrainConfig, "prior."),
+                           **given(args, family.Config, "prior.")},
                  "sample": {k.split(".", 1)[1]: v for k, v in vars(args).items()
                             if k.startswith("sample.")}}
     heldout = getattr(args, "heldout", None)
@@ -73,6 +81,29 @@ def main(argv=None):
     print(f"run_id={summary['pipeline_run_id']}")
 
 
+def evaluate_command(argv):
+    """python -m pipeline evaluate --run_id <prior> --path_to_data heldout.csv"""
+    from pipeline.evaluate import evaluate
+    parser = argparse.ArgumentParser(prog="python -m pipeline evaluate",
+                                     description="Held-out likelihood of a prior run, in bits "
+                                                 "per image dimension; logged to the run.")
+    parser.add_argument("--run_id", required=True, help="the prior run")
+    parser.add_argument("--path_to_data", required=True, help="CSV of images to score")
+    parser.add_argument("--name", help="metric/artifact name (default: the CSV's stem)")
+    parser.add_argument("--elbo_samples", type=int, default=8,
+                        help="Monte-Carlo draws per image for priors whose nll is a bound")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device")
+    args = parser.parse_args(argv)
+    evaluate(args.run_id, args.path_to_data, args.name, args.elbo_samples, args.batch_size,
+             args.seed, args.device)
+    print(f"run_id={args.run_id}")
+
+
+COMMANDS = {"evaluate": evaluate_command}
+
+
 def report(summary):
     m, t = summary["metrics"], summary["timings"]
     lines = [
@@ -82,7 +113,8 @@ def report(summary):
         f"val/psnr {m.get('vqvae/val/psnr', float('nan')):.2f} dB, "
         f"codebook usage {m.get('vqvae/val/codebook_usage', float('nan')):.3f}",
         f"prior {summary['prior_run_id']} ({summary['stages']['prior']}): "
-        f"val/loss {m.get('prior/val/loss', float('nan')):.3f} nats/code",
+        f"val {m.get('prior/val/nats_per_token', float('nan')):.3f} nats/token, "
+        f"{m.get('prior/val/bits_per_dim', float('nan')):.4f} bits/dim",
         f"quality vs held-out: FD ratio {m['quality/fd_ratio']:.2f} (1 = as close as real "
         f"images), nearest-train ratio {m['quality/nn_ratio']:.2f} (<<1 = copies), "
         f"copy fraction {m['quality/copy_fraction']:.3f}",

@@ -1,7 +1,7 @@
 """Checkpoints: written atomically, loaded without unpickling.
 
 A checkpoint is a plain dict of tensors and Python primitives:
-    {"kind": "vqvae" | "transformer", "config": {...model config...}, "model": state_dict,
+    {"kind": "vqvae" | "pixels" | "prior", "config": {...model config...}, "model": state_dict,
      "optimizer": state_dict, "step": int, "best_val_loss": float, "train": {...settings...},
      "rng": ByteTensor, ...}
 so `torch.load(..., weights_only=True)` reads it and it alone rebuilds the model.
@@ -44,6 +44,8 @@ def load_checkpoint(path, kind=None, where=None):
         raise UserError(f"{where}: not a readable checkpoint ({type(e).__name__})")
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
         raise UserError(f"{where}: not a checkpoint of this toolkit (no config/model entries)")
-    if kind is not None and checkpoint.get("kind") != kind:
-        raise UserError(f"{where}: is a '{checkpoint.get('kind')}' checkpoint, expected '{kind}'")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds is not None and checkpoint.get("kind") not in kinds:
+        raise UserError(f"{where}: is a '{checkpoint.get('kind')}' checkpoint, expected "
+                        f"'{kinds[0]}'")
     return checkpoint

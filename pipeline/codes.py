@@ -1,12 +1,12 @@
-"""Code grids as MLflow artifacts: quantizing a data set, and loading codes safely.
+"""Token grids as MLflow artifacts, loaded safely.
 
-`codes/<name>.npy` in a VQ-VAE run holds integers (N, h, w) in the CSV's row order, and
-`codes/<name>.json` what a consumer must check: the codebook size, the grid, the image size and
-channels, the VQ-VAE run id, the CSV's path and content hash, and the labels when there are any.
-Arrays load with `allow_pickle=False`.
+`codes/<name>.npy` in a tokenizer run holds integers (N, h, w) in the CSV's row order, and
+`codes/<name>.json` what a consumer must check: the vocabulary (`codebook_size`), the grid, the
+image size and channels, values per pixel, whether values are ordered, the tokenizer run id,
+the CSV's path and content hash, and the labels when there are any (pipeline/tokenizers.py
+writes them). Arrays load with `allow_pickle=False`.
 """
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -14,10 +14,7 @@ import numpy as np
 import torch
 
 from pipeline import tracking
-from pipeline.device import pick_device
 from pipeline.errors import UserError
-from pipeline.images import ImageData, file_sha256, read_table
-from pipeline.runs import load_run_checkpoint
 
 
 def codes_dtype(codebook_size):
@@ -32,10 +29,10 @@ def check_codes(codes, codebook_size, where, grid=None):
         raise UserError(f"{where}: codes must be integers, got {codes.dtype}")
     if grid is not None and tuple(codes.shape[1:]) != tuple(grid):
         raise UserError(f"{where}: code grid {tuple(codes.shape[1:])} does not match the "
-                        f"VQ-VAE's {tuple(grid)}")
+                        f"tokenizer's {tuple(grid)}")
     if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
         raise UserError(f"{where}: indices out of range: found {codes.min()}..{codes.max()}, "
-                        f"the codebook has {codebook_size} codes (0..{codebook_size - 1})")
+                        f"the vocabulary has {codebook_size} values (0..{codebook_size - 1})")
     return torch.from_numpy(codes.astype(np.int64))
 
 
@@ -71,8 +68,9 @@ def pick_artifact(run_id, folder, name, suffix, flag):
 
 
 def load_run_codes(run_id, name=None, flag="--run_id"):
-    """A VQ-VAE run's codes/<name>.npy, validated against its json -> (LongTensor, metadata)."""
-    tracking.get_run(run_id, "vqvae", flag=flag)
+    """A tokenizer run's codes/<name>.npy, validated against its json -> (LongTensor, metadata).
+    Metadata written before tokenizers were a family gets the VQ-VAE's defaults."""
+    run = tracking.get_run(run_id, "tokenizer", flag=flag)
     name = pick_artifact(run_id, "codes", name, ".npy", flag)
     meta = tracking.load_json_artifact(run_id, f"codes/{name}.json", flag=flag)
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,38 +78,6 @@ def load_run_codes(run_id, name=None, flag="--run_id"):
         array = read_npy(path, f"{flag} {run_id} codes/{name}.npy")
     codes = check_codes(array, meta["codebook_size"], f"{flag} {run_id} codes/{name}.npy",
                         meta["grid"])
-    return codes, {**meta, "codes_name": name}
-
-
-def quantize(run_id, path_to_data=None, name=None, batch_size=256, device=None):
-    """Encode a CSV's images with a VQ-VAE run and log codes/<name>.npy and .json into it."""
-    checkpoint = load_run_checkpoint(run_id, "vqvae", "vqvae")
-    from vqvae.model import vqvae_from_checkpoint
-    model = vqvae_from_checkpoint(checkpoint)
-    config = model.config
-    recorded = tracking.load_json_artifact(run_id, "config.json")
-    csv_path = path_to_data or recorded["train"]["path_to_data"]
-    table = read_table(csv_path)
-    skip_bad = bool(recorded["train"].get("skip_bad_images", False))
-    data = ImageData(table, config.in_channels, config.image_size, skip_bad)
-    device = pick_device(device)
-    model.to(device)
-    chunks = [model.encode_to_indices(batch.to(device).float() / 255).cpu()
-              for batch in data.ordered(range(len(data)), batch_size)]
-    codes = torch.cat(chunks).numpy().astype(codes_dtype(config.codebook_size))
-    name = name or Path(csv_path).stem
-    meta = {"codebook_size": config.codebook_size, "grid": [config.grid_size, config.grid_size],
-            "image_size": config.image_size, "in_channels": config.in_channels,
-            "vqvae_run_id": run_id, "csv_path": str(Path(csv_path).resolve()),
-            "csv_sha256": file_sha256(csv_path), "num_images": int(codes.shape[0]),
-            "rows": data.table.rows if len(data.table.rows) < len(table.rows) else None,
-            "labels": data.table.labels}
-    # The .json goes first: consumers find codes by their .npy, which must never lack its json.
-    tracking.log_json(run_id, meta, f"codes/{name}.json")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}.npy"
-        np.save(path, codes)
-        tracking.log_artifact(run_id, path, "codes")
-    print(f"quantized {codes.shape[0]} images -> codes/{name}.npy {tuple(codes.shape)}",
-          file=sys.stderr)
-    return run_id
+    defaults = {"values_per_pixel": 1, "ordered": False, "tokenizer": tracking.stage_of(run)[1],
+                "tokenizer_run_id": run_id}
+    return codes, {**defaults, **meta, "codes_name": name}

@@ -11,6 +11,7 @@ Without torchrun (WORLD_SIZE unset) everything here is a no-op and the trainers 
 process.
 """
 
+import contextlib
 import io
 import os
 import warnings
@@ -82,6 +83,13 @@ def wrap(ctx, model):
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
         forward_sync_buffers=False)
+
+
+def no_sync(ctx, model, sync):
+    """Gradient accumulation: DDP all-reduces gradients only when `sync` (the last micro-batch)."""
+    if ctx.enabled and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def shard(ctx, batch):

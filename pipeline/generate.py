@@ -1,7 +1,9 @@
-"""Generation and decoding by run id: prior run -> code grids -> VQ-VAE decoder -> PNGs.
+"""Generation and decoding by run id: prior run -> token grids -> its tokenizer -> PNGs.
 
-A prior run finds its VQ-VAE through the tag `pipeline.vqvae_run_id`; before decoding, the
-prior's vocabulary and grid are checked against the VQ-VAE checkpoint's.
+A prior run finds its tokenizer through the tag `pipeline.tokenizer_run_id` (or, for runs made
+before the families, `pipeline.vqvae_run_id`); before decoding, the prior's vocabulary and grid
+are checked against the tokenizer's. Nothing here knows the prior's family: it calls the
+interface of priors/base.py.
 """
 
 import sys
@@ -12,49 +14,97 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import priors
 from pipeline import tracking
 from pipeline.codes import check_codes, codes_dtype, pick_artifact, read_npy
 from pipeline.device import autocast, pick_device
 from pipeline.errors import UserError
 from pipeline.runs import load_run_checkpoint
+from pipeline.tokenizers import load_tokenizer
 from pipeline.visual import image_grid, save_png, save_pngs
 
 LATEST_TAG = "pipeline.latest_generated"
 
 
-def load_vqvae(vqvae_run_id, device, flag="--vqvae_run_id"):
-    from vqvae.model import vqvae_from_checkpoint
-    checkpoint = load_run_checkpoint(vqvae_run_id, "vqvae", "vqvae", flag=flag)
-    return vqvae_from_checkpoint(checkpoint).to(device)
+class LoadedPrior:
+    """A prior run, loaded: the model (averaged weights when it kept them), its run, the class
+    names it was trained with, and its tokenizer run id."""
+
+    def __init__(self, run_id, device, flag="--run_id"):
+        self.run_id = run_id
+        self.run = tracking.get_run(run_id, "prior", flag=flag)
+        checkpoint = load_run_checkpoint(run_id, "prior", ("prior", "transformer"), flag=flag)
+        self.model = priors.from_checkpoint(checkpoint).to(device)
+        self.family = self.model.family
+        data = checkpoint.get("data") or checkpoint.get("vqvae") or {}
+        self.classes = data.get("classes")
+        self.tokenizer_run_id = tracking.tokenizer_run_of(self.run)
+        self.device = device
+
+    def tokenizer(self, flag="--run_id"):
+        if not self.tokenizer_run_id:
+            raise UserError(f"{flag} {self.run_id}: the prior was trained from a local file and "
+                            f"names no tokenizer; decode with images_from_indexes.py "
+                            f"--tokenizer_run_id ID --indexes_path FILE")
+        tokenizer = load_tokenizer(self.tokenizer_run_id, self.device,
+                                   flag="tokenizer run (from the prior's lineage tag)")
+        check_prior_matches(self.model.config, tokenizer, self.run_id)
+        return tokenizer
+
+    def label_ids(self, spec, num_samples, flag="--labels"):
+        """'3,3,7' -> one sample per listed label, in order; 'all' -> each class in turn for
+        num_samples; None -> None. Returns (ids LongTensor or None, num_samples)."""
+        if spec is None:
+            return None, num_samples
+        if not self.classes:
+            raise UserError(f"{flag}: prior {self.run_id} was trained without --conditional")
+        if str(spec).strip() == "all":
+            return torch.arange(num_samples) % len(self.classes), num_samples
+        names = [s.strip() for s in str(spec).split(",") if s.strip()]
+        return self.class_ids(names, flag), len(names)
+
+    def class_ids(self, names, where):
+        index = {c: i for i, c in enumerate(self.classes)}
+        unknown = [n for n in map(str, names) if n not in index]
+        if unknown:
+            raise UserError(f"{where}: unknown label '{unknown[0]}'; the prior knows "
+                            f"{', '.join(self.classes)}")
+        return torch.tensor([index[str(n)] for n in names], dtype=torch.long)
 
 
-def vqvae_of(prior_run, flag="--run_id"):
-    """The VQ-VAE run id a prior run was trained from (its lineage tag)."""
-    vqvae_run_id = prior_run.data.tags.get(tracking.VQVAE_RUN_TAG)
-    if not vqvae_run_id:
-        raise UserError(f"{flag} {prior_run.info.run_id}: the prior was trained from a local "
-                        f"file and names no VQ-VAE; decode with images_from_indexes.py "
-                        f"--vqvae_run_id ID --indexes_path FILE")
-    return vqvae_run_id
+def check_prior_matches(prior_config, tokenizer, run_id):
+    if prior_config.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"--run_id {run_id}: the prior's vocabulary ({prior_config.vocab_size}) "
+                        f"does not match its tokenizer's ({tokenizer.vocab_size})")
+    if (prior_config.grid_h, prior_config.grid_w) != tuple(tokenizer.grid):
+        raise UserError(f"--run_id {run_id}: the prior's grid ({prior_config.grid_h}, "
+                        f"{prior_config.grid_w}) does not match its tokenizer's "
+                        f"{tuple(tokenizer.grid)}")
 
 
-@torch.no_grad()
-def decode_codes(vqvae, codes, device, batch_size=256):
-    """codes LongTensor (N, h, w) -> images (N, C, S, S) in [0, 1] on the CPU."""
-    out = []
-    for start in range(0, len(codes), batch_size):
-        with autocast(device):
-            out.append(vqvae.decode_indices(codes[start:start + batch_size].to(device)).float().cpu())
-    return torch.cat(out)
+def check_sampling_settings(temperature, top_k, top_p, guidance):
+    if temperature is not None and temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 = always the likeliest), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
+    if guidance is not None and guidance < 0:
+        raise UserError(f"--guidance must be >= 0 (1 = plain conditional), got {guidance}")
 
 
-def decode_and_log(vqvae, codes, device, log_run_id, name, out_dir=None, where=""):
+def decode_and_log(tokenizer, codes, log_run_id, name, out_dir=None, where=""):
     """Decode, log a grid (key "samples") and samples/<name>/*.png to `log_run_id`, and write
     the PNGs and grid.png to out_dir when given. Returns the images."""
-    config = vqvae.config
     codes = check_codes(codes.numpy() if torch.is_tensor(codes) else codes,
-                        config.codebook_size, where, (config.grid_size, config.grid_size))
-    images = decode_codes(vqvae, codes, device)
+                        tokenizer.vocab_size, where)
+    grid = tuple(codes.shape[1:])
+    # a grid larger than the tokenizer's decodes to larger images (absorbing's --grid_h/w)
+    if grid[0] < tokenizer.grid[0] or grid[1] < tokenizer.grid[1] or \
+            grid[1] % tokenizer.values_per_pixel:
+        raise UserError(f"{where}: code grid {grid} does not fit the tokenizer's "
+                        f"{tuple(tokenizer.grid)} (it may be larger, with whole pixels, not smaller)")
+    images = tokenizer.decode(codes)
     grid = image_grid(images[:64], ncol=8)
     tracking.log_image(log_run_id, grid, "samples", step=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,85 +117,90 @@ def decode_and_log(vqvae, codes, device, log_run_id, name, out_dir=None, where="
     return images
 
 
+def sample_tokens(model, num_samples, batch_size, labels=None, generator=None, **settings):
+    """Draw num_samples grids in batches (labels (num_samples,) or None); -> LongTensor CPU."""
+    device = next(model.parameters()).device
+    chunks = []
+    with autocast(device):
+        for i in range(0, num_samples, batch_size):
+            count = min(batch_size, num_samples - i)
+            chunk_labels = labels[i:i + count].to(device) if labels is not None else None
+            chunks.append(model.sample(count, chunk_labels, generator=generator, **settings).cpu())
+    return torch.cat(chunks)
+
+
 def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=None, top_p=None,
-             seed=0, out_dir=None, no_decode=False, name=None, device=None):
-    """Sample code grids from a prior run, log generated/<name>.npy, decode unless no_decode.
+             seed=0, out_dir=None, no_decode=False, name=None, device=None, labels=None,
+             guidance=None, steps=None, **options):
+    """Sample token grids from a prior run, log generated/<name>.npy (+ .json), decode unless
+    no_decode. `labels`: '3,3,7' or 'all' (conditional priors); `steps` and `options`
+    (sampler, grid_h, grid_w, ...) go to the family's sampler, which refuses what it lacks.
     Returns (codes LongTensor (N, h, w), name, seconds spent sampling, decoded images or None)."""
-    from transformer.model import gpt_from_checkpoint
-    from transformer.sample import sample
     if num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {num_samples}")
-    prior_run = tracking.get_run(run_id, "transformer")
+    check_sampling_settings(temperature, top_k, top_p, guidance)
     device = pick_device(device)
-    checkpoint = load_run_checkpoint(run_id, "transformer", "transformer")
-    model = gpt_from_checkpoint(checkpoint).to(device)
-    vqvae = None
-    if not no_decode:  # check compatibility before spending time sampling
-        vqvae = load_vqvae(vqvae_of(prior_run), device, flag="VQ-VAE run (from the prior's lineage tag)")
-        check_prior_matches(model.config, vqvae.config, run_id)
+    prior = LoadedPrior(run_id, device)
+    label_ids, num_samples = prior.label_ids(labels, num_samples)
+    tokenizer = None if no_decode else prior.tokenizer()  # check before spending time sampling
 
     batch_size = batch_size or num_samples
     generator = torch.Generator(device=device).manual_seed(seed)
+    settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "steps": steps,
+                "guidance": guidance, **options}
     start = time.perf_counter()
-    with autocast(device):
-        chunks = [sample(model, min(batch_size, num_samples - i), temperature, top_k, top_p,
-                         generator).cpu() for i in range(0, num_samples, batch_size)]
+    codes = sample_tokens(prior.model, num_samples, batch_size, label_ids, generator, **settings)
     seconds = time.perf_counter() - start
-    codes = torch.cat(chunks)
-    print(f"sampled {num_samples} grids ({codes[0].numel()} codes each) in {seconds:.2f} s: "
-          f"{codes.numel() / seconds:.0f} codes/s", file=sys.stderr)
+    print(f"sampled {num_samples} grids ({codes[0].numel()} tokens each) in {seconds:.2f} s: "
+          f"{codes.numel() / seconds:.0f} tokens/s", file=sys.stderr)
 
     name = name or time.strftime("gen-%Y%m%d-%H%M%S")
+    record = {"prior_run_id": run_id, "prior": prior.family,
+              "codebook_size": prior.model.config.vocab_size, "grid": list(codes.shape[1:]),
+              "tokenizer_run_id": prior.tokenizer_run_id, "num_samples": num_samples,
+              "seed": seed, **settings,
+              "labels": ([prior.classes[i] for i in label_ids.tolist()]
+                         if label_ids is not None else None)}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.npy"
-        np.save(path, codes.numpy().astype(codes_dtype(model.config.vocab_size)))
-        tracking.log_json(run_id, {"prior_run_id": run_id, "codebook_size": model.config.vocab_size,
-                                   "grid": [model.config.grid_h, model.config.grid_w],
-                                   "vqvae_run_id": prior_run.data.tags.get(tracking.VQVAE_RUN_TAG),
-                                   "num_samples": num_samples, "temperature": temperature,
-                                   "top_k": top_k, "top_p": top_p, "seed": seed},
-                          f"generated/{name}.json")
+        np.save(path, codes.numpy().astype(codes_dtype(prior.model.config.vocab_size)))
+        tracking.log_json(run_id, record, f"generated/{name}.json")
         tracking.log_artifact(run_id, path, "generated")
     tracking.client().set_tag(run_id, LATEST_TAG, name)
     images = None
-    if vqvae is not None:
-        images = decode_and_log(vqvae, codes, device, run_id, name, out_dir,
+    if tokenizer is not None:
+        images = decode_and_log(tokenizer, codes, run_id, name, out_dir,
                                 where=f"--run_id {run_id} generated/{name}.npy")
     return codes, name, seconds, images
 
 
-def check_prior_matches(prior_config, vqvae_config, run_id):
-    if prior_config.vocab_size != vqvae_config.codebook_size:
-        raise UserError(f"--run_id {run_id}: the prior's vocabulary ({prior_config.vocab_size}) "
-                        f"does not match its VQ-VAE's codebook ({vqvae_config.codebook_size})")
-    grid = (vqvae_config.grid_size, vqvae_config.grid_size)
-    if (prior_config.grid_h, prior_config.grid_w) != grid:
-        raise UserError(f"--run_id {run_id}: the prior's grid ({prior_config.grid_h}, "
-                        f"{prior_config.grid_w}) does not match its VQ-VAE's {grid}")
-
-
-def images_from_indexes(run_id=None, indexes=None, vqvae_run_id=None, indexes_path=None,
+def images_from_indexes(run_id=None, indexes=None, tokenizer_run_id=None, indexes_path=None,
                         out_dir=None, device=None):
-    """Decode a prior run's generated/<indexes>.npy, or any local file with a VQ-VAE run."""
+    """Decode a prior run's generated/<indexes>.npy, or any local file with a tokenizer run."""
     device = pick_device(device)
     if indexes_path:
-        if not vqvae_run_id:
-            raise UserError("--indexes_path needs --vqvae_run_id (the VQ-VAE that decodes it)")
-        vqvae = load_vqvae(vqvae_run_id, device)
+        if not tokenizer_run_id:
+            raise UserError("--indexes_path needs --tokenizer_run_id (the tokenizer that "
+                            "decodes it)")
+        tokenizer = load_tokenizer(tokenizer_run_id, device, flag="--tokenizer_run_id")
         array = read_npy(indexes_path)
         name = Path(indexes_path).stem
-        return decode_and_log(vqvae, array, device, vqvae_run_id, name, out_dir,
+        return decode_and_log(tokenizer, array, tokenizer_run_id, name, out_dir,
                               where=str(indexes_path))
     if not run_id:
         raise UserError("give --run_id <prior run> [--indexes NAME], or "
-                        "--vqvae_run_id ID --indexes_path FILE")
-    prior_run = tracking.get_run(run_id, "transformer")
+                        "--tokenizer_run_id ID --indexes_path FILE")
+    prior_run = tracking.get_run(run_id, "prior")
     if indexes is None:
         indexes = prior_run.data.tags.get(LATEST_TAG)
     name = pick_artifact(run_id, "generated", indexes, ".npy", "--run_id")
-    vqvae = load_vqvae(vqvae_run_id or vqvae_of(prior_run), device)
+    tokenizer_run_id = tokenizer_run_id or tracking.tokenizer_run_of(prior_run)
+    if not tokenizer_run_id:
+        raise UserError(f"--run_id {run_id}: the prior was trained from a local file and names "
+                        f"no tokenizer; add --tokenizer_run_id ID")
+    tokenizer = load_tokenizer(tokenizer_run_id, device, flag="--tokenizer_run_id")
     with tempfile.TemporaryDirectory() as tmp:
         path = tracking.download_artifact(run_id, f"generated/{name}.npy", tmp)
         array = read_npy(path, f"--run_id {run_id} generated/{name}.npy")
-    return decode_and_log(vqvae, array, device, run_id, name, out_dir,
+    return decode_and_log(tokenizer, array, run_id, name, out_dir,
                           where=f"--run_id {run_id} generated/{name}.npy")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline import tracking
-from pipeline.codes import quantize
+from pipeline.tokenizers import quantize
 from pipeline.errors import UserError
 from pipeline.generate import generate
 from pipeline.images import ImageData, file_sha256, read_table, split_indices
@@ -115,8 +115,8 @@ def load_split_images(vqvae_run_id, csv_path, heldout_csv=None):
 def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experiment=None,
                  heldout_csv=None, seed=0):
     """Run (or reuse) every stage; writes out_dir/samples/*.png, grid.png, summary.json."""
-    from transformer.model import GPTConfig
-    from transformer.train import TrainConfig as PriorTrainConfig, train_prior
+    import priors
+    from pipeline.train_prior import TrainConfig as PriorTrainConfig, train_prior
     from vqvae.model import VQVAEConfig
     from vqvae.train import TrainConfig as VQTrainConfig, train_vqvae
     from pipeline.quality import quality_report
@@ -156,7 +156,8 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
 
         # 3. prior
         t0 = time.perf_counter()
-        pr_model, pr_train = split_flags(settings["prior"], GPTConfig, PriorTrainConfig)
+        family = priors.family(settings["prior"].get("prior", "gpt"))
+        pr_model, pr_train = split_flags(settings["prior"], family.Config, PriorTrainConfig)
         pr_train = {**pr_train, "run_id": vq_run, "codes": "train", "experiment": experiment}
         pr_key = stage_key("prior", vq_run, csv_hash, pr_model,
                            {k: v for k, v in pr_train.items() if k != "experiment"})
@@ -188,12 +189,13 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         prior_metrics = tracking.client().get_run(prior_run).data.metrics
         metrics = {**{f"vqvae/{k}": vq_metrics[k] for k in ("val/psnr", "val/codebook_usage",
                                                              "val/perplexity") if k in vq_metrics},
-                   **{f"prior/{k}": prior_metrics[k] for k in ("val/loss", "val/bits_per_dim")
+                   **{f"prior/{k}": prior_metrics[k] for k in ("val/nats_per_token",
+                                                              "val/bits_per_dim")
                       if k in prior_metrics},
                    **{f"quality/{k}": v for k, v in quality.items() if isinstance(v, (int, float))}}
         tracking.log_metrics(parent, {**metrics, **{f"time/{k}": v for k, v in timings.items()}},
                              step=0)
-        tracking.client().set_tag(parent, tracking.VQVAE_RUN_TAG, vq_run)
+        tracking.client().set_tag(parent, tracking.TOKENIZER_RUN_TAG, vq_run)
         tracking.client().set_tag(parent, "pipeline.prior_run_id", prior_run)
         summary = {"pipeline_run_id": parent, "vqvae_run_id": vq_run, "prior_run_id": prior_run,
                    "stages": {"vqvae": vq_action, "prior": prior_action},

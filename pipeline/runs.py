@@ -24,13 +24,13 @@ from pipeline.errors import UserError
 
 # How long the end of training waits for queued uploads when the store is slow or down.
 UPLOAD_TIMEOUT_S = float(os.environ.get("PIPELINE_UPLOAD_TIMEOUT_S", "120"))
-SCRIPTS = {"vqvae": "train_vqvae.py", "transformer": "train.py"}
+SCRIPTS = {"tokenizer": "train_vqvae.py", "prior": "train.py"}
 UNSENT_METRICS = "unsent_metrics.json"
 
 
-def recorded_config(stage, run_id):
-    """The config.json of a run to resume (checking that it is a `stage` run)."""
-    tracking.get_run(run_id, stage, flag="--resume_run_id")
+def recorded_config(stage, run_id, kind=None):
+    """The config.json of a run to resume (checking that it is a `stage` run of `kind`)."""
+    tracking.get_run(run_id, stage, flag="--resume_run_id", kind=kind)
     return tracking.load_json_artifact(run_id, "config.json", flag="--resume_run_id")
 
 
@@ -168,16 +168,17 @@ class TrainingRun:
         print(f"warning: {message}", file=sys.stderr)
 
 
-def resume(ctx, stage, run_id, checkpoint_dir, model, optimizer, generator):
-    """Reopen a run on rank 0 and load its newest last.pt into model, optimizer and batch-order
-    RNG on every rank; returns (the TrainingRun on rank 0 / None elsewhere, step, best_val_loss)."""
+def resume(ctx, stage, kind, run_id, checkpoint_dir, model, optimizer, generator):
+    """Reopen a run on rank 0 and load its newest last.pt (a `kind` checkpoint) into model,
+    optimizer and batch-order RNG on every rank; returns (the TrainingRun on rank 0 / None
+    elsewhere, the checkpoint dict)."""
     run = distributed.on_main(ctx, lambda: TrainingRun.reopen(stage, run_id, checkpoint_dir))
-    checkpoint = distributed.on_main(ctx, lambda: run.restore(stage))
+    checkpoint = distributed.on_main(ctx, lambda: run.restore(kind))
     checkpoint = distributed.broadcast_checkpoint(ctx, checkpoint)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     generator.set_state(checkpoint["rng"])
-    return run, checkpoint["step"], checkpoint["best_val_loss"]
+    return run, checkpoint
 
 
 def load_run_checkpoint(run_id, stage, kind, flag="--run_id", prefer="best.pt"):

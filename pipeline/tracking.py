@@ -2,8 +2,11 @@
 
 Everything goes through one `MlflowClient` bound to `MLFLOW_TRACKING_URI` (MLflow's embedded
 default, `sqlite:///mlflow.db` in the working directory, when it is unset). Runs are addressed by
-id; the tag `pipeline.stage` says what a run is, and `pipeline.vqvae_run_id` links a prior to its
-tokenizer.
+id; the tag `pipeline.stage` says what a run is (`tokenizer`, `prior`, `pipeline`, `probe`),
+`pipeline.tokenizer` / `pipeline.prior` which kind or family, and `pipeline.tokenizer_run_id`
+links a prior to its tokenizer. Runs made before tokenizers and priors became families carry
+the stages `vqvae` and `transformer` and the tag `pipeline.vqvae_run_id`; they read as a
+`vqvae` tokenizer and a `gpt` prior.
 """
 
 import json
@@ -16,7 +19,11 @@ import time
 from pathlib import Path
 
 STAGE_TAG = "pipeline.stage"
-VQVAE_RUN_TAG = "pipeline.vqvae_run_id"
+TOKENIZER_TAG = "pipeline.tokenizer"
+PRIOR_TAG = "pipeline.prior"
+TOKENIZER_RUN_TAG = "pipeline.tokenizer_run_id"
+VQVAE_RUN_TAG = "pipeline.vqvae_run_id"  # the lineage tag of runs made before the families
+LEGACY_STAGES = {"vqvae": ("tokenizer", "vqvae"), "transformer": ("prior", "gpt")}
 DEFAULT_EXPERIMENT = "Default"
 
 _client = None
@@ -75,8 +82,23 @@ def end_run(run_id, status="FINISHED"):
     client().set_terminated(run_id, status)
 
 
-def get_run(run_id, stage=None, flag="--run_id"):
-    """Fetch a run, failing with a one-line UserError if it is unknown or of the wrong stage."""
+def stage_of(run):
+    """(stage, kind) of a run: ("tokenizer", "vqvae"), ("prior", "gpt"), ("pipeline", None)..."""
+    tags = run.data.tags
+    stage = tags.get(STAGE_TAG)
+    if stage in LEGACY_STAGES:
+        return LEGACY_STAGES[stage]
+    return stage, tags.get(TOKENIZER_TAG if stage == "tokenizer" else PRIOR_TAG)
+
+
+def tokenizer_run_of(run):
+    """The tokenizer run id a prior run was trained on (None for a local code file)."""
+    return run.data.tags.get(TOKENIZER_RUN_TAG) or run.data.tags.get(VQVAE_RUN_TAG)
+
+
+def get_run(run_id, stage=None, flag="--run_id", kind=None):
+    """Fetch a run, failing with a one-line UserError if it is unknown, of the wrong stage,
+    or (with `kind`) of the wrong tokenizer kind / prior family."""
     from mlflow.exceptions import MlflowException
     from pipeline.errors import UserError
     try:
@@ -86,10 +108,13 @@ def get_run(run_id, stage=None, flag="--run_id"):
             raise UserError(f"{flag} {run_id}: no such MLflow run in {tracking_uri()}")
         raise UserError(f"{flag} {run_id}: cannot read the run from the tracking store "
                         f"({describe_error(e)})")
-    actual = run.data.tags.get(STAGE_TAG)
+    actual, actual_kind = stage_of(run)
     if stage is not None and actual != stage:
         raise UserError(f"{flag} {run_id}: is a '{actual or 'untagged'}' run, "
                         f"expected a '{stage}' run")
+    if kind is not None and actual_kind != kind:
+        raise UserError(f"{flag} {run_id}: is a '{actual_kind}' {actual} run, expected a "
+                        f"'{kind}' one")
     return run
 
 

@@ -75,22 +75,25 @@ def test_unknown_run_id(store, capsys):
 
 
 def test_wrong_stage_run_ids(chain, capsys):
-    assert "is a 'transformer' run, expected a 'vqvae' run" in cli_error(
+    assert "is a 'prior' run, expected a 'tokenizer' run" in cli_error(
         quantize_dataset.main, ["--run_id", chain["prior"]], capsys)
-    assert "is a 'vqvae' run, expected a 'transformer' run" in cli_error(
+    assert "is a 'tokenizer' run, expected a 'prior' run" in cli_error(
         transformer_generation.main, ["--run_id", chain["vqvae"]], capsys)
-    assert "expected a 'vqvae' run" in cli_error(
+    assert "expected a 'tokenizer' run" in cli_error(
         train_prior_script.main, ["--run_id", chain["prior"]], capsys)
-    assert "expected a 'vqvae' run" in cli_error(
-        images_from_indexes.main, ["--vqvae_run_id", chain["prior"], "--indexes_path", "x.npy"],
-        capsys)
+    assert "expected a 'tokenizer' run" in cli_error(
+        images_from_indexes.main, ["--tokenizer_run_id", chain["prior"], "--indexes_path",
+                                   "x.npy"], capsys)
+    assert "is a 'tokenizer' run, expected a 'prior' run" in cli_error(
+        train_prior_script.main, ["--resume_run_id", chain["vqvae"]], capsys)
 
 
 def test_missing_artifacts(store, capsys):
-    empty_vqvae = bare_run("vqvae")
+    empty_vqvae = bare_run("tokenizer", {tracking.TOKENIZER_TAG: "vqvae"})
     assert "has no checkpoint" in cli_error(quantize_dataset.main, ["--run_id", empty_vqvae], capsys)
     assert "has no codes/*.npy" in cli_error(train_prior_script.main, ["--run_id", empty_vqvae], capsys)
-    empty_prior = bare_run("transformer", {tracking.VQVAE_RUN_TAG: empty_vqvae})
+    empty_prior = bare_run("prior", {tracking.PRIOR_TAG: "gpt",
+                                     tracking.TOKENIZER_RUN_TAG: empty_vqvae})
     assert "has no checkpoint" in cli_error(transformer_generation.main, ["--run_id", empty_prior], capsys)
     assert "has no generated/*.npy" in cli_error(images_from_indexes.main, ["--run_id", empty_prior], capsys)
 
@@ -106,10 +109,11 @@ def test_prior_vocabulary_that_does_not_match_its_vqvae(chain, tmp_path, capsys)
     run_id = run_main(train_prior_script.main, ["--path_to_data", str(tmp_path / "c.npy"),
                                                 "--codebook_size", "20", "--max_steps", "2",
                                                 *TINY_PRIOR])
-    assert "names no VQ-VAE" in cli_error(transformer_generation.main, ["--run_id", run_id], capsys)
-    tracking.client().set_tag(run_id, tracking.VQVAE_RUN_TAG, chain["vqvae"])  # a wrong lineage
+    assert "names no tokenizer" in cli_error(transformer_generation.main, ["--run_id", run_id],
+                                             capsys)
+    tracking.client().set_tag(run_id, tracking.TOKENIZER_RUN_TAG, chain["vqvae"])  # wrong lineage
     message = cli_error(transformer_generation.main, ["--run_id", run_id], capsys)
-    assert "vocabulary (20) does not match its VQ-VAE's codebook (16)" in message
+    assert "vocabulary (20) does not match its tokenizer's (16)" in message
 
 
 def test_prior_grid_that_does_not_match_its_vqvae(chain, tmp_path, capsys):
@@ -117,15 +121,15 @@ def test_prior_grid_that_does_not_match_its_vqvae(chain, tmp_path, capsys):
     run_id = run_main(train_prior_script.main, ["--path_to_data", str(tmp_path / "c.npy"),
                                                 "--codebook_size", "16", "--max_steps", "2",
                                                 *TINY_PRIOR])
-    tracking.client().set_tag(run_id, tracking.VQVAE_RUN_TAG, chain["vqvae"])
-    assert "grid (3, 3) does not match its VQ-VAE's (4, 4)" in cli_error(
+    tracking.client().set_tag(run_id, tracking.TOKENIZER_RUN_TAG, chain["vqvae"])
+    assert "grid (3, 3) does not match its tokenizer's (4, 4)" in cli_error(
         transformer_generation.main, ["--run_id", run_id], capsys)
 
 
 @pytest.mark.parametrize("array,match", [
-    (np.full((2, 4, 4), 16), r"indices out of range: found 16..16, the codebook has 16 codes"),
+    (np.full((2, 4, 4), 16), r"indices out of range: found 16..16, the vocabulary has 16 values"),
     (np.full((2, 4, 4), -1), r"indices out of range"),
-    (np.zeros((2, 3, 3), np.int64), r"code grid \(3, 3\) does not match the VQ-VAE's \(4, 4\)"),
+    (np.zeros((2, 3, 3), np.int64), r"code grid \(3, 3\) does not fit the tokenizer's \(4, 4\)"),
     (np.zeros((4, 4), np.int64), r"expected code grids shaped \(N, h, w\)"),
     (np.zeros((2, 4, 4), np.float32), r"codes must be integers"),
 ])
@@ -133,7 +137,7 @@ def test_bad_index_files(chain, tmp_path, capsys, array, match):
     import re
     np.save(tmp_path / "bad.npy", array)
     out = tmp_path / "out"
-    message = cli_error(images_from_indexes.main, ["--vqvae_run_id", chain["vqvae"],
+    message = cli_error(images_from_indexes.main, ["--tokenizer_run_id", chain["vqvae"],
                                                    "--indexes_path", str(tmp_path / "bad.npy"),
                                                    "--out_dir", str(out)], capsys)
     assert re.search(match, message), message
@@ -142,7 +146,7 @@ def test_bad_index_files(chain, tmp_path, capsys, array, match):
 
 def test_pickled_index_file_is_refused(chain, tmp_path, capsys):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    message = cli_error(images_from_indexes.main, ["--vqvae_run_id", chain["vqvae"],
+    message = cli_error(images_from_indexes.main, ["--tokenizer_run_id", chain["vqvae"],
                                                    "--indexes_path", str(tmp_path / "obj.npy")], capsys)
     assert "refused to load" in message
 
@@ -160,7 +164,7 @@ class Exploit:
 @pytest.mark.parametrize("poisoned", [("best.pt", "last.pt"), ("last.pt",)])
 def test_poisoned_checkpoint_is_refused_without_running_it(store, tmp_path, capsys, poisoned):
     marker = tmp_path / "pwned"
-    run_id = bare_run("vqvae")
+    run_id = bare_run("tokenizer", {tracking.TOKENIZER_TAG: "vqvae"})
     folder = tmp_path / "ckpt"
     folder.mkdir()
     for name in poisoned:

@@ -21,7 +21,7 @@ def test_quantize_logs_codes_in_row_order_with_metadata(chain):
     assert codes.shape == (48, 4, 4) and codes.max() < 16
     assert meta["codebook_size"] == 16 and meta["grid"] == [4, 4]
     assert meta["image_size"] == 16 and meta["in_channels"] == 1
-    assert meta["vqvae_run_id"] == chain["vqvae"]
+    assert meta["tokenizer_run_id"] == chain["vqvae"] and meta["tokenizer"] == "vqvae"
     assert meta["csv_sha256"] == file_sha256(chain["csv"])
     assert meta["labels"] == [i % 3 for i in range(48)]
 
@@ -31,7 +31,7 @@ def test_quantized_codes_match_encoding_each_image_alone(chain):
     from pipeline.images import decode_image
     from pipeline.runs import load_run_checkpoint
     from vqvae.model import vqvae_from_checkpoint
-    model = vqvae_from_checkpoint(load_run_checkpoint(chain["vqvae"], "vqvae", "vqvae"))
+    model = vqvae_from_checkpoint(load_run_checkpoint(chain["vqvae"], "tokenizer", "vqvae"))
     codes, meta = load_run_codes(chain["vqvae"], "train")
     path = chain["csv"].parent / "imgs" / "img_007.png"
     alone = model.encode_to_indices(torch.from_numpy(decode_image(path, 1, 16))[None].float() / 255)
@@ -41,14 +41,16 @@ def test_quantized_codes_match_encoding_each_image_alone(chain):
 def test_prior_run_records_stage_lineage_and_metrics(chain):
     run = tracking.client().get_run(chain["prior"])
     assert run.info.status == "FINISHED"
-    assert run.data.tags[tracking.STAGE_TAG] == "transformer"
-    assert run.data.tags[tracking.VQVAE_RUN_TAG] == chain["vqvae"]
+    assert run.data.tags[tracking.STAGE_TAG] == "prior"
+    assert run.data.tags[tracking.PRIOR_TAG] == "gpt"
+    assert run.data.tags[tracking.TOKENIZER_RUN_TAG] == chain["vqvae"]
     metrics = run.data.metrics
-    assert {"train/loss", "val/loss", "val/bits_per_dim", "train/tokens_per_sec"} <= set(metrics)
+    assert {"train/nats_per_token", "val/nats_per_token", "val/bits_per_dim",
+            "train/tokens_per_sec"} <= set(metrics)
     # bits/dim = nats per code * codes per image / (dims per image * ln 2)
     assert metrics["val/bits_per_dim"] == pytest.approx(
-        metrics["val/loss"] * 16 / (16 * 16 * np.log(2)), rel=1e-6)
-    assert metrics["val/loss"] < np.log(16)  # better than uniform over the codebook
+        metrics["val/nats_per_token"] * 16 / (16 * 16 * np.log(2)), rel=1e-6)
+    assert metrics["val/nats_per_token"] < np.log(16)  # better than uniform over the codebook
     generated = tracking.list_artifacts(chain["prior"], "generated")
     assert "generated/first.npy" in generated and "generated/first.json" in generated
 
@@ -80,7 +82,7 @@ def test_images_from_indexes_by_run_and_by_local_file(chain, tmp_path):
     assert len(list((tmp_path / "by_run").glob("sample_*.png"))) == 6
     codes = np.random.default_rng(0).integers(0, 16, (3, 4, 4)).astype(np.int64)
     np.save(tmp_path / "mine.npy", codes)
-    run_main(images_from_indexes.main, ["--vqvae_run_id", chain["vqvae"], "--indexes_path",
+    run_main(images_from_indexes.main, ["--tokenizer_run_id", chain["vqvae"], "--indexes_path",
                                         str(tmp_path / "mine.npy"), "--out_dir",
                                         str(tmp_path / "by_file")])
     assert len(list((tmp_path / "by_file").glob("sample_*.png"))) == 3
@@ -93,7 +95,8 @@ def test_prior_from_a_local_codes_file(store, tmp_path):
                                                 "--codebook_size", "10", "--max_steps", "5",
                                                 *TINY_PRIOR])
     run = tracking.client().get_run(run_id)
-    assert tracking.VQVAE_RUN_TAG not in run.data.tags and "val/loss" in run.data.metrics
+    assert tracking.TOKENIZER_RUN_TAG not in run.data.tags
+    assert "val/nats_per_token" in run.data.metrics
 
 
 def test_scripts_print_run_id_last_as_real_processes(chain, tmp_path):

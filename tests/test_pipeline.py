@@ -30,14 +30,14 @@ def test_end_to_end_then_reuse(store, digits_like, tmp_path):
     assert len(list((out / "samples").glob("sample_*.png"))) == 64 and (out / "grid.png").is_file()
     run_ids = {k: v for k, v in summary.items() if k.endswith("run_id")}
     assert set(run_ids) == {"pipeline_run_id", "vqvae_run_id", "prior_run_id"}
-    for stage, key in (("vqvae", "vqvae_run_id"), ("transformer", "prior_run_id")):
+    for stage, key in (("tokenizer", "vqvae_run_id"), ("prior", "prior_run_id")):
         run = tracking.client().get_run(summary[key])
         assert run.data.tags[tracking.STAGE_TAG] == stage
         assert run.data.tags["mlflow.parentRunId"] == parent
     prior = tracking.client().get_run(summary["prior_run_id"])
-    assert prior.data.tags[tracking.VQVAE_RUN_TAG] == summary["vqvae_run_id"]
+    assert prior.data.tags[tracking.TOKENIZER_RUN_TAG] == summary["vqvae_run_id"]
     metrics = summary["metrics"]
-    for key in ("vqvae/val/psnr", "prior/val/loss", "quality/fd_ratio", "quality/nn_ratio",
+    for key in ("vqvae/val/psnr", "prior/val/bits_per_dim", "quality/fd_ratio", "quality/nn_ratio",
                 "quality/classes_present"):
         assert key in metrics, key
     assert tracking.client().get_run(parent).data.metrics["quality/fd_ratio"] == pytest.approx(
@@ -70,7 +70,7 @@ def test_an_interrupted_stage_resumes_in_the_same_run(store, digits_like, tmp_pa
         pipeline(digits_like, tmp_path / "out", "pipe-resume")
     monkeypatch.setattr(vqvae.train, "evaluate", real_evaluate)
     interrupted = tracking.client().search_runs([tracking.experiment_id("pipe-resume")],
-                                                "tags.`pipeline.stage` = 'vqvae'")
+                                                "tags.`pipeline.tokenizer` = 'vqvae'")
     assert len(interrupted) == 1 and interrupted[0].info.status == "FAILED"
 
     pipeline(digits_like, tmp_path / "out", "pipe-resume")

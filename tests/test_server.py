@@ -64,7 +64,7 @@ def test_the_whole_chain_against_a_server(server, image_csv, tmp_path):
         assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     # The checkpoints live in the server's artifact destination, and are whole.
     stored = {p.relative_to(server.artifacts).as_posix(): p for p in server.artifacts.rglob("*.pt")}
-    for run_id, kind in ((vq, "vqvae"), (prior, "transformer")):
+    for run_id, kind in ((vq, "vqvae"), (prior, "prior")):
         last = [p for name, p in stored.items() if run_id in name and name.endswith("checkpoints/last.pt")]
         assert len(last) == 1, sorted(stored)
         assert load_checkpoint(last[0], kind)["step"] == (40 if kind == "vqvae" else 10)

@@ -6,7 +6,7 @@ from pipeline import tracking
 
 
 def test_uploader_retries_outages_in_order_and_drops_hopeless_jobs(store, capsys):
-    run_id = tracking.create_run("vqvae")
+    run_id = tracking.create_run("tokenizer")
     uploader = tracking.Uploader(run_id, flush_secs=0.01)
     done, outage = [], [2]  # the "store" refuses the first two attempts
 
@@ -34,7 +34,7 @@ def test_uploader_retries_outages_in_order_and_drops_hopeless_jobs(store, capsys
 
 
 def test_uploader_gives_back_what_it_could_not_send(store):
-    run_id = tracking.create_run("vqvae")
+    run_id = tracking.create_run("tokenizer")
     uploader = tracking.Uploader(run_id, flush_secs=0.01)
 
     def down():

@@ -24,7 +24,8 @@ def test_short_vqvae_training_lowers_the_loss_and_logs_everything(chain):
     run_id = chain["vqvae"]
     run = tracking.client().get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags[tracking.STAGE_TAG] == "vqvae"
+    assert run.data.tags[tracking.STAGE_TAG] == "tokenizer"
+    assert run.data.tags[tracking.TOKENIZER_TAG] == "vqvae"
     assert run.data.params["codebook_size"] == "16" and run.data.params["in_channels"] == "1"
     losses = [v for _, v in metric_history(run_id, "train/loss")]
     assert losses[-1] < 0.8 * losses[0]  # the first value is logged at step 10

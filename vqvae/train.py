@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from pipeline import distributed
+from pipeline import distributed, tracking
 from pipeline.config import build, field
 from pipeline.device import autocast, needs_grad_scaler
 from pipeline.errors import UserError
@@ -20,7 +20,7 @@ from pipeline.training import check_finite, check_settings, optimizer_step
 from pipeline.visual import side_by_side
 from vqvae.model import VQVAE, VQVAEConfig
 
-STAGE = "vqvae"
+STAGE, KIND = "tokenizer", "vqvae"
 
 
 @dataclass
@@ -85,7 +85,7 @@ def train_vqvae(model_flags=None, train_flags=None, resume_run_id=None, parent_r
 
 def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress):
     if resume_run_id:
-        recorded = recorded_config(STAGE, resume_run_id)
+        recorded = recorded_config(STAGE, resume_run_id, KIND)
         overrides = {k: v for k, v in train_flags.items() if k in RESUME_OVERRIDES}
         train = build(TrainConfig, recorded["train"], overrides)
         model_config = build(VQVAEConfig, recorded["model"])
@@ -122,8 +122,9 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     preview = next(data.ordered(val_idx[:16], 16)).to(device).float() / 255
 
     if resume_run_id:
-        run, step, best_val_loss = resume(ctx, STAGE, resume_run_id, train.checkpoint_dir,
-                                          model, optimizer, generator)
+        run, checkpoint = resume(ctx, STAGE, KIND, resume_run_id, train.checkpoint_dir, model,
+                                 optimizer, generator)
+        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
     else:
         config = {"model": asdict(model_config), "train": asdict(train),
                   "data": {"csv_sha256": file_sha256(table.csv_path), "num_images": len(data),
@@ -131,8 +132,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         params = {**asdict(train), **asdict(model_config), "num_images": len(data),
                   "world_size": ctx.world_size}  # resolved model values win
         run = distributed.on_main(ctx, lambda: TrainingRun.start(
-            STAGE, config, params, train.checkpoint_dir, train.experiment, tags=tags,
-            parent_run_id=parent_run_id))
+            STAGE, config, params, train.checkpoint_dir, train.experiment,
+            tags={tracking.TOKENIZER_TAG: KIND, **(tags or {})}, parent_run_id=parent_run_id))
     run_id = distributed.broadcast_str(ctx, run.run_id if ctx.is_main else None)
     ddp_model = distributed.wrap(ctx, model)
 

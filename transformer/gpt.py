@@ -1,12 +1,14 @@
-"""A decoder-only transformer over the row-major sequence of VQ codes of one image.
+"""A decoder-only transformer over the raster sequence of a token grid (the `gpt` prior).
 
-Position t of the sequence predicts code t (row t // grid_w, column t % grid_w) and reads the
-token before it: a start-of-image token (id = vocab_size) at t = 0, code t-1 after that. So
-`forward(codes)` returns, for every position, logits that depend only on earlier codes.
+Position t of the sequence predicts token t (row t // grid_w, column t % grid_w) and reads the
+token before it: a start token (id = vocab_size) at t = 0, token t-1 after that. So
+`forward(tokens)` returns, for every position, head outputs that depend only on earlier tokens
+— every token is scored, the first one included. A class label, when the prior is conditional,
+is added to every position's input (so a local window cannot hide it).
 
 With `window_size` set, position t attends only to positions s <= t whose grid cells are within
-`window_size` rows and columns of t's (a local 2-D causal window). Generation uses a KV cache:
-one forward step per new code.
+`window_size` rows and columns of t's (a local 2-D causal window). Sampling uses a KV cache:
+one forward step per new token.
 """
 
 import math
@@ -17,24 +19,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.errors import UserError
+from priors.base import PriorConfig, RasterPrior
+
 
 @dataclass
-class GPTConfig:
-    vocab_size: int = 512      # codebook size K; the start token is id K
-    grid_h: int = 16           # code grid rows
-    grid_w: int = 16           # code grid columns; the sequence length is grid_h * grid_w
+class GPTConfig(PriorConfig):
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.1
     window_size: Optional[int] = None  # local 2-D causal window radius in cells; None = full
 
-    @property
-    def block_size(self):
-        return self.grid_h * self.grid_w
-
     def validate(self):
-        from pipeline.errors import UserError
+        super().validate()
         if self.n_embd % self.n_head:
             raise UserError(f"--n_embd {self.n_embd} is not divisible by --n_head {self.n_head}")
         if self.window_size is not None and self.window_size < 0:
@@ -113,19 +111,19 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class GPT(nn.Module):
+class GPT(RasterPrior):
+    family = "gpt"
 
     def __init__(self, config):
-        super().__init__()
-        config.validate()
-        self.config = config
+        super().__init__(config)
         self.start_token = config.vocab_size
         self.token_embedding = nn.Embedding(config.vocab_size + 1, config.n_embd)
         self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        self.label_embedding = self.make_label_embedding(config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.head_proj = nn.Linear(config.n_embd, self.head.out_dim, bias=False)
         # The window mask is a buffer (moves with .to(device)) but not state: rebuilt from config.
         windowed = config.window_size is not None
         self.register_buffer("mask", attention_mask(config.grid_h, config.grid_w,
@@ -143,11 +141,21 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def _run(self, tokens, start=0, cache=None):
-        """tokens (B, L) at positions start..start+L-1 -> logits (B, L, vocab_size)."""
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the prior family called the output projection `head`
+        old, new = prefix + "head.weight", prefix + "head_proj.weight"
+        if old in state_dict and new not in state_dict:
+            state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _run(self, tokens, start=0, cache=None, labels=None):
+        """tokens (B, L) at positions start..start+L-1 -> head outputs (B, L, out_dim)."""
         length = tokens.shape[1]
         positions = torch.arange(start, start + length, device=tokens.device)
-        x = self.dropout(self.token_embedding(tokens) + self.position_embedding(positions))
+        x = self.token_embedding(tokens) + self.position_embedding(positions)
+        if labels is not None:
+            x = x + self.label_embedding(labels)[:, None]
+        x = self.dropout(x)
         if self.mask is not None:
             mask = self.mask[start:start + length, :start + length]
         elif cache is not None and (start > 0 or length > 1):
@@ -158,29 +166,57 @@ class GPT(nn.Module):
             mask = None  # plain causal (fused kernel), or one query that sees everything
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer, start)
-        return self.head(self.ln_f(x))
+        return self.head_proj(self.ln_f(x))
 
-    def forward(self, codes):
-        """codes (B, T) -> logits (B, T, K) predicting each code from those before it, and
-        the mean cross-entropy loss in nats per code."""
+    def forward(self, tokens, labels=None):
+        """tokens (B, h, w) or (B, T) -> head outputs (B, T, out_dim) predicting each token
+        from those before it, and the mean negative log-likelihood in nats per token."""
+        codes = tokens.reshape(tokens.shape[0], -1)
         b, t = codes.shape
+        labels = self.training_labels(labels, b, codes.device)
         start = torch.full((b, 1), self.start_token, dtype=codes.dtype, device=codes.device)
-        logits = self._run(torch.cat([start, codes[:, :-1]], dim=1))
-        loss = F.cross_entropy(logits.float().reshape(b * t, -1), codes.reshape(b * t))
-        return logits, loss
+        out = self._run(torch.cat([start, codes[:, :-1]], dim=1), labels=labels)
+        loss = self.head.nll(out, codes[..., None]).mean()
+        return out, loss
+
+    # incremental decoding with the KV cache
 
     def new_cache(self, batch_size, device=None, dtype=None):
         parameter = next(self.parameters())
         return KVCache(self.config, batch_size, device or parameter.device,
                        dtype or parameter.dtype)
 
-    def step(self, tokens, cache, start):
-        """Incremental forward: tokens (B, L) at positions start..; returns logits (B, L, K)."""
-        return self._run(tokens, start, cache)
+    def forward_cached(self, tokens, cache, start, labels=None):
+        """Incremental forward: input tokens (B, L) at positions start.. (the start token at
+        0, then token t-1 at position t); returns head outputs (B, L, out_dim)."""
+        return self._run(tokens, start, cache, labels)
+
+    # the raster sampler's hooks (priors/sampling.py)
+
+    def begin(self, batch, labels):
+        return {"cache": self.new_cache(batch), "labels": labels}
+
+    def step(self, state, p, tokens):
+        previous = (torch.full_like(tokens[:, 0, :1], self.start_token) if p == 0
+                    else tokens[:, p - 1, :1])  # (B, 1)
+        return self._run(previous, p, state["cache"], state["labels"])[:, -1]
 
 
-def gpt_from_checkpoint(checkpoint):
-    model = GPT(GPTConfig(**checkpoint["config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.eval()
+@torch.no_grad()
+def sample_without_cache(model, num_samples, temperature=1.0, generator=None, labels=None):
+    """The slow reference: re-run the whole prefix at every step (for benchmarks and tests)."""
+    from priors.sampling import draw
+    model.eval()
+    config = model.config
+    device = next(model.parameters()).device
+    codes = torch.zeros(num_samples, config.block_size, dtype=torch.long, device=device)
+    for t in range(config.block_size):
+        out, _ = model(codes[:, :t + 1], labels)  # position t reads codes < t only
+        log_p = model.head.log_probs(out[:, t], model.head.begin(out[:, t]), 0)
+        codes[:, t] = draw(log_p, temperature, generator=generator)
+    return codes.view(num_samples, config.grid_h, config.grid_w)
 
+
+# the registry's names (priors/__init__.py)
+Config, Model = GPTConfig, GPT
+TRAIN_DEFAULTS = {}

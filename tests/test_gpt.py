@@ -1,10 +1,10 @@
-"""The prior: causality, the KV cache, the local window mask, sampling filters."""
+"""The GPT prior: causality, the KV cache, the local window mask, sampling filters."""
 
 import pytest
 import torch
 
-from transformer.model import GPT, GPTConfig, attention_mask
-from transformer.sample import filter_logits, sample, sample_without_cache
+from priors.sampling import filter_logits
+from transformer.gpt import GPT, GPTConfig, attention_mask, sample_without_cache
 
 
 def tiny(window_size=None, grid=(4, 5)):
@@ -36,11 +36,11 @@ def test_cached_steps_give_the_full_forward_logits(window_size):
     full, _ = model(codes)
     tokens = torch.cat([torch.full((3, 1), model.start_token), codes[:, :-1]], 1)
     cache = model.new_cache(3)
-    stepped = torch.cat([model.step(tokens[:, t:t + 1], cache, t) for t in range(20)], 1)
+    stepped = torch.cat([model.forward_cached(tokens[:, t:t + 1], cache, t) for t in range(20)], 1)
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
     cache = model.new_cache(3)  # a prefix of several tokens, then single steps
-    chunked = torch.cat([model.step(tokens[:, :6], cache, 0)] +
-                        [model.step(tokens[:, t:t + 1], cache, t) for t in range(6, 20)], 1)
+    chunked = torch.cat([model.forward_cached(tokens[:, :6], cache, 0)] +
+                        [model.forward_cached(tokens[:, t:t + 1], cache, t) for t in range(6, 20)], 1)
     torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
 
 
@@ -73,7 +73,7 @@ def test_window_limits_what_a_position_sees():
 
 def test_sampling_with_and_without_cache_draws_the_same_codes():
     model = tiny()
-    a = sample(model, 4, generator=torch.Generator().manual_seed(1))
+    a = model.sample(4, generator=torch.Generator().manual_seed(1))
     b = sample_without_cache(model, 4, generator=torch.Generator().manual_seed(1))
     assert a.shape == (4, 4, 5) and torch.equal(a, b)
 

@@ -1,0 +1,305 @@
+"""Training any prior on a tokenizer run's token grids, tracked in MLflow. One plain loop for
+every family (`--prior NAME`, see priors/__init__.py).
+
+Tokens come from a tokenizer run's `codes/<name>.npy` (with its `.json` metadata: vocabulary,
+grid, image geometry, labels), or from a local .npy with `--codebook_size`. Validation reports
+the prior's `nll` on the held-out rows in nats per token and in bits per image dimension
+(pixels x channels, comparable across tokenizers and priors); for absorbing diffusion that nll
+is the ELBO, estimated with a fixed seed so evaluations compare.
+"""
+
+import copy
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+import priors
+from pipeline import distributed, tracking
+from pipeline.codes import load_codes_file, load_run_codes
+from pipeline.config import build, field
+from pipeline.device import autocast, needs_grad_scaler
+from pipeline.errors import UserError
+from pipeline.images import split_indices
+from pipeline.runs import TrainingRun, recorded_config, resume
+from pipeline.schedule import learning_rate_at
+from pipeline.training import check_finite, check_settings
+
+STAGE = "prior"
+
+
+@dataclass
+class TrainConfig:
+    prior: str = field("gpt", "prior family: " + ", ".join(priors.FAMILIES))
+    run_id: Optional[str] = field(None, "tokenizer run whose codes/<codes>.npy to train on")
+    codes: Optional[str] = field(None, "name of the codes artifact (default: the only/first one)")
+    path_to_data: Optional[str] = field(None, "a local codes .npy (N, h, w) instead of a run")
+    codebook_size: Optional[int] = field(None, "vocabulary size K, required with --path_to_data")
+    conditional: bool = field(False, "condition on the CSV's `label` column (recorded with the "
+                                     "codes), with label dropout for guidance")
+    batch_size: int = field(64, "sequences per optimizer step (the global batch)")
+    accumulate: int = field(1, "split each batch into this many micro-batches (less memory, "
+                               "same update)")
+    max_steps: int = field(5000, "optimizer steps")
+    learning_rate: float = field(6e-4, "peak AdamW learning rate (warmup, then cosine)")
+    weight_decay: float = field(0.1, "AdamW weight decay on matrices (not on norms/biases)")
+    grad_clip: float = field(1.0, "clip the gradient norm to this")
+    ema_decay: Optional[float] = field(None, "keep an exponential moving average of the weights "
+                                             "with this decay (e.g. 0.999); evaluation, sampling "
+                                             "and checkpoints' `ema` use it")
+    val_fraction: float = field(0.1, "fraction of rows held out (same rows as the tokenizer's split)")
+    seed: int = field(0, "seed for the split, initialisation and batch order")
+    eval_every: int = field(250, "evaluate every N steps")
+    checkpoint_every: int = field(500, "write checkpoints/last.pt every N steps")
+    device: Optional[str] = field(None, "cpu, cuda or cuda:N (default: cuda when available)")
+    experiment: Optional[str] = field(None, "MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME)")
+    checkpoint_dir: str = field("checkpoints", "local copies of checkpoints, one folder per run")
+
+
+RESUME_OVERRIDES = ("max_steps", "device", "eval_every", "checkpoint_every", "checkpoint_dir")
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging).
+
+    It starts as a copy of the weights, not at zero, so it needs no bias correction: after one
+    update it is decay * w0 + (1 - decay) * w1. Buffers are copied, not averaged."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        for average, current in zip(self.model.parameters(), model.parameters()):
+            average.lerp_(current, 1 - self.decay)
+        for average, current in zip(self.model.buffers(), model.buffers()):
+            average.copy_(current)
+
+
+@torch.no_grad()
+def evaluate(model, tokens, labels, device, batch_size=256, seed=0):
+    """Mean nll per image (nats) over `tokens` (N, h, w); a fixed generator makes Monte-Carlo
+    bounds comparable between evaluations."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    total = 0.0
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start:start + batch_size].to(device)
+        batch_labels = labels[start:start + batch_size].to(device) if labels is not None else None
+        with autocast(device):
+            total += model.nll(batch, batch_labels, generator=generator).float().sum().item()
+    model.train(was_training)
+    return total / len(tokens)
+
+
+def class_names(values, where):
+    """Sorted distinct labels as strings (the classes) and each row's class id."""
+    missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and math.isnan(v))]
+    if missing:
+        raise UserError(f"{where}: row {missing[0] + 1} has no label "
+                        f"({len(missing)} rows without one); --conditional needs every row labelled")
+    names = [str(v) for v in values]
+    classes = sorted(set(names), key=lambda c: (not c.lstrip("-").isdigit(), int(c) if c.lstrip("-").isdigit() else 0, c))
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, torch.tensor([index[c] for c in names], dtype=torch.long)
+
+
+def load_tokens(train):
+    """-> (tokens LongTensor (N, h, w), metadata dict with at least codebook_size)."""
+    if train.run_id and train.path_to_data:
+        raise UserError("give either --run_id (a tokenizer run) or --path_to_data (a .npy), not both")
+    if train.run_id:
+        return load_run_codes(train.run_id, train.codes)
+    if train.path_to_data:
+        if train.codebook_size is None:
+            raise UserError("--path_to_data needs --codebook_size (the vocabulary size K)")
+        codes = load_codes_file(train.path_to_data, train.codebook_size)
+        return codes, {"codebook_size": train.codebook_size, "values_per_pixel": 1,
+                       "ordered": False, "labels": None}
+    raise UserError("give --run_id <tokenizer run> or --path_to_data codes.npy --codebook_size K")
+
+
+def train_prior(model_flags=None, train_flags=None, resume_run_id=None, parent_run_id=None,
+                tags=None, progress=True):
+    """Train (or resume) a prior; returns the MLflow run id (None on torchrun ranks > 0).
+    Under torchrun every process calls this; see pipeline/distributed.py."""
+    train_flags = train_flags or {}
+    with distributed.process_group(train_flags.get("device")) as ctx:
+        return _train(ctx, model_flags or {}, train_flags, resume_run_id, parent_run_id, tags,
+                      progress)
+
+
+def _settings(model_flags, train_flags, resume_run_id):
+    """(family module, TrainConfig, recorded config or None) from flags or the resumed run."""
+    if resume_run_id:
+        recorded = recorded_config(STAGE, resume_run_id)
+        if "prior" not in recorded["train"]:
+            raise UserError(f"--resume_run_id {resume_run_id}: this prior was trained by an "
+                            f"earlier version of the toolkit; it still generates, but cannot be "
+                            f"resumed: start a new training")
+        overrides = {k: v for k, v in train_flags.items() if k in RESUME_OVERRIDES}
+        train = build(TrainConfig, recorded["train"], overrides)
+        return priors.family(train.prior), train, recorded
+    name = train_flags.get("prior", "gpt")
+    module = priors.family(name)
+    train = build(TrainConfig, getattr(module, "TRAIN_DEFAULTS", {}), train_flags)
+    return module, train, None
+
+
+def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress):
+    module, train, recorded = _settings(model_flags, train_flags, resume_run_id)
+    check_settings(train, ctx.world_size)
+    if train.accumulate < 1 or (train.batch_size // ctx.world_size) % train.accumulate:
+        raise UserError(f"--accumulate {train.accumulate} must divide each process's batch "
+                        f"({train.batch_size // ctx.world_size})")
+    if train.ema_decay is not None and not 0 < train.ema_decay < 1:
+        raise UserError(f"--ema_decay must be in (0, 1), got {train.ema_decay}")
+
+    tokens, meta = load_tokens(train)
+    where = (f"--run_id {train.run_id} codes/{meta.get('codes_name')}" if train.run_id
+             else str(train.path_to_data))
+    n, grid_h, grid_w = tokens.shape
+    classes, labels = None, None
+    if train.conditional:
+        if meta.get("labels") is None:
+            raise UserError(f"--conditional: {where} has no labels (its CSV had no `label` "
+                            f"column)")
+        classes, labels = class_names(meta["labels"], where)
+    train_idx, val_idx = split_indices(n, train.val_fraction, train.seed)
+    if len(val_idx) == 0:
+        print("warning: no validation split; evaluating on the training codes", file=sys.stderr)
+        val_idx = train_idx
+    train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
+    train_tokens, val_tokens = tokens[train_idx], tokens[val_idx]
+    train_labels = labels[train_idx] if labels is not None else None
+    val_labels = labels[val_idx] if labels is not None else None
+    data_fields = {"vocab_size": meta["codebook_size"], "grid_h": grid_h, "grid_w": grid_w,
+                   "ordered": bool(meta.get("ordered", False)),
+                   "num_classes": len(classes) if classes else 0}
+    data_fields["channels"] = int(meta.get("values_per_pixel", 1))
+    model_config = (build(module.Config, recorded["model"]) if recorded else
+                    build(module.Config, model_flags, data_fields))
+    # bits per image dimension need the image geometry (known when the codes came from a run)
+    image_dims = (meta["in_channels"] * meta["image_size"] ** 2
+                  if "image_size" in meta and "in_channels" in meta else None)
+
+    device = ctx.device
+    torch.manual_seed(train.seed)  # the same initial weights on every rank
+    model = module.Model(model_config).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=train.learning_rate, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device))
+    generator = torch.Generator().manual_seed(train.seed)  # batch order, identical on all ranks
+    average = WeightAverage(model, train.ema_decay) if train.ema_decay else None
+    step, best_val_loss = 0, float("inf")
+    lineage = {"tokenizer_run_id": meta.get("tokenizer_run_id"),
+               "tokenizer": meta.get("tokenizer"), "codes_name": meta.get("codes_name"),
+               "codebook_size": meta["codebook_size"], "grid": [grid_h, grid_w],
+               "image_size": meta.get("image_size"), "in_channels": meta.get("in_channels"),
+               "values_per_pixel": meta.get("values_per_pixel", 1), "classes": classes}
+
+    if resume_run_id:
+        run, checkpoint = resume(ctx, STAGE, "prior", resume_run_id, train.checkpoint_dir, model,
+                                 optimizer, generator)
+        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        if average is not None:
+            average.model.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
+    else:
+        run_tags = {tracking.PRIOR_TAG: module.Model.family, **(tags or {})}
+        if lineage["tokenizer_run_id"]:
+            run_tags[tracking.TOKENIZER_RUN_TAG] = lineage["tokenizer_run_id"]
+        config = {"model": asdict(model_config), "train": asdict(train), "data": lineage}
+        params = {**asdict(train), **asdict(model_config), "num_sequences": n,
+                  "world_size": ctx.world_size}
+        run = distributed.on_main(ctx, lambda: TrainingRun.start(
+            STAGE, config, params, train.checkpoint_dir, train.experiment, tags=run_tags,
+            parent_run_id=parent_run_id))
+    run_id = distributed.broadcast_str(ctx, run.run_id if ctx.is_main else None)
+    ddp_model = distributed.wrap(ctx, model)
+    if ctx.enabled:
+        torch.manual_seed(train.seed + ctx.rank)  # different dropout masks on different ranks
+    evaluated = average.model if average is not None else model
+
+    def checkpoint_dict():
+        return {"kind": "prior", "family": module.Model.family, "config": asdict(model_config),
+                "model": model.state_dict(),
+                "ema": average.model.state_dict() if average is not None else None,
+                "optimizer": optimizer.state_dict(), "step": step,
+                "best_val_loss": best_val_loss, "train": asdict(train),
+                "rng": generator.get_state(), "run_id": run_id, "data": lineage}
+
+    bar = tqdm(total=train.max_steps, initial=step, desc=f"prior ({module.Model.family})",
+               unit="step", disable=not (progress and ctx.is_main), file=sys.stderr,
+               dynamic_ncols=True)
+    window_start, window_tokens = time.perf_counter(), 0
+    status = "FAILED"
+    try:
+        model.train()
+        while step < train.max_steps:
+            lr = learning_rate_at(step, train.learning_rate, train.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # every rank draws the same global batch and trains on its slice of it
+            pick = distributed.shard(ctx, torch.randint(len(train_tokens), (train.batch_size,),
+                                                         generator=generator))
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for i, micro in enumerate(pick.chunk(train.accumulate)):
+                batch = train_tokens[micro].to(device, non_blocking=True)
+                batch_labels = train_labels[micro].to(device) if train_labels is not None else None
+                last = i == train.accumulate - 1
+                with distributed.no_sync(ctx, ddp_model, sync=last), autocast(device):
+                    _, loss = ddp_model(batch, batch_labels)
+                    scaler.scale(loss / train.accumulate).backward()
+                loss_sum = loss_sum + loss.detach() / train.accumulate
+            mean_loss = distributed.mean(ctx, loss_sum)  # every rank stops on a NaN anywhere
+            check_finite(mean_loss, run_id, step)
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if average is not None:
+                average.update(model)
+            step += 1
+            window_tokens += len(pick) * tokens[0].numel() * ctx.world_size
+            bar.update(1)
+            if not ctx.is_main:  # the rest (logging, evaluation, checkpoints) is rank 0's
+                continue
+
+            if step % 10 == 0 or step == train.max_steps:
+                speed = window_tokens / (time.perf_counter() - window_start)
+                window_start, window_tokens = time.perf_counter(), 0
+                run.log_metrics({"train/nats_per_token": mean_loss.item(), "train/lr": lr,
+                                 "train/tokens_per_sec": speed}, step)
+                bar.set_postfix(loss=f"{mean_loss.item():.3f}", tok_s=f"{speed:.0f}")
+            if step % train.eval_every == 0 or step == train.max_steps:
+                val_nll = evaluate(evaluated, val_tokens, val_labels, device, seed=train.seed)
+                metrics = {"val/nats_per_token": val_nll / tokens[0].numel()}
+                if image_dims:
+                    metrics["val/bits_per_dim"] = val_nll / (image_dims * math.log(2))
+                run.log_metrics(metrics, step)
+                bar.write(f"step {step}: val {metrics['val/nats_per_token']:.4f} nats/token"
+                          + (f", {metrics['val/bits_per_dim']:.4f} bits/dim" if image_dims else ""))
+                if val_nll < best_val_loss:
+                    best_val_loss = val_nll
+                    run.save("best.pt", checkpoint_dict())
+                window_start = time.perf_counter()
+            if step % train.checkpoint_every == 0 or step == train.max_steps:
+                run.save("last.pt", checkpoint_dict())
+        status = "FINISHED"
+    finally:
+        bar.close()
+        if ctx.is_main:
+            run.finish(status)
+    return run_id if ctx.is_main else None
