@@ -8,6 +8,7 @@ import argparse
 
 from pipeline.errors import run_cli
 from pipeline.generate import images_from_indexes
+from pipeline.tracking import resolve_run_id
 
 
 def main(argv=None):
@@ -21,6 +22,8 @@ def main(argv=None):
     parser.add_argument("--out_dir", help="write the PNGs and grid.png here")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     args = parser.parse_args(argv)
+    args.run_id = resolve_run_id(args.run_id)  # a models:/ URI names its run
+    args.tokenizer_run_id = resolve_run_id(args.tokenizer_run_id, "--tokenizer_run_id")
     images_from_indexes(args.run_id, args.indexes, args.tokenizer_run_id, args.indexes_path,
                         args.out_dir, args.device)
     print(f"run_id={args.run_id or args.tokenizer_run_id}")

@@ -11,6 +11,7 @@ import argparse
 
 from pipeline.errors import UserError, run_cli
 from pipeline.tokenizers import create_pixels_tokenizer, quantize
+from pipeline.tracking import resolve_run_id
 
 
 def main(argv=None):
@@ -42,7 +43,7 @@ def main(argv=None):
                                          args.palette_size, args.image_size, args.in_channels,
                                          experiment=args.experiment)
     elif args.run_id:
-        run_id = quantize(args.run_id, args.path_to_data, args.name, args.batch_size, args.device)
+        run_id = quantize(resolve_run_id(args.run_id), args.path_to_data, args.name, args.batch_size, args.device)
     else:
         raise UserError("give --run_id <tokenizer run>, or --path_to_data CSV --pixels "
                         "levels|palette")

@@ -12,6 +12,7 @@ import argparse
 
 from pipeline.errors import run_cli
 from pipeline.generate import generate
+from pipeline.tracking import resolve_run_id
 
 SAMPLER_FLAGS = ("sampler", "choice_temperature", "grid_h", "grid_w")
 
@@ -19,7 +20,8 @@ SAMPLER_FLAGS = ("sampler", "choice_temperature", "grid_h", "grid_w")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run_id", required=True, help="the prior run")
+    parser.add_argument("--run_id", required=True,
+                        help="the prior run (or models:/NAME/VERSION, models:/NAME@alias)")
     parser.add_argument("--num_samples", type=int, default=64)
     parser.add_argument("--batch_size", type=int, help="grids sampled at once (default: all)")
     parser.add_argument("--temperature", type=float, default=1.0,
@@ -56,6 +58,7 @@ def main(argv=None):
     parser.add_argument("--no_decode", action="store_true", help="only sample and log the codes")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     args = parser.parse_args(argv)
+    args.run_id = resolve_run_id(args.run_id)  # a models:/ URI names its run
     options = {k: getattr(args, k) for k in SAMPLER_FLAGS if getattr(args, k) is not None}
     settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     guidance=args.guidance, steps=args.steps, seed=args.seed,

@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.config import add_flags, given
 from priors.base import DATA_FIELDS
 from pipeline.errors import run_cli
+from pipeline.tracking import resolve_run_id
 
 
 def sample_flags(parser):
@@ -50,6 +51,10 @@ def main(argv=None):
         parser.add_argument("--heldout", help="CSV of held-out images to judge samples against "
                                               "(default: the VQ-VAE's validation split)")
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--register", default="demo-digits" if demo else None,
+                        help="register the prior's MLflow Model under this name (alias "
+                             "@champion), ready for `mlflow models serve`"
+                             + (" (default: demo-digits)" if demo else ""))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME)")
     vq = parser.add_argument_group("VQ-VAE stage (--vqvae.<flag>)")
@@ -57,7 +62,7 @@ def main(argv=None):
     add_flags(vq, VQVAEConfig, skip=("in_channels",), prefix="vqvae.")
     prior = parser.add_argument_group("prior stage (--prior.<flag>)")
     add_flags(prior, PriorTrainConfig, skip=("run_id", "codes", "path_to_data", "codebook_size",
-                                             "experiment", "seed"), prefix="prior.")
+                                             "experiment", "seed", "register"), prefix="prior.")
     add_flags(prior, family.Config, skip=DATA_FIELDS, prefix="prior.")
     sample_flags(parser)
     args = parser.parse_args(argv[1:] if demo else argv)
@@ -76,7 +81,7 @@ def main(argv=None):
     else:
         path_to_data = args.path_to_data
     summary = run_pipeline(path_to_data, args.out_dir, args.preset, overrides, args.experiment,
-                           heldout, args.seed)
+                           heldout, args.seed, args.register)
     report(summary)
     print(f"run_id={summary['pipeline_run_id']}")
 
@@ -87,7 +92,8 @@ def evaluate_command(argv):
     parser = argparse.ArgumentParser(prog="python -m pipeline evaluate",
                                      description="Held-out likelihood of a prior run, in bits "
                                                  "per image dimension; logged to the run.")
-    parser.add_argument("--run_id", required=True, help="the prior run")
+    parser.add_argument("--run_id", required=True,
+                        help="the prior run (or models:/NAME/VERSION, models:/NAME@alias)")
     parser.add_argument("--path_to_data", required=True, help="CSV of images to score")
     parser.add_argument("--name", help="metric/artifact name (default: the CSV's stem)")
     parser.add_argument("--elbo_samples", type=int, default=8,
@@ -96,6 +102,7 @@ def evaluate_command(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device")
     args = parser.parse_args(argv)
+    args.run_id = resolve_run_id(args.run_id)  # a models:/ URI names its run
     evaluate(args.run_id, args.path_to_data, args.name, args.elbo_samples, args.batch_size,
              args.seed, args.device)
     print(f"run_id={args.run_id}")
@@ -125,6 +132,9 @@ def report(summary):
                      f"{m['quality/classifier_confidence']:.2f}")
     lines.append(f"time: total {t['total_s']:.0f} s (vqvae {t['vqvae_s']:.0f}, prior "
                  f"{t['prior_s']:.0f}, generate {t['generate_s']:.1f}, quality {t['quality_s']:.1f})")
+    if summary.get("registered_model"):
+        lines.append(f"model: {summary['registered_model']} (alias @champion); serve it with "
+                     f"`mlflow models serve -m {summary['registered_model']} --env-manager local`")
     lines.append(f"summary: {Path(summary['samples_dir']).parent / 'summary.json'}; browse the "
                  f"runs with `mlflow ui` (tracking store {summary['tracking_uri']}), then open "
                  f"http://127.0.0.1:5000")

@@ -70,6 +70,7 @@ def pick_artifact(run_id, folder, name, suffix, flag):
 def load_run_codes(run_id, name=None, flag="--run_id"):
     """A tokenizer run's codes/<name>.npy, validated against its json -> (LongTensor, metadata).
     Metadata written before tokenizers were a family gets the VQ-VAE's defaults."""
+    run_id = tracking.resolve_run_id(run_id, flag)
     run = tracking.get_run(run_id, "tokenizer", flag=flag)
     name = pick_artifact(run_id, "codes", name, ".npy", flag)
     meta = tracking.load_json_artifact(run_id, f"codes/{name}.json", flag=flag)

@@ -70,7 +70,7 @@ def complete(run_id, path_to_data, keep="top", offset=None, num_completions=4, m
     check_sampling_settings(temperature, top_k, top_p, guidance)
     device = pick_device(device)
     prior = LoadedPrior(run_id, device)
-    tokenizer = prior.tokenizer()
+    run_id, tokenizer = prior.run_id, prior.tokenizer()
     table = read_table(path_to_data)
     data = ImageData(table, tokenizer.in_channels, tokenizer.image_size)
     count = min(max_images, len(data))

@@ -46,7 +46,7 @@ def evaluate(run_id, path_to_data, name=None, elbo_samples=8, batch_size=256, se
         raise UserError(f"--elbo_samples must be at least 1, got {elbo_samples}")
     device = pick_device(device)
     prior = LoadedPrior(run_id, device)
-    tokenizer = prior.tokenizer()
+    run_id, tokenizer = prior.run_id, prior.tokenizer()
     table = read_table(path_to_data)
     data = ImageData(table, tokenizer.in_channels, tokenizer.image_size)
     images = torch.cat(list(data.ordered(range(len(data)), 512))).float() / 255
@@ -60,7 +60,8 @@ def evaluate(run_id, path_to_data, name=None, elbo_samples=8, batch_size=256, se
     nll = image_nll(prior.model, tokens, labels, elbo_samples, batch_size, seed)
     bits = nll / (tokenizer.image_dims * math.log(2))
     name = name or Path(path_to_data).stem
-    summary = {"bits_per_dim": bits.mean().item(), "nats_per_image": nll.mean().item(),
+    summary = {"run_id": run_id, "bits_per_dim": bits.mean().item(),
+               "nats_per_image": nll.mean().item(),
                "num_images": len(nll), "bound": prior.model.nll_is_bound,
                "elbo_samples": elbo_samples if prior.model.nll_is_bound else None,
                "conditioned_on": conditioned, "csv": str(path_to_data)}

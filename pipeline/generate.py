@@ -31,7 +31,7 @@ class LoadedPrior:
     names it was trained with, and its tokenizer run id."""
 
     def __init__(self, run_id, device, flag="--run_id"):
-        self.run_id = run_id
+        run_id = self.run_id = tracking.resolve_run_id(run_id, flag)  # models:/ URIs too
         self.run = tracking.get_run(run_id, "prior", flag=flag)
         checkpoint = load_run_checkpoint(run_id, "prior", ("prior", "transformer"), flag=flag)
         self.model = priors.from_checkpoint(checkpoint).to(device)
@@ -155,6 +155,7 @@ def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=Non
           f"{codes.numel() / seconds:.0f} tokens/s", file=sys.stderr)
 
     name = name or time.strftime("gen-%Y%m%d-%H%M%S")
+    run_id = prior.run_id
     record = {"prior_run_id": run_id, "prior": prior.family,
               "codebook_size": prior.model.config.vocab_size, "grid": list(codes.shape[1:]),
               "tokenizer_run_id": prior.tokenizer_run_id, "num_samples": num_samples,
@@ -185,11 +186,12 @@ def images_from_indexes(run_id=None, indexes=None, tokenizer_run_id=None, indexe
         tokenizer = load_tokenizer(tokenizer_run_id, device, flag="--tokenizer_run_id")
         array = read_npy(indexes_path)
         name = Path(indexes_path).stem
-        return decode_and_log(tokenizer, array, tokenizer_run_id, name, out_dir,
+        return decode_and_log(tokenizer, array, tokenizer.run_id, name, out_dir,
                               where=str(indexes_path))
     if not run_id:
         raise UserError("give --run_id <prior run> [--indexes NAME], or "
                         "--tokenizer_run_id ID --indexes_path FILE")
+    run_id = tracking.resolve_run_id(run_id)
     prior_run = tracking.get_run(run_id, "prior")
     if indexes is None:
         indexes = prior_run.data.tags.get(LATEST_TAG)

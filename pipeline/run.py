@@ -113,8 +113,10 @@ def load_split_images(vqvae_run_id, csv_path, heldout_csv=None):
 
 
 def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experiment=None,
-                 heldout_csv=None, seed=0):
-    """Run (or reuse) every stage; writes out_dir/samples/*.png, grid.png, summary.json."""
+                 heldout_csv=None, seed=0, register=None):
+    """Run (or reuse) every stage; writes out_dir/samples/*.png, grid.png, summary.json.
+    With `register`, the prior's MLflow Model becomes a new version of that registered model
+    (alias @champion)."""
     import priors
     from pipeline.train_prior import TrainConfig as PriorTrainConfig, train_prior
     from vqvae.model import VQVAEConfig
@@ -158,12 +160,18 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         t0 = time.perf_counter()
         family = priors.family(settings["prior"].get("prior", "gpt"))
         pr_model, pr_train = split_flags(settings["prior"], family.Config, PriorTrainConfig)
-        pr_train = {**pr_train, "run_id": vq_run, "codes": "train", "experiment": experiment}
+        pr_train = {**pr_train, "run_id": vq_run, "codes": "train", "experiment": experiment,
+                    "register": None}
         pr_key = stage_key("prior", vq_run, csv_hash, pr_model,
-                           {k: v for k, v in pr_train.items() if k != "experiment"})
+                           {k: v for k, v in pr_train.items()
+                            if k not in ("experiment", "register", "log_model")})
         prior_run, prior_action = run_stage("prior", pr_key, experiment, train_prior, pr_model,
                                             pr_train, parent)
         timings["prior_s"] = time.perf_counter() - t0
+        version = None
+        if register:
+            from pipeline.served import register_prior
+            version = register_prior(prior_run, register)
 
         # 4. generate and decode (cheap: always fresh, so the samples match this invocation)
         t0 = time.perf_counter()
@@ -199,6 +207,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         tracking.client().set_tag(parent, "pipeline.prior_run_id", prior_run)
         summary = {"pipeline_run_id": parent, "vqvae_run_id": vq_run, "prior_run_id": prior_run,
                    "stages": {"vqvae": vq_action, "prior": prior_action},
+                   "registered_model": f"models:/{register}/{version}" if register else None,
                    "generated": f"generated/{name}.npy", "samples_dir": str(samples_dir),
                    "grid": str(out_dir / "grid.png"), "preset": preset, "settings": settings,
                    "metrics": metrics, "class_counts": quality.get("class_counts"),

@@ -84,17 +84,23 @@ class Tokenizer:
         return self.model.known_pixels(known)
 
 
-def load_tokenizer(run_id, device=None, flag="--run_id"):
-    """The tokenizer of a tokenizer run (either kind), weights loaded weights-only."""
-    run = tracking.get_run(run_id, "tokenizer", flag=flag)
-    kind = tracking.stage_of(run)[1]
-    device = pick_device(device) if not isinstance(device, torch.device) else device
-    checkpoint = load_run_checkpoint(run_id, "tokenizer", ("vqvae", "pixels"), flag=flag)
+def tokenizer_from_checkpoint(checkpoint, device, run_id=None):
+    """A Tokenizer from a loaded checkpoint dict (kind `vqvae` or `pixels`)."""
     if checkpoint["kind"] == "vqvae":
         from vqvae.model import vqvae_from_checkpoint
         return Tokenizer("vqvae", run_id, vqvae_from_checkpoint(checkpoint), device)
     from pixels.tokenizer import pixels_from_checkpoint
-    return Tokenizer(kind, run_id, pixels_from_checkpoint(checkpoint), device)
+    return Tokenizer("pixels", run_id, pixels_from_checkpoint(checkpoint), device)
+
+
+def load_tokenizer(run_id, device=None, flag="--run_id"):
+    """The tokenizer of a tokenizer run (either kind; a run id or a models:/ URI naming one),
+    weights loaded weights-only."""
+    run_id = tracking.resolve_run_id(run_id, flag)
+    tracking.get_run(run_id, "tokenizer", flag=flag)
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    checkpoint = load_run_checkpoint(run_id, "tokenizer", ("vqvae", "pixels"), flag=flag)
+    return tokenizer_from_checkpoint(checkpoint, device, run_id)
 
 
 def log_codes(tokenizer, table, data, name):
@@ -121,6 +127,7 @@ def log_codes(tokenizer, table, data, name):
 def quantize(run_id, path_to_data=None, name=None, batch_size=256, device=None):
     """Encode a CSV's images with a tokenizer run and log codes/<name>.npy and .json into it."""
     tokenizer = load_tokenizer(run_id, device)
+    run_id = tokenizer.run_id
     recorded = tracking.load_json_artifact(run_id, "config.json")
     csv_path = path_to_data or recorded["train"]["path_to_data"]
     table = read_table(csv_path)

@@ -96,6 +96,31 @@ def tokenizer_run_of(run):
     return run.data.tags.get(TOKENIZER_RUN_TAG) or run.data.tags.get(VQVAE_RUN_TAG)
 
 
+def resolve_run_id(spec, flag="--run_id"):
+    """A run id from a run id, `models:/NAME/VERSION`, `models:/NAME@alias` or `models:/<model
+    id>` (the run that logged that model); anything else is returned unchanged."""
+    from mlflow.exceptions import MlflowException
+    from pipeline.errors import UserError
+    if not isinstance(spec, str) or not spec.startswith("models:/"):
+        return spec
+    target = spec[len("models:/"):].strip("/")
+    try:
+        if "@" in target:
+            name, alias = target.split("@", 1)
+            run_id = client().get_model_version_by_alias(name, alias).run_id
+        elif "/" in target:
+            name, version = target.split("/", 1)
+            run_id = client().get_model_version(name, version).run_id
+        else:
+            run_id = client().get_logged_model(target).source_run_id
+    except MlflowException as e:
+        raise UserError(f"{flag} {spec}: no such registered model or version in "
+                        f"{tracking_uri()} ({str(e).splitlines()[0][:200]})")
+    if not run_id:
+        raise UserError(f"{flag} {spec}: the model names no run it came from")
+    return run_id
+
+
 def get_run(run_id, stage=None, flag="--run_id", kind=None):
     """Fetch a run, failing with a one-line UserError if it is unknown, of the wrong stage,
     or (with `kind`) of the wrong tokenizer kind / prior family."""

@@ -58,9 +58,14 @@ class TrainConfig:
     device: Optional[str] = field(None, "cpu, cuda or cuda:N (default: cuda when available)")
     experiment: Optional[str] = field(None, "MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME)")
     checkpoint_dir: str = field("checkpoints", "local copies of checkpoints, one folder per run")
+    log_model: bool = field(True, "at the end, log an MLflow Model (the prior and its tokenizer, "
+                                  "served by `mlflow models serve`)")
+    register: Optional[str] = field(None, "also register that model under this name in the "
+                                          "Model Registry")
 
 
-RESUME_OVERRIDES = ("max_steps", "device", "eval_every", "checkpoint_every", "checkpoint_dir")
+RESUME_OVERRIDES = ("max_steps", "device", "eval_every", "checkpoint_every", "checkpoint_dir",
+                    "log_model", "register")
 
 
 class WeightAverage:
@@ -127,6 +132,14 @@ def load_tokens(train):
     raise UserError("give --run_id <tokenizer run> or --path_to_data codes.npy --codebook_size K")
 
 
+def finish_model(run_id, train, has_tokenizer):
+    """The MLflow Model at the end of a training (pipeline/served.py); a prior trained from a
+    local file has no tokenizer to decode with, so it gets none."""
+    if (train.log_model or train.register) and has_tokenizer:
+        from pipeline.served import log_generator
+        log_generator(run_id, train.register)
+
+
 def train_prior(model_flags=None, train_flags=None, resume_run_id=None, parent_run_id=None,
                 tags=None, progress=True):
     """Train (or resume) a prior; returns the MLflow run id (None on torchrun ranks > 0).
@@ -163,6 +176,9 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     if train.ema_decay is not None and not 0 < train.ema_decay < 1:
         raise UserError(f"--ema_decay must be in (0, 1), got {train.ema_decay}")
 
+    if train.register and not train.run_id:
+        raise UserError("--register needs --run_id (a tokenizer run): a prior trained from a "
+                        "local file cannot decode images")
     tokens, meta = load_tokens(train)
     where = (f"--run_id {train.run_id} codes/{meta.get('codes_name')}" if train.run_id
              else str(train.path_to_data))
@@ -302,4 +318,6 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         bar.close()
         if ctx.is_main:
             run.finish(status)
+    if ctx.is_main:
+        finish_model(run_id, train, bool(lineage["tokenizer_run_id"]))
     return run_id if ctx.is_main else None

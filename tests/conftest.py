@@ -20,8 +20,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 TINY_VQVAE = ["--image_size", "16", "--channels", "16", "--downsample", "4",
               "--codebook_size", "16", "--code_dim", "8", "--n_res_blocks", "1",
               "--batch_size", "16", "--learning_rate", "3e-3"]
+# Logging the served MLflow Model takes seconds; tests/test_serving.py covers it, the others
+# skip it.
 TINY_PRIOR = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "16",
-              "--dropout", "0.0"]
+              "--dropout", "0.0", "--no-log_model"]
 
 
 def make_images(folder, n=48, size=16, mode="L", seed=0):

@@ -1,0 +1,237 @@
+"""A prior and its tokenizer as one MLflow Model that serves images.
+
+`log_generator(prior_run_id)` logs an MLflow Model (pyfunc, models-from-code:
+pipeline/served_model.py) holding the prior's and the tokenizer's checkpoints, this toolkit's
+code, a signature and the prior's lineage; `--register NAME` adds it to the Model Registry.
+`mlflow models serve -m models:/NAME@alias --env-manager local` then answers /invocations.
+
+A request is a table, one row per request:
+    num_samples (1..MAX_SAMPLES, default 1), label (conditional priors), temperature (>= 0,
+    default 1), top_k, top_p, guidance, steps (parallel decoders), seed (default 0)
+and the answer one row per image: request (its row), sample, label, seed,
+image_png_base64 (a PNG, base64) and codes_json (the token grid as JSON). Each request row
+draws with its own generator seeded by `seed`, so the same request gives the same images,
+whatever else is in the batch. A bad request raises a 400-style error naming the problem.
+"""
+
+import base64
+import io
+import json
+import math
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "priors", "transformer", "pixelcnn", "vqvae", "pixels")
+MAX_SAMPLES = 64          # images per request row
+MAX_TOTAL_SAMPLES = 256   # images per call (all rows)
+MODEL_NAME = "generator"  # the logged model's name within the run
+# numbers are doubles in the schema: a request table with a missing integer holds NaN, which an
+# integer column cannot; _check turns them into ints and refuses fractions
+REQUEST_COLUMNS = {"num_samples": "double", "label": "string", "temperature": "double",
+                   "top_k": "double", "top_p": "double", "guidance": "double", "steps": "double",
+                   "seed": "double"}
+INTEGERS = ("num_samples", "top_k", "steps", "seed")
+RESPONSE_COLUMNS = {"request": "long", "sample": "long", "label": "string", "seed": "long",
+                    "image_png_base64": "string", "codes_json": "string"}
+
+
+class RequestError(ValueError):
+    """A request the model refuses; the pyfunc wrapper turns it into an HTTP 400."""
+
+
+def _value(row, key, default=None, where=""):
+    value = row.get(key, default)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return default
+    if key in INTEGERS:
+        if isinstance(value, str) or float(value) != int(float(value)):
+            raise RequestError(f"{where}: {key} must be a whole number, got {value!r}")
+        return int(float(value))
+    return value
+
+
+class ServedGenerator:
+    """The prior (averaged weights when it kept them) and its tokenizer, on the CPU or GPU."""
+
+    def __init__(self, model, tokenizer, classes):
+        self.model, self.tokenizer, self.classes = model, tokenizer, classes
+
+    @classmethod
+    def load(cls, prior_path, tokenizer_path, device=None):
+        import priors
+        from pipeline.checkpoint import load_checkpoint
+        from pipeline.device import pick_device
+        from pipeline.tokenizers import tokenizer_from_checkpoint
+        device = pick_device(device)
+        checkpoint = load_checkpoint(prior_path, ("prior", "transformer"))
+        model = priors.from_checkpoint(checkpoint).to(device)
+        tokenizer = tokenizer_from_checkpoint(load_checkpoint(tokenizer_path), device)
+        data = checkpoint.get("data") or {}
+        return cls(model, tokenizer, data.get("classes"))
+
+    def predict(self, requests):
+        """requests: a pandas DataFrame (or list of dicts) -> DataFrame of images."""
+        import pandas as pd
+        from mlflow.exceptions import MlflowException
+        from pipeline.errors import UserError
+        rows = requests.to_dict("records") if hasattr(requests, "to_dict") else list(requests)
+        try:
+            if not rows or not any(rows):  # MLflow drops columns the signature does not know
+                raise RequestError(f"no requests: send rows with any of the fields "
+                                   f"{', '.join(REQUEST_COLUMNS)}")
+            settings = [self._check(i, row) for i, row in enumerate(rows)]
+            total = sum(s["num_samples"] for s in settings)
+            if total > MAX_TOTAL_SAMPLES:
+                raise RequestError(f"{total} images requested in one call; at most "
+                                   f"{MAX_TOTAL_SAMPLES}")
+            answers = []
+            for i, s in enumerate(settings):
+                answers.extend(self._answer(i, s))
+        except (RequestError, UserError) as e:
+            raise MlflowException.invalid_parameter_value(str(e)) from None
+        return pd.DataFrame(answers, columns=list(RESPONSE_COLUMNS))
+
+    def _check(self, i, row):
+        where = f"request {i}"
+        unknown = set(row) - set(REQUEST_COLUMNS)
+        if unknown:
+            raise RequestError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
+                               f"known: {', '.join(REQUEST_COLUMNS)}")
+        n = _value(row, "num_samples", 1, where)
+        if not 1 <= n <= MAX_SAMPLES:
+            raise RequestError(f"{where}: num_samples must be in 1..{MAX_SAMPLES}, got {n}")
+        temperature = float(_value(row, "temperature", 1.0))
+        if temperature < 0:
+            raise RequestError(f"{where}: temperature must be >= 0, got {temperature}")
+        top_k, top_p = _value(row, "top_k", None, where), _value(row, "top_p")
+        if top_k is not None and int(top_k) < 1:
+            raise RequestError(f"{where}: top_k must be at least 1, got {top_k}")
+        if top_p is not None and not 0 < float(top_p) <= 1:
+            raise RequestError(f"{where}: top_p must be in (0, 1], got {top_p}")
+        guidance, steps = _value(row, "guidance"), _value(row, "steps", None, where)
+        if guidance is not None and float(guidance) < 0:
+            raise RequestError(f"{where}: guidance must be >= 0, got {guidance}")
+        label = _value(row, "label")
+        label_id = None
+        if label is not None:
+            if not self.classes:
+                raise RequestError(f"{where}: this model was trained without labels")
+            if str(label) not in self.classes:
+                raise RequestError(f"{where}: unknown label '{label}'; known labels: "
+                                   f"{', '.join(self.classes)}")
+            label_id = self.classes.index(str(label))
+        return {"num_samples": n, "label": None if label is None else str(label),
+                "label_id": label_id, "temperature": temperature,
+                "top_k": None if top_k is None else int(top_k),
+                "top_p": None if top_p is None else float(top_p),
+                "guidance": None if guidance is None else float(guidance),
+                "steps": None if steps is None else int(steps),
+                "seed": _value(row, "seed", 0, where)}
+
+    @torch.no_grad()
+    def _answer(self, i, s):
+        from pipeline.visual import to_uint8
+        device = next(self.model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(s["seed"])
+        labels = (torch.full((s["num_samples"],), s["label_id"], dtype=torch.long, device=device)
+                  if s["label_id"] is not None else None)
+        codes = self.model.sample(s["num_samples"], labels, temperature=s["temperature"],
+                                  top_k=s["top_k"], top_p=s["top_p"], steps=s["steps"],
+                                  guidance=s["guidance"], generator=generator).cpu()
+        images = to_uint8(self.tokenizer.decode(codes))
+        answers = []
+        for k, array in enumerate(images):
+            from PIL import Image
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format="PNG")
+            answers.append({"request": i, "sample": k, "label": s["label"], "seed": s["seed"],
+                            "image_png_base64": base64.b64encode(buffer.getvalue()).decode(),
+                            "codes_json": json.dumps(codes[k].tolist())})
+        return answers
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    inputs = Schema([ColSpec(kind, name, required=False) for name, kind in REQUEST_COLUMNS.items()])
+    outputs = Schema([ColSpec(kind, name) for name, kind in RESPONSE_COLUMNS.items()])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def requirements():
+    """The pinned requirements of this toolkit (requirements.txt without the test runner)."""
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines
+            if line.strip() and not line.startswith("#") and not line.startswith("pytest")]
+
+
+def log_generator(prior_run_id, register=None):
+    """Log the MLflow Model of a finished prior run (its best checkpoint and its tokenizer's);
+    register it as `register` when given. Returns (model URI, registered version or None)."""
+    import mlflow
+    from mlflow.models import Model
+    from pipeline import tracking
+    from pipeline.errors import UserError
+    run = tracking.get_run(prior_run_id, "prior")
+    tokenizer_run_id = tracking.tokenizer_run_of(run)
+    if not tokenizer_run_id:
+        raise UserError(f"run {prior_run_id}: a prior trained from a local file has no "
+                        f"tokenizer to serve images with; no model logged")
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    with tempfile.TemporaryDirectory() as tmp:
+        prior = _download_checkpoint(prior_run_id, Path(tmp) / "prior")
+        tokenizer = _download_checkpoint(tokenizer_run_id, Path(tmp) / "tokenizer")
+        with warnings.catch_warnings():  # MLflow's advice on type hints and input examples
+            warnings.simplefilter("ignore", UserWarning)
+            info = Model.log(None, mlflow.pyfunc, name=MODEL_NAME, run_id=prior_run_id,
+                             python_model=str(ROOT / "pipeline" / "served_model.py"),
+                             artifacts={"prior": str(prior), "tokenizer": str(tokenizer)},
+                             code_paths=[str(ROOT / p) for p in PACKAGES if (ROOT / p).is_dir()],
+                             pip_requirements=requirements(), signature=signature(),
+                             registered_model_name=register,
+                             metadata={"prior_run_id": prior_run_id,
+                                       "tokenizer_run_id": tokenizer_run_id,
+                                       "prior": tracking.stage_of(run)[1]})
+    version = getattr(info, "registered_model_version", None)
+    print(f"logged model {info.model_uri}" + (f", registered as models:/{register}/{version}"
+                                              if register else ""), file=sys.stderr)
+    return info.model_uri, version
+
+
+def _download_checkpoint(run_id, folder):
+    from pipeline import tracking
+    from pipeline.errors import UserError
+    folder.mkdir(parents=True)
+    for name in ("best.pt", "last.pt"):
+        try:
+            return tracking.download_artifact(run_id, f"checkpoints/{name}", folder)
+        except UserError:
+            continue
+    raise UserError(f"run {run_id}: has no checkpoint to put in the model")
+
+
+def register_prior(prior_run_id, name, alias="champion"):
+    """Register the newest model a prior run logged (logging one first if it has none) as a
+    new version of `name`, and point `alias` at it. Returns the version number."""
+    import mlflow
+    from pipeline import tracking
+    client = tracking.client()
+    run = tracking.get_run(prior_run_id, "prior")
+    logged = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{prior_run_id}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1)
+    if logged:
+        mlflow.set_tracking_uri(tracking.tracking_uri())
+        version = mlflow.register_model(f"models:/{logged[0].model_id}", name).version
+    else:
+        version = log_generator(prior_run_id, name)[1]
+    client.set_registered_model_alias(name, alias, str(version))
+    print(f"registered models:/{name}/{version} (alias @{alias})", file=sys.stderr)
+    return version
