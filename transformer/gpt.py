@@ -208,24 +208,23 @@ class GPT(RasterPrior):
                            device=codes.device)
         return torch.cat([start, codes[:, :-1]], dim=1)
 
-    def forward(self, tokens, labels=None):
+    def forward(self, tokens, labels=None, hidden=None):
         """tokens (B, h, w) or (B, T) -> head outputs (B, T, out_dim) predicting each token
-        from those before it, and the mean negative log-likelihood in nats per token."""
+        from those before it, and the mean negative log-likelihood in nats per token. With a
+        list `hidden`, also append the per-layer residual streams (see hidden_states)."""
         codes = tokens.reshape(tokens.shape[0], -1)
         b, t = codes.shape
         labels = self.training_labels(labels, b, codes.device)
-        out = self._run(self._inputs(codes), labels=labels)
+        out = self._run(self._inputs(codes), labels=labels, hidden=hidden)
         loss = self.head.nll(out, codes[..., None]).mean()
         return out, loss
 
     def hidden_states(self, tokens, labels=None):
         """tokens (B, h, w) -> [(B, T, n_embd)] * (n_layer + 1): the residual stream at the
-        input and after each block, position t having read the tokens before t (as in forward;
-        Image GPT's probes pool these)."""
-        codes = tokens.reshape(tokens.shape[0], -1)
+        input and after each block, position t having read the tokens before t (as in forward).
+        Image GPT's probes pool these."""
         hidden = []
-        self._run(self._inputs(codes), labels=self.labels_for(len(codes), labels, codes.device),
-                  hidden=hidden)
+        self(tokens, labels, hidden=hidden)
         return hidden
 
     # incremental decoding: a KV cache (softmax) or the running sums (linear, momentum)
