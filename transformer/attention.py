@@ -95,16 +95,18 @@ class LinearAttention(nn.Module):
         b, length, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         q, k, v = (part.view(b, length, self.n_head, c // self.n_head).transpose(1, 2).float()
-                   for part in (q, k, v))  # (B, nh, L, hs), fp32 whatever the autocast
-        q, k = feature_map(q), feature_map(k)
-        if cache is not None and length == 1:
-            y = self._step(q, k, v, cache, layer)
-        else:
-            state = self._state_of(cache, layer, b, q)
-            y = self._chunks(q, k, v, state)
-            if cache is not None:
-                for name, value in state.items():
-                    getattr(cache, name)[layer] = value
+                   .contiguous() for part in (q, k, v))  # (B, nh, L, hs), fp32 under autocast
+        # the sums run in fp32 even under bf16 autocast (which would cast matmuls back down)
+        with torch.autocast(x.device.type, enabled=False):
+            q, k = feature_map(q), feature_map(k)
+            if cache is not None and length == 1:
+                y = self._step(q, k, v, cache, layer)
+            else:
+                state = self._state_of(cache, layer, b, q)
+                y = self._chunks(q, k, v, state)
+                if cache is not None:
+                    for name, value in state.items():
+                        getattr(cache, name)[layer] = value
         y = y.to(x.dtype).transpose(1, 2).reshape(b, length, c)
         return self.proj_dropout(self.proj(y))
 
@@ -141,11 +143,9 @@ class LinearAttention(nn.Module):
     def _chunks(self, q, k, v, state):
         """q, k (features), v: (B, nh, T, hs); `state` (S, z[, P]) before position 0, updated
         to the state after position T-1. Returns (B, nh, T, hs)."""
-        outputs = []
-        for begin in range(0, q.shape[2], CHUNK):
-            chunk = slice(begin, begin + CHUNK)
-            outputs.append(self._chunk(q[:, :, chunk], k[:, :, chunk], v[:, :, chunk], state))
-        return torch.cat(outputs, 2)
+        # split, not slices: a slice's backward writes into a zero tensor of the whole input
+        chunks = zip(*(t.split(CHUNK, dim=2) for t in (q, k, v)))
+        return torch.cat([self._chunk(*chunk, state) for chunk in chunks], 2)
 
     def _chunk(self, q, k, v, state):
         """One chunk of c positions t = 0..c-1 from the state (S0, z0, P0) before it. Unrolling
