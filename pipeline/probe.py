@@ -94,6 +94,21 @@ def fit_logistic(x_train, y_train, x_val, y_val, seed):
     return best
 
 
+def linear_probes(features, y, splits, seed):
+    """features (layers, N, width), labels y (N,): one probe per layer fitted on the training
+    split -> (per-layer rows, the row chosen on validation, its held-out accuracy)."""
+    train, val, heldout = splits
+    layers = []
+    for layer, x in enumerate(features):
+        model, val_accuracy, train_accuracy, c = fit_logistic(x[train], y[train], x[val], y[val],
+                                                              seed)
+        layers.append({"layer": layer, "val_accuracy": val_accuracy,
+                       "train_accuracy": train_accuracy, "C": c, "model": model})
+    best = max(layers, key=lambda row: row["val_accuracy"])  # the first of equals: shallowest
+    x = features[best["layer"]]
+    return layers, best, best["model"].score(x[heldout], y[heldout])
+
+
 # fine-tuning
 
 class PooledClassifier(nn.Module):
@@ -174,10 +189,10 @@ def probe(run_id, path_to_data, heldout=None, val_fraction=0.15, heldout_fractio
     tokenizer = prior.tokenizer()
     images, names = read_labelled(path_to_data, tokenizer)
     heldout_n = 0
-    if heldout:
+    if heldout:  # appended: splits index [CSV rows | --heldout rows]
         heldout_images, heldout_names = read_labelled(heldout, tokenizer)
-        images, names, heldout_n = torch.cat([images, heldout_images]), names + heldout_names, \
-            len(heldout_names)
+        images, names = torch.cat([images, heldout_images]), names + heldout_names
+        heldout_n = len(heldout_names)
     classes, labels = class_names(names, str(path_to_data))
     splits = make_splits(len(images) - heldout_n, heldout_n, val_fraction, heldout_fraction, seed)
     train, val, test = splits
@@ -188,17 +203,8 @@ def probe(run_id, path_to_data, heldout=None, val_fraction=0.15, heldout_fractio
     y = labels.numpy()
     started = time.perf_counter()
 
-    # linear probes, one per layer, the layer chosen on validation
     features = pooled_features(prior.model, tokens, device)
-    layers = []
-    for layer, x in enumerate(features):
-        model, val_accuracy, train_accuracy, c = fit_logistic(x[train], y[train], x[val], y[val],
-                                                              seed)
-        layers.append({"layer": layer, "val_accuracy": val_accuracy,
-                       "train_accuracy": train_accuracy, "C": c, "model": model})
-    best = max(layers, key=lambda row: row["val_accuracy"])  # the first of equals: shallowest
-    x = features[best["layer"]]
-    probe_heldout = best["model"].score(x[test], y[test])
+    layers, best, probe_heldout = linear_probes(features, y, splits, seed)
     pixels = images.flatten(1).numpy()
     raw, raw_val, _, raw_c = fit_logistic(pixels[train], y[train], pixels[val], y[val], seed)
     raw_heldout = raw.score(pixels[test], y[test])

@@ -36,6 +36,11 @@ same at token 10 and token 3,000.
 
 No attention dropout: there is no attention matrix in the recurrent form to drop from; the
 output projection's dropout still applies.
+
+Not built, of the momentum paper: momentum in the residual connections (a change to how blocks
+are chained, across layers, not to attention) and adaptive momentum (mu re-estimated from the
+data at every step, so that a key's weight depends on more than its distance to the query and
+the chunked form above no longer applies as it stands).
 """
 
 import torch
