@@ -11,9 +11,10 @@ prefix re-run at every step, as a sampler with no cache must).
 What is timed: one sampler step = the network's step (`model.step`, as priors/sampling.py calls
 it) plus drawing the token from the head. A whole 3,072-token sequence at batch 64 takes minutes
 per kind on a CPU, so steps are timed in windows: --window steps at --points positions spread
-evenly from the first token to the last, each window starting from a cache filled with random
-numbers up to its position (a step's cost does not depend on the values). A window's figure is
-the median of its steps (--statistic min: the fastest, closer to the uncontended cost on a
+evenly from the first token to the last, from a cache filled with random numbers (a step's cost
+does not depend on the values). The windows are visited in turn --rounds times, so that a change
+in the machine's load hits the first and the last token alike; a position's figure is the median
+of its steps over the rounds (--statistic min: the fastest, closer to the uncontended cost on a
 machine that others share). A kind's tokens/s is batch / (mean per-step time over the windows):
 the mean of a per-step cost that is flat (linear attention) or grows linearly with the position
 (softmax) over the whole sequence. Softmax without a cache is timed with one step per window and
@@ -71,22 +72,22 @@ def fill_randomly(cache):
 
 
 @torch.no_grad()
-def cached_windows(model, batch, positions, window, device, statistic=statistics.median):
-    """Per-step seconds (median over a window) at each window start, sampler steps on the
-    kind's own cache; and the cache's bytes per sequence."""
+def cached_windows(model, batch, positions, window, rounds, device, statistic=statistics.median):
+    """Per-step seconds at each window start (`statistic` of its steps over the rounds),
+    sampler steps on the kind's own cache; and the cache's bytes per sequence."""
     tokens = torch.randint(model.config.vocab_size, (batch, model.positions, 1), device=device)
     state = model.begin(batch, None)
     fill_randomly(state["cache"])
-    times = []
-    for start in positions:
-        steps = []
-        for p in range(start, min(start + window, model.positions)):
-            begin = time.perf_counter()
-            out = model.step(state, p, tokens)
-            tokens[:, p, 0] = draw(out.float().log_softmax(-1))
-            sync(device)
-            steps.append(time.perf_counter() - begin)
-        times.append(statistic(steps))
+    steps = {start: [] for start in positions}
+    for _ in range(rounds):
+        for start in positions:
+            for p in range(start, min(start + window, model.positions)):
+                begin = time.perf_counter()
+                out = model.step(state, p, tokens)
+                tokens[:, p, 0] = draw(out.float().log_softmax(-1))
+                sync(device)
+                steps[start].append(time.perf_counter() - begin)
+    times = [statistic(steps[start]) for start in positions]
     cache = state["cache"]
     nbytes = sum(getattr(cache, n).nbytes for n in ("k", "v", "S", "z", "P")
                  if getattr(cache, n, None) is not None)
@@ -119,7 +120,8 @@ def main():
     parser.add_argument("--n_layer", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=256, help="byte values")
     parser.add_argument("--points", type=int, default=3, help="windows per sequence")
-    parser.add_argument("--window", type=int, default=16, help="steps timed per window")
+    parser.add_argument("--window", type=int, default=8, help="steps timed per window and round")
+    parser.add_argument("--rounds", type=int, default=3, help="visits of every window")
     parser.add_argument("--statistic", choices=("median", "min"), default="median",
                         help="of the steps in a window")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -132,8 +134,9 @@ def main():
     peak = matmul_peak_flops(device)
     print(f"device {device}, {torch.get_num_threads()} threads, measured fp32 matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s; d={args.n_embd}, {args.n_layer} layers, {args.n_head} "
-          f"heads, {args.vocab} values; {args.points} windows of {args.window} steps per "
-          f"sequence, {args.statistic} step of each (softmax without cache: 1 step per window)")
+          f"heads, {args.vocab} values; {args.points} windows of {args.window} steps x "
+          f"{args.rounds} rounds per sequence, {args.statistic} step of each (softmax without "
+          f"cache: 1 step per window)")
     header = (f"{'T':>5} {'batch':>5} {'kind':<16} {'tokens/s':>10} {'% peak':>7} "
               f"{'first ms':>9} {'last ms':>9} {'last/first':>10} {'memory/seq':>11}")
     print("\n" + header + "\n" + "-" * len(header))
@@ -148,8 +151,8 @@ def main():
             for kind, mode in rows:
                 model = build(kind, length, args, device)
                 if mode == "cached":
-                    times, memory = cached_windows(model, batch, positions, args.window, device,
-                                                   statistic)
+                    times, memory = cached_windows(model, batch, positions, args.window,
+                                                   args.rounds, device, statistic)
                     label = {"softmax": "softmax+KV"}.get(kind, f"{kind} (recur.)")
                     starts = positions
                 else:
