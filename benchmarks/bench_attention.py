@@ -20,6 +20,9 @@ the mean of a per-step cost that is flat (linear attention) or grows linearly wi
 (softmax) over the whole sequence. Softmax without a cache is timed with one step per window and
 only at --uncached_batches.
 
+% peak counts one token's forward FLOPs per token drawn (for softmax without a cache that is the
+useful work, not the prefix it recomputes) against the measured matmul peak.
+
 Memory per sequence is what a kind keeps between steps: the KV cache (2 x layers x T x d floats,
 allocated for the whole sequence at the start), or the running sums (layers x heads x (hs^2 +
 hs) floats, twice hs^2 with momentum), whatever the position. Softmax without a cache keeps

@@ -123,7 +123,7 @@ def probe_command(argv):
     parser.add_argument("--finetune", action="store_true",
                         help="also fine-tune the prior with a classification head")
     parser.add_argument("--finetune_steps", type=int, default=300)
-    parser.add_argument("--finetune_lr", type=float, default=1e-4)
+    parser.add_argument("--finetune_lr", type=float, default=1e-3)
     parser.add_argument("--aux_weight", type=float, default=1.0,
                         help="weight of the generative loss while fine-tuning")
     parser.add_argument("--batch_size", type=int, default=32, help="fine-tuning batch")

@@ -124,7 +124,7 @@ class PooledClassifier(nn.Module):
 
 
 def finetune(prior, tokens, labels, splits, width, num_classes, device, steps=300,
-             batch_size=32, learning_rate=1e-4, aux_weight=1.0, eval_every=50, seed=0, log=None):
+             batch_size=32, learning_rate=1e-3, aux_weight=1.0, eval_every=50, seed=0, log=None):
     """Train a copy of the prior (features `width` wide) and a PooledClassifier on the
     training split; return (validation accuracy, held-out accuracy, step) of the evaluation
     with the best validation accuracy."""
@@ -174,7 +174,7 @@ def finetune(prior, tokens, labels, splits, width, num_classes, device, steps=30
 # main function
 
 def probe(run_id, path_to_data, heldout=None, val_fraction=0.15, heldout_fraction=0.2,
-          finetune_steps=None, finetune_lr=1e-4, aux_weight=1.0, batch_size=32, seed=0,
+          finetune_steps=None, finetune_lr=1e-3, aux_weight=1.0, batch_size=32, seed=0,
           device=None, experiment=None):
     """Probe a prior run; log a `probe` run; return (probe run id, summary dict).
     finetune_steps None: no fine-tuning."""
