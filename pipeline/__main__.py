@@ -4,6 +4,7 @@
     python -m pipeline --path_to_data train.csv --out_dir out --preset small
     python -m pipeline --path_to_data train.csv --out_dir out --vqvae.max_steps 2000 --prior.n_layer 6
     python -m pipeline evaluate --run_id <prior run> --path_to_data heldout.csv
+    python -m pipeline probe --run_id <prior run> --path_to_data train.csv --heldout heldout.csv
 
 Stage flags take the stage's name as a prefix: --vqvae.<flag> (train_vqvae.py's flags),
 --prior.<flag> (train.py's) and --sample.<flag> (transformer_generation.py's).
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from pipeline.config import add_flags, given
 from priors.base import DATA_FIELDS
-from pipeline.errors import run_cli
+from pipeline.errors import UserError, run_cli
 from pipeline.tracking import resolve_run_id
 
 
@@ -108,7 +109,45 @@ def evaluate_command(argv):
     print(f"run_id={args.run_id}")
 
 
-COMMANDS = {"evaluate": evaluate_command}
+def probe_command(argv):
+    """python -m pipeline probe --run_id <prior> --path_to_data labelled.csv [--heldout CSV]"""
+    from pipeline.probe import probe
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline probe",
+        description="Image GPT's probes: a logistic regression on each layer's average-pooled "
+                    "features (the layer chosen on validation), optionally fine-tuning with "
+                    "the generative loss as an auxiliary term, next to a logistic regression "
+                    "on raw pixels; held-out accuracies logged to a new `probe` run.")
+    parser.add_argument("--run_id", required=True, help="the prior run (gpt family)")
+    parser.add_argument("--path_to_data", required=True,
+                        help="labelled CSV (image_path,label) to fit and validate on")
+    parser.add_argument("--heldout", help="labelled CSV to score on (default: a held-out split "
+                                          "of --path_to_data)")
+    parser.add_argument("--val_fraction", type=float, default=0.15,
+                        help="share of the fitting images used to choose layer, C and step")
+    parser.add_argument("--heldout_fraction", type=float, default=0.2,
+                        help="without --heldout: share of the CSV held out")
+    parser.add_argument("--finetune", action="store_true",
+                        help="also fine-tune the prior with a classification head")
+    parser.add_argument("--finetune_steps", type=int, default=300)
+    parser.add_argument("--finetune_lr", type=float, default=1e-3)
+    parser.add_argument("--aux_weight", type=float, default=1.0,
+                        help="weight of the generative loss while fine-tuning")
+    parser.add_argument("--batch_size", type=int, default=32, help="fine-tuning batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device")
+    parser.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME)")
+    args = parser.parse_args(argv)
+    if args.finetune and args.finetune_steps < 1:
+        raise UserError(f"--finetune_steps must be at least 1, got {args.finetune_steps}")
+    run_id, _ = probe(args.run_id, args.path_to_data, args.heldout, args.val_fraction,
+                      args.heldout_fraction, args.finetune_steps if args.finetune else None,
+                      args.finetune_lr, args.aux_weight, args.batch_size, args.seed, args.device,
+                      args.experiment)
+    print(f"run_id={run_id}")
+
+
+COMMANDS = {"evaluate": evaluate_command, "probe": probe_command}
 
 
 def report(summary):

@@ -45,6 +45,9 @@ class TrainConfig:
     accumulate: int = field(1, "split each batch into this many micro-batches (less memory, "
                                "same update)")
     max_steps: int = field(5000, "optimizer steps")
+    max_minutes: Optional[float] = field(None, "also stop after this many minutes of training "
+                                               "(for equal-time comparisons); the learning-rate "
+                                               "schedule then runs on the clock")
     learning_rate: float = field(6e-4, "peak AdamW learning rate (warmup, then cosine)")
     weight_decay: float = field(0.1, "AdamW weight decay on matrices (not on norms/biases)")
     grad_clip: float = field(1.0, "clip the gradient norm to this")
@@ -64,8 +67,8 @@ class TrainConfig:
                                           "Model Registry")
 
 
-RESUME_OVERRIDES = ("max_steps", "device", "eval_every", "checkpoint_every", "checkpoint_dir",
-                    "log_model", "register")
+RESUME_OVERRIDES = ("max_steps", "max_minutes", "device", "eval_every", "checkpoint_every",
+                    "checkpoint_dir", "log_model", "register")
 
 
 class WeightAverage:
@@ -173,6 +176,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     if train.accumulate < 1 or (train.batch_size // ctx.world_size) % train.accumulate:
         raise UserError(f"--accumulate {train.accumulate} must divide each process's batch "
                         f"({train.batch_size // ctx.world_size})")
+    if train.max_minutes is not None and train.max_minutes <= 0:
+        raise UserError(f"--max_minutes must be positive, got {train.max_minutes}")
     if train.ema_decay is not None and not 0 < train.ema_decay < 1:
         raise UserError(f"--ema_decay must be in (0, 1), got {train.ema_decay}")
 
@@ -218,7 +223,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device))
     generator = torch.Generator().manual_seed(train.seed)  # batch order, identical on all ranks
     average = WeightAverage(model, train.ema_decay) if train.ema_decay else None
-    step, best_val_loss = 0, float("inf")
+    step, best_val_loss, trained_s = 0, float("inf"), 0.0
     lineage = {"tokenizer_run_id": meta.get("tokenizer_run_id"),
                "tokenizer": meta.get("tokenizer"), "codes_name": meta.get("codes_name"),
                "codebook_size": meta["codebook_size"], "grid": [grid_h, grid_w],
@@ -229,6 +234,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         run, checkpoint = resume(ctx, STAGE, "prior", resume_run_id, train.checkpoint_dir, model,
                                  optimizer, generator)
         step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        trained_s = checkpoint.get("trained_s", 0.0)
         if average is not None:
             average.model.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
     else:
@@ -252,18 +258,28 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                 "model": model.state_dict(),
                 "ema": average.model.state_dict() if average is not None else None,
                 "optimizer": optimizer.state_dict(), "step": step,
-                "best_val_loss": best_val_loss, "train": asdict(train),
+                "best_val_loss": best_val_loss, "trained_s": trained_s, "train": asdict(train),
                 "rng": generator.get_state(), "run_id": run_id, "data": lineage}
 
     bar = tqdm(total=train.max_steps, initial=step, desc=f"prior ({module.Model.family})",
                unit="step", disable=not (progress and ctx.is_main), file=sys.stderr,
                dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0
+    # With --max_minutes the schedule's step is the share of the time budget spent, so the
+    # learning rate decays fully whatever the speed; trained_s survives a resume.
+    budget_s = 60 * train.max_minutes if train.max_minutes else None
+    clock = time.perf_counter() - trained_s
+
+    def time_spent():  # rank 0's clock on every rank, so all take the same lr and stop together
+        spent = time.perf_counter() - clock
+        return float(distributed.broadcast_str(ctx, repr(spent) if ctx.is_main else None))
+
     status = "FAILED"
     try:
         model.train()
         while step < train.max_steps:
-            lr = learning_rate_at(step, train.learning_rate, train.max_steps)
+            scheduled = int(train.max_steps * trained_s / budget_s) if budget_s else step
+            lr = learning_rate_at(scheduled, train.learning_rate, train.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # every rank draws the same global batch and trains on its slice of it
@@ -288,18 +304,22 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
             if average is not None:
                 average.update(model)
             step += 1
+            trained_s = time_spent() if budget_s else time.perf_counter() - clock
+            final = step == train.max_steps or (budget_s is not None and trained_s >= budget_s)
             window_tokens += len(pick) * tokens[0].numel() * ctx.world_size
             bar.update(1)
             if not ctx.is_main:  # the rest (logging, evaluation, checkpoints) is rank 0's
+                if final:
+                    break
                 continue
 
-            if step % 10 == 0 or step == train.max_steps:
+            if step % 10 == 0 or final:
                 speed = window_tokens / (time.perf_counter() - window_start)
                 window_start, window_tokens = time.perf_counter(), 0
                 run.log_metrics({"train/nats_per_token": mean_loss.item(), "train/lr": lr,
                                  "train/tokens_per_sec": speed}, step)
                 bar.set_postfix(loss=f"{mean_loss.item():.3f}", tok_s=f"{speed:.0f}")
-            if step % train.eval_every == 0 or step == train.max_steps:
+            if step % train.eval_every == 0 or final:
                 val_nll = evaluate(evaluated, val_tokens, val_labels, device, seed=train.seed)
                 metrics = {"val/nats_per_token": val_nll / tokens[0].numel()}
                 if image_dims:
@@ -311,8 +331,12 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                     best_val_loss = val_nll
                     run.save("best.pt", checkpoint_dict())
                 window_start = time.perf_counter()
-            if step % train.checkpoint_every == 0 or step == train.max_steps:
+            if step % train.checkpoint_every == 0 or final:
                 run.save("last.pt", checkpoint_dict())
+            if final:
+                if step < train.max_steps:
+                    bar.write(f"stopped at step {step}: --max_minutes {train.max_minutes} spent")
+                break
         status = "FINISHED"
     finally:
         bar.close()

@@ -1,4 +1,6 @@
-"""The GPT prior: causality, the KV cache, the local window mask, sampling filters."""
+"""The GPT prior, for every attention kind: causality, the sampling cache (keys and values for
+softmax, running sums for the linear kinds) against the full forward, the local window mask,
+sampling filters."""
 
 import pytest
 import torch
@@ -7,16 +9,20 @@ from priors.sampling import filter_logits
 from transformer.gpt import GPT, GPTConfig, attention_mask, sample_without_cache
 
 
-def tiny(window_size=None, grid=(4, 5)):
+# (attention kind, window): every kind, and softmax with a local window
+SETTINGS = [("softmax", None), ("softmax", 1), ("linear", None), ("momentum", None)]
+
+
+def tiny(window_size=None, grid=(4, 5), attention="softmax"):
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=16, grid_h=grid[0], grid_w=grid[1], n_layer=2, n_head=2,
-                       n_embd=32, dropout=0.0, window_size=window_size)
+                       n_embd=32, dropout=0.0, window_size=window_size, attention=attention)
     return GPT(config).eval()
 
 
-@pytest.mark.parametrize("window_size", [None, 1])
-def test_changing_a_later_code_never_changes_earlier_logits(window_size):
-    model = tiny(window_size)
+@pytest.mark.parametrize("attention,window_size", SETTINGS)
+def test_changing_a_later_code_never_changes_earlier_logits(attention, window_size):
+    model = tiny(window_size, attention=attention)
     codes = torch.randint(16, (2, 20))
     logits, _ = model(codes)
     for t in (0, 7, 19):
@@ -29,9 +35,9 @@ def test_changing_a_later_code_never_changes_earlier_logits(window_size):
             assert not torch.allclose(changed_logits[:, t + 1:], logits[:, t + 1:])
 
 
-@pytest.mark.parametrize("window_size", [None, 1])
-def test_cached_steps_give_the_full_forward_logits(window_size):
-    model = tiny(window_size)
+@pytest.mark.parametrize("attention,window_size", SETTINGS)
+def test_cached_steps_give_the_full_forward_logits(attention, window_size):
+    model = tiny(window_size, attention=attention)
     codes = torch.randint(16, (3, 20))
     full, _ = model(codes)
     tokens = torch.cat([torch.full((3, 1), model.start_token), codes[:, :-1]], 1)
@@ -71,8 +77,9 @@ def test_window_limits_what_a_position_sees():
     torch.testing.assert_close(model(far)[0][:, 24], logits[:, 24])
 
 
-def test_sampling_with_and_without_cache_draws_the_same_codes():
-    model = tiny()
+@pytest.mark.parametrize("attention", ["softmax", "linear", "momentum"])
+def test_sampling_with_and_without_cache_draws_the_same_codes(attention):
+    model = tiny(attention=attention)
     a = model.sample(4, generator=torch.Generator().manual_seed(1))
     b = sample_without_cache(model, 4, generator=torch.Generator().manual_seed(1))
     assert a.shape == (4, 4, 5) and torch.equal(a, b)

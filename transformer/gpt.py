@@ -6,9 +6,12 @@ token before it: a start token (id = vocab_size) at t = 0, token t-1 after that.
 — every token is scored, the first one included. A class label, when the prior is conditional,
 is added to every position's input (so a local window cannot hide it).
 
-With `window_size` set, position t attends only to positions s <= t whose grid cells are within
-`window_size` rows and columns of t's (a local 2-D causal window). Sampling uses a KV cache:
-one forward step per new token.
+`attention` picks how positions read each other: `softmax` (here; with `window_size` set,
+position t attends only to positions s <= t whose grid cells are within `window_size` rows and
+columns of t's, a local 2-D causal window), or `linear` / `momentum` (transformer/attention.py:
+trained in parallel, sampled by a recurrence on a fixed-size state). Sampling runs one forward
+step per new token on a cache of the kind's own: keys and values for softmax (KVCache), the
+running sums for the linear kinds (RecurrentState).
 """
 
 import math
@@ -21,6 +24,9 @@ import torch.nn.functional as F
 
 from pipeline.errors import UserError
 from priors.base import PriorConfig, RasterPrior
+from transformer.attention import LinearAttention, RecurrentState
+
+ATTENTION_KINDS = ("softmax", "linear", "momentum")
 
 
 @dataclass
@@ -30,6 +36,10 @@ class GPTConfig(PriorConfig):
     n_embd: int = 128
     dropout: float = 0.1
     window_size: Optional[int] = None  # local 2-D causal window radius in cells; None = full
+    attention: str = "softmax"  # softmax | linear (elu+1 features) | momentum (linear + momentum)
+    mu: float = 0.6             # momentum attention: the momentum, in [0, 1)
+    stepsize: float = 0.4       # momentum attention: step size s; a key d positions back
+                                # weighs s (1 - mu^(d+1)) / (1 - mu), from s up to s / (1 - mu)
 
     def validate(self):
         super().validate()
@@ -37,6 +47,15 @@ class GPTConfig(PriorConfig):
             raise UserError(f"--n_embd {self.n_embd} is not divisible by --n_head {self.n_head}")
         if self.window_size is not None and self.window_size < 0:
             raise UserError(f"--window_size must be >= 0, got {self.window_size}")
+        if self.attention not in ATTENTION_KINDS:
+            raise UserError(f"--attention must be one of {', '.join(ATTENTION_KINDS)}, got "
+                            f"'{self.attention}'")
+        if self.attention != "softmax" and self.window_size is not None:
+            raise UserError(f"--window_size works with --attention softmax only (a running sum "
+                            f"cannot drop the keys that leave a window)")
+        if not 0 <= self.mu < 1 or self.stepsize <= 0:
+            raise UserError(f"--mu must be in [0, 1) and --stepsize positive, got {self.mu} and "
+                            f"{self.stepsize}")
 
 
 # helpers
@@ -95,12 +114,19 @@ class SelfAttention(nn.Module):
         return self.proj_dropout(self.proj(y))
 
 
+def make_attention(config):
+    """The attention layer of config.attention (configs without the field: softmax)."""
+    if getattr(config, "attention", "softmax") == "softmax":
+        return SelfAttention(config)
+    return LinearAttention(config)
+
+
 class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         self.ln1 = nn.LayerNorm(config.n_embd)
-        self.attn = SelfAttention(config)
+        self.attn = make_attention(config)
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
                                  nn.Linear(4 * config.n_embd, config.n_embd),
@@ -148,8 +174,10 @@ class GPT(RasterPrior):
             state_dict[new] = state_dict.pop(old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _run(self, tokens, start=0, cache=None, labels=None):
-        """tokens (B, L) at positions start..start+L-1 -> head outputs (B, L, out_dim)."""
+    def _run(self, tokens, start=0, cache=None, labels=None, hidden=None):
+        """tokens (B, L) at positions start..start+L-1 -> head outputs (B, L, out_dim). With
+        a list `hidden`, append the residual stream (B, L, n_embd) at the input and after each
+        block."""
         length = tokens.shape[1]
         positions = torch.arange(start, start + length, device=tokens.device)
         x = self.token_embedding(tokens) + self.position_embedding(positions)
@@ -158,31 +186,53 @@ class GPT(RasterPrior):
         x = self.dropout(x)
         if self.mask is not None:
             mask = self.mask[start:start + length, :start + length]
+        elif self.config.attention != "softmax":
+            mask = None  # the linear kinds are causal by construction
         elif cache is not None and (start > 0 or length > 1):
             # queries at start.. see every key up to themselves: a shifted causal mask
             mask = torch.ones(length, start + length, dtype=torch.bool,
                               device=tokens.device).tril(diagonal=start)
         else:
             mask = None  # plain causal (fused kernel), or one query that sees everything
+        if hidden is not None:
+            hidden.append(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer, start)
+            if hidden is not None:
+                hidden.append(x)
         return self.head_proj(self.ln_f(x))
 
-    def forward(self, tokens, labels=None):
+    def _inputs(self, codes):
+        """(B, T) tokens -> (B, T) inputs: the start token, then every token but the last."""
+        start = torch.full((codes.shape[0], 1), self.start_token, dtype=codes.dtype,
+                           device=codes.device)
+        return torch.cat([start, codes[:, :-1]], dim=1)
+
+    def forward(self, tokens, labels=None, hidden=None):
         """tokens (B, h, w) or (B, T) -> head outputs (B, T, out_dim) predicting each token
-        from those before it, and the mean negative log-likelihood in nats per token."""
+        from those before it, and the mean negative log-likelihood in nats per token. With a
+        list `hidden`, also append the per-layer residual streams (see hidden_states)."""
         codes = tokens.reshape(tokens.shape[0], -1)
         b, t = codes.shape
         labels = self.training_labels(labels, b, codes.device)
-        start = torch.full((b, 1), self.start_token, dtype=codes.dtype, device=codes.device)
-        out = self._run(torch.cat([start, codes[:, :-1]], dim=1), labels=labels)
+        out = self._run(self._inputs(codes), labels=labels, hidden=hidden)
         loss = self.head.nll(out, codes[..., None]).mean()
         return out, loss
 
-    # incremental decoding with the KV cache
+    def hidden_states(self, tokens, labels=None):
+        """tokens (B, h, w) -> [(B, T, n_embd)] * (n_layer + 1): the residual stream at the
+        input and after each block, position t having read the tokens before t (as in forward).
+        Image GPT's probes pool these."""
+        hidden = []
+        self(tokens, labels, hidden=hidden)
+        return hidden
+
+    # incremental decoding: a KV cache (softmax) or the running sums (linear, momentum)
 
     def new_cache(self, batch_size, device=None, dtype=None):
         parameter = next(self.parameters())
+        if self.config.attention != "softmax":
+            return RecurrentState(self.config, batch_size, device or parameter.device)
         return KVCache(self.config, batch_size, device or parameter.device,
                        dtype or parameter.dtype)
 
