@@ -4,6 +4,8 @@ quality and sampling cost, logged to a `compare` MLflow run with mlflow's log_ta
     python benchmarks/bench_priors.py                        # ~15 minutes on 2 quiet CPU cores
     python benchmarks/bench_priors.py --tokenizer_run_id VQ --large_tokenizer_run_id VQ16
     python benchmarks/bench_priors.py --skip_large --prior_steps 300 --num_samples 128  # quick
+    python benchmarks/bench_priors.py --small_gpt_run_id G --small_absorbing_run_id A \
+        --large_gpt_run_id G16 --large_absorbing_run_id A16      # re-measure trained priors
 
 Two code grids, each with a GPT (KV cache) and an absorbing prior of the same width and depth,
 both trained class-conditionally (label dropout, so either can also sample without guidance):
@@ -14,7 +16,8 @@ image dimension (the GPT's exact; absorbing's the Monte-Carlo ELBO, an upper bou
 for both of its samplers), quality_report's figures against the held-out digits (samples drawn
 for the classes in turn, no guidance), the share of samples the classifier assigns to the class
 they were drawn for, network evaluations per image, seconds per image at batch 1 and batch 64
-and the share of the measured fp32 matmul peak the sampler's FLOPs reach.
+and the share of the fp32 matmul peak (measured just before each row's timings, so a busy
+machine's peak matches its timings) that the sampler's FLOPs reach.
 Then the class-conditional figure: that share with and without --guidance, on the small grid.
 Timings on a shared machine are noisy: compare rows within one run.
 """
@@ -172,7 +175,7 @@ def label_agreement(classifier, images, labels, classes):
     return float((predicted == requested).mean())
 
 
-def evaluate_grid(grid, prior_runs, args, peak, out_dir):
+def evaluate_grid(grid, prior_runs, args, out_dir):
     """Every row of one code grid, and (small grid) the class-conditional figure."""
     device = torch.device("cpu")
     priors = {family: LoadedPrior(run_id, device) for family, run_id in prior_runs.items()}
@@ -200,6 +203,7 @@ def evaluate_grid(grid, prior_runs, args, peak, out_dir):
         for sampler, steps in samplers:
             settings = {} if family == "gpt" else {"sampler": sampler, "steps": steps}
             generator = torch.Generator().manual_seed(args.seed)
+            peak = matmul_peak_flops(torch.device("cpu"), seconds=0.5)
             images, labels, figures = measure_row(prior, settings, tokenizer, len(classes),
                                                   grid_args, generator)
             quality = quality_report(images, heldout, train_images, train_labels, seed=args.seed)
@@ -210,7 +214,8 @@ def evaluate_grid(grid, prior_runs, args, peak, out_dir):
                    "label_agreement": label_agreement(classifier, images, labels, classes),
                    **figures,
                    "peak_b1": figures["flops_per_image"] / figures["s_per_image_b1"] / peak,
-                   "peak_b64": figures["flops_per_image"] / figures["s_per_image_b64"] / peak}
+                   "peak_b64": figures["flops_per_image"] / figures["s_per_image_b64"] / peak,
+                   "peak_gflops": peak / 1e9}
             rows.append(row)
             print(format_row(row), file=sys.stderr)
             name = f"{grid}-{family}-{sampler.replace(' ', '_')}-{row['steps']}"
@@ -261,6 +266,11 @@ def main():
     parser.add_argument("--tokenizer_run_id", help="reuse this VQ-VAE (4x4 codes of 16x16 "
                                                    "digits, codes/train.npy) instead of training")
     parser.add_argument("--large_tokenizer_run_id", help="the same for the 16x16 code grid")
+    for grid in ("small", "large"):
+        for family in ("gpt", "absorbing"):
+            parser.add_argument(f"--{grid}_{family}_run_id",
+                                help=f"reuse this {family} prior on the {grid} grid's codes "
+                                     f"(with the other family's; default: train both)")
     parser.add_argument("--vqvae_steps", type=int, default=600)
     parser.add_argument("--large_vqvae_steps", type=int, default=300)
     parser.add_argument("--prior_steps", type=int, default=800)
@@ -286,21 +296,24 @@ def main():
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    peak = matmul_peak_flops(torch.device("cpu"))
-    print(f"torch threads {torch.get_num_threads()}, measured fp32 matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s", file=sys.stderr)
+    print(f"torch threads {torch.get_num_threads()}", file=sys.stderr)
 
     grids = ["small"] + ([] if args.skip_large else ["large"])
     tokenizers = {"small": args.tokenizer_run_id, "large": args.large_tokenizer_run_id}
     rows, conditional, runs = [], [], {}
     for grid in grids:
-        if not tokenizers[grid]:
-            steps = args.vqvae_steps if grid == "small" else args.large_vqvae_steps
-            tokenizers[grid] = train_tokenizer(args.train_csv, grid, steps, args.experiment)
-        prior_steps, batch = ((args.prior_steps, 64) if grid == "small" else
-                              (args.large_prior_steps, args.large_batch_size))
-        runs[grid] = train_priors(tokenizers[grid], args, prior_steps, batch, args.experiment)
-        grid_rows, grid_conditional = evaluate_grid(grid, runs[grid], args, peak, out_dir)
+        given = {family: getattr(args, f"{grid}_{family}_run_id") for family in ("gpt", "absorbing")}
+        if all(given.values()):  # reuse both priors (and so their tokenizer)
+            runs[grid] = given
+            tokenizers[grid] = tracking.tokenizer_run_of(tracking.client().get_run(given["gpt"]))
+        else:
+            if not tokenizers[grid]:
+                steps = args.vqvae_steps if grid == "small" else args.large_vqvae_steps
+                tokenizers[grid] = train_tokenizer(args.train_csv, grid, steps, args.experiment)
+            prior_steps, batch = ((args.prior_steps, 64) if grid == "small" else
+                                  (args.large_prior_steps, args.large_batch_size))
+            runs[grid] = train_priors(tokenizers[grid], args, prior_steps, batch, args.experiment)
+        grid_rows, grid_conditional = evaluate_grid(grid, runs[grid], args, out_dir)
         rows += grid_rows
         conditional += grid_conditional
 
@@ -330,7 +343,7 @@ def main():
                                  tags={f"pipeline.{grid}.{k}_run_id": v for grid, r in runs.items()
                                        for k, v in {**r, "tokenizer": tokenizers[grid]}.items()})
     tracking.log_params(run_id, {k: v for k, v in vars(args).items()})
-    tracking.log_metrics(run_id, {**headline, "peak_gflops": peak / 1e9, "total_min": total / 60},
+    tracking.log_metrics(run_id, {**headline, "total_min": total / 60},
                          step=0)
     tracking.client().log_table(run_id, data=table, artifact_file="comparison.json")
     tracking.client().log_table(run_id, data=class_table, artifact_file="class_conditional.json")

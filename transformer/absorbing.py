@@ -322,7 +322,6 @@ class Predictor:
         if self.guidance is not None:  # the labels, then the null label
             labels = torch.cat([labels, torch.full_like(labels, model.config.num_classes)])
         self.labels = labels
-        self.evaluations = 0  # network evaluations so far (each over the whole batch)
         config = model.config
         if grid != (config.grid_h, config.grid_w):
             self._plan_windows(config, *grid)
@@ -357,7 +356,6 @@ class Predictor:
     def log_probs(self, tokens, where):
         """tokens (n, L), where (n, L) bool -> (R, vocab) filtered log-probabilities of the R
         positions in `where` (row-major), ready to draw from."""
-        self.evaluations += 1
         if self.guidance is not None:
             hidden = self._hidden(torch.cat([tokens, tokens]))
             n = tokens.shape[0]
