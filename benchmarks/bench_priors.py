@@ -19,7 +19,11 @@ they were drawn for, network evaluations per image, seconds per image at batch 1
 and the share of the fp32 matmul peak (measured just before each row's timings, so a busy
 machine's peak matches its timings) that the sampler's FLOPs reach.
 Then the class-conditional figure: that share with and without --guidance, on the small grid.
-Timings on a shared machine are noisy: compare rows within one run.
+The large grid's priors train for --large_prior_steps 200 only (its purpose is the cost of
+sampling 256 codes; they do not yet draw digits): raise it for its quality columns to mean much.
+Timings on a shared machine are noisy, and with several torch threads on a machine whose cores
+are busy they can be wildly off (spinning threads wait on each other): use --threads 1 there,
+and compare rows within one run.
 """
 
 import argparse
