@@ -9,6 +9,7 @@ import importlib
 
 FAMILIES = {
     "gpt": "transformer.gpt",
+    "absorbing": "transformer.absorbing",
 }
 
 
