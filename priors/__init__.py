@@ -9,6 +9,10 @@ import importlib
 
 FAMILIES = {
     "gpt": "transformer.gpt",
+    "pixelcnn": "pixelcnn.pixelcnn",
+    "gated_pixelcnn": "pixelcnn.gated_pixelcnn",
+    "pixelcnnpp": "pixelcnn.pixelcnnpp",
+    "pixelsnail": "pixelcnn.pixelsnail",
 }
 
 
