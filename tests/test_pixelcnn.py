@@ -4,11 +4,14 @@ reaching every block, normalised likelihoods, the exact row-cropped sampler. Tin
 float64 on the CPU (so an output that does not read a pixel is bit-for-bit unchanged)."""
 
 import itertools
+import tempfile
 
+import numpy as np
 import pytest
 import torch
 
 import priors
+from pipeline.codes import load_run_codes
 from pipeline.errors import UserError
 from pixelcnn.gated_pixelcnn import GatedLayer
 from pixelcnn.layers import CausalAttention, GatedResnet
@@ -267,3 +270,101 @@ def test_sampling_keeps_a_raster_prefix_and_follows_labels(name):
     assert torch.equal(drawn[mask], known[mask])
     with pytest.raises(UserError, match="does not take --sampler"):
         model.sample(1, sampler="confidence")
+
+
+# through the scripts: train.py --prior NAME, generation, completion, evaluation
+
+
+SCRIPT_FLAGS = {
+    "pixelcnn": ["--n_layers", "1", "--first_kernel", "3", "--output_filters", "8"],
+    "gated_pixelcnn": ["--n_layers", "2"],
+    "pixelcnnpp": ["--n_resnet", "1", "--n_scales", "2"],
+    "pixelsnail": ["--n_blocks", "1", "--n_resnet", "1", "--key_dim", "4", "--value_dim", "8"],
+}
+
+
+def train_tiny(name, tokenizer_run, *extra):
+    import train as train_prior_script
+    from conftest import run_main
+    return run_main(train_prior_script.main, [
+        "--prior", name, "--run_id", tokenizer_run, "--filters", "8", "--embed_dim", "4",
+        "--batch_size", "8", "--max_steps", "3", "--eval_every", "3", *SCRIPT_FLAGS[name],
+        *extra])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_on_vq_codes_trains_generates_completes_and_evaluates(chain, name, tmp_path):
+    import transformer_generation
+    from conftest import run_main
+    from pipeline import tracking
+    from pipeline.__main__ import main as pipeline_main
+    prior = train_tiny(name, chain["vqvae"], "--conditional", "--ema_decay", "0.9")
+    run = tracking.client().get_run(prior)
+    assert run.data.tags[tracking.PRIOR_TAG] == name and run.data.params["head"] == "softmax"
+    # per image dimension: 16 codes of 4 bits over 16x16 pixels is 0.25 bits/dim if uniform
+    assert 0 < run.data.metrics["val/bits_per_dim"] < 2 * 16 * 4 / 256
+    run_main(transformer_generation.main, ["--run_id", prior, "--labels", "0,2", "--guidance",
+                                           "2", "--name", "drawn", "--out_dir", str(tmp_path)])
+    assert tracking.load_json_artifact(prior, "generated/drawn.json")["labels"] == ["0", "2"]
+    assert len(list(tmp_path.glob("sample_*.png"))) == 2
+    run_main(transformer_generation.main, ["--run_id", prior, "--complete", str(chain["csv"]),
+                                           "--keep", "top", "--num_completions", "2",
+                                           "--max_images", "2", "--name", "top"])
+    run_main(pipeline_main, ["evaluate", "--run_id", prior, "--path_to_data", str(chain["csv"]),
+                             "--name", "heldout"])
+    bits = tracking.client().get_run(prior).data.metrics["eval/heldout/bits_per_dim"]
+    assert 0 < bits < 2 * 16 * 4 / 256
+
+
+@pytest.fixture(scope="module")
+def grey_csv(tmp_path_factory):
+    from conftest import make_images, write_csv
+    folder = tmp_path_factory.mktemp("grey8")
+    names = make_images(folder / "imgs", n=24, size=8)  # 8x8: 64 sampling steps per image
+    return write_csv(folder / "train.csv", [f"imgs/{n}" for n in names], header="image_path")
+
+
+@pytest.fixture(scope="module")
+def grey_levels(store, grey_csv):
+    import quantize_dataset
+    from conftest import run_main
+    return run_main(quantize_dataset.main, ["--path_to_data", str(grey_csv), "--pixels",
+                                            "levels", "--bits", "2"])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_on_pixel_levels_uses_the_mixture_and_completes_the_top_half(
+        grey_levels, grey_csv, name, tmp_path):
+    import transformer_generation
+    from conftest import run_main
+    from pipeline import tracking
+    from PIL import Image
+    prior = train_tiny(name, grey_levels, "--mixtures", "2")
+    run = tracking.client().get_run(prior)
+    assert run.data.params["head"] == "mixture"  # auto, for ordered levels
+    assert 0 < run.data.metrics["val/bits_per_dim"] < 2  # 2-bit levels: uniform is 2 bits/dim
+    run_main(transformer_generation.main, ["--run_id", prior, "--num_samples", "2",
+                                           "--out_dir", str(tmp_path)])
+    assert Image.open(tmp_path / "sample_0000.png").size == (8, 8)
+    run_main(transformer_generation.main, ["--run_id", prior, "--complete", str(grey_csv),
+                                           "--keep", "top", "--num_completions", "1",
+                                           "--max_images", "2", "--name", "top"])
+    with tempfile.TemporaryDirectory() as tmp:
+        drawn = np.load(tracking.download_artifact(prior, "completions/top/codes.npy", tmp))
+    codes, _ = load_run_codes(grey_levels)
+    assert np.array_equal(drawn[:, 0, :4], codes[:2, :4].numpy())  # the top 4 rows kept
+
+
+def test_softmax_on_rgb_levels_is_a_one_line_error(store, tmp_path, capsys):
+    import quantize_dataset
+    import train as train_prior_script
+    from conftest import make_images, run_main, write_csv
+    from test_bad_input import cli_error
+    names = make_images(tmp_path / "imgs", n=6, size=4, mode="RGB")
+    csv = write_csv(tmp_path / "rgb.csv", [f"imgs/{n}" for n in names], header="image_path")
+    levels = run_main(quantize_dataset.main, ["--path_to_data", str(csv), "--pixels", "levels",
+                                              "--bits", "2"])
+    message = cli_error(train_prior_script.main, ["--prior", "pixelsnail", "--run_id", levels,
+                                                  "--head", "softmax"], capsys)
+    assert "the softmax head takes one value per position" in message
+    assert "use --head mixture" in message
