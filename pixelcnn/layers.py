@@ -113,6 +113,32 @@ class MaskedConv2d(nn.Conv2d):
     def forward(self, x):
         return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
 
+    # one output position at a time, for sampling (pixelcnn/pixelcnn.py)
+
+    def new_cache(self, batch, height, width):
+        """For at(): a zero input map padded by half the kernel on every side, and the masked
+        weights as a matrix (the weights do not change while sampling)."""
+        pad = self.kernel_size[0] // 2
+        return {"input": self.weight.new_zeros(batch, self.in_channels, height + 2 * pad,
+                                               width + 2 * pad),
+                "weight": (self.weight * self.mask).flatten(1)}  # (out, in * k * k)
+
+    def store(self, cache, row, col, x):
+        """Write x (B, in, 1, 1) into the cached input map as the input at (row, col)."""
+        pad = self.kernel_size[0] // 2
+        cache["input"][:, :, row + pad, col + pad] = x[:, :, 0, 0]
+
+    def at(self, cache, row, col, x=None):
+        """The output at (row, col) alone, (B, out, 1, 1), from the cached input map (after
+        storing x there, when given). Exact once the cache holds every input before (row, col)
+        (and at it, for type B): the mask zeroes the taps of the others."""
+        if x is not None:
+            self.store(cache, row, col, x)
+        k = self.kernel_size[0]
+        patch = cache["input"][:, :, row:row + k, col:col + k].flatten(1)  # (B, in * k * k)
+        # one k x k window is a matrix product (a convolution call costs more than its work)
+        return F.linear(patch, cache["weight"], self.bias)[:, :, None, None]
+
 
 # blocks
 

@@ -8,6 +8,7 @@ the paper had it. With a label, every residual block adds its own projection of 
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -45,8 +46,9 @@ class ResidualBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.expand = nn.Conv2d(half, filters, 1)
 
-    def forward(self, x, label=None):
-        hidden = self.conv(F.relu(self.reduce(F.relu(x))))
+    def forward(self, x, label=None, conv=None):
+        """`conv`, when given, stands in for the masked convolution (the cached sampler's)."""
+        hidden = (conv or self.conv)(F.relu(self.reduce(F.relu(x))))
         if label is not None:
             hidden = hidden + self.label(label)[:, :, None, None]
         return x + self.expand(self.dropout(F.relu(hidden)))
@@ -68,12 +70,37 @@ class PixelCNN(ConvPrior):
         self.rows_above = config.first_kernel // 2 + config.n_layers
 
     def network(self, grid, label, top=0):
-        x = self.first(self.embed(grid))
+        return self.layers_after_first(self.first(self.embed(grid)), label)
+
+    def layers_after_first(self, x, label, convs=None):
+        """Everything after the first convolution; convs[k], when given, runs block k's masked
+        convolution."""
         if label is not None:
             x = x + self.first_label(label)[:, :, None, None]
-        for block in self.blocks:
-            x = block(x, label=label)
+        for k, block in enumerate(self.blocks):
+            x = block(x, label=label, conv=convs[k] if convs else None)
         return self.out(x)
+
+    # sampling with cached layer inputs (the idea of Ramachandran et al. 2017's fast PixelCNN++):
+    # a masked convolution's output at pixel p reads its input at p and before, and every
+    # input at p is computed at step p, so one step computes each layer at p only. The rest of
+    # every layer is 1x1 convolutions and pointwise, which run on (B, C, 1, 1) maps unchanged.
+
+    def begin(self, batch, labels):
+        convs = [self.first, *(block.conv for block in self.blocks)]
+        return {"label": self.label_vector(labels),
+                "caches": [conv.new_cache(batch, self.height, self.width) for conv in convs]}
+
+    def step(self, state, p, tokens):
+        row, col = divmod(p, self.width)
+        first_cache, *block_caches = state["caches"]
+        if p > 0:  # the pixel drawn last is now an input of the first layer
+            last = tokens[:, p - 1].view(tokens.shape[0], 1, 1, -1)
+            self.first.store(first_cache, *divmod(p - 1, self.width), self.embed(last))
+        x = self.first.at(first_cache, row, col)  # (B, F, 1, 1): type A, pixels before p
+        convs = [partial(block.conv.at, cache, row, col)
+                 for block, cache in zip(self.blocks, block_caches)]
+        return self.layers_after_first(x, state["label"], convs)[:, :, 0, 0]
 
 
 # the registry's names (priors/__init__.py)

@@ -5,6 +5,7 @@ float64 on the CPU (so an output that does not read a pixel is bit-for-bit uncha
 
 import itertools
 import tempfile
+from functools import partial
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 import priors
 from pipeline.codes import load_run_codes
 from pipeline.errors import UserError
+from pixelcnn.base import ConvPrior
 from pixelcnn.gated_pixelcnn import GatedLayer
 from pixelcnn.layers import CausalAttention, GatedResnet
 from pixelcnn.pixelcnn import ResidualBlock
@@ -242,8 +244,9 @@ def test_softmax_head_is_refused_for_rgb_levels_and_mixture_for_codes():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_each_sampling_step_equals_the_full_forward(name):
-    """step() runs only the rows a pixel's outputs read (rows_above of them, for the finite
-    fields of PixelCNN and the gated stack): exactly the full forward's output there."""
+    """step() computes a pixel's outputs from the rows they read (rows_above of them, for the
+    finite fields of PixelCNN and the gated stack), or, for PixelCNN, from cached layer inputs:
+    exactly the full forward's output there."""
     h, w = 7, 3
     model = tiny(name, h, w, channels=3, num_classes=3, n_layers=2)
     tokens = torch.randint(8, (2, h, w * 3), generator=torch.Generator().manual_seed(0))
@@ -251,10 +254,13 @@ def test_each_sampling_step_equals_the_full_forward(name):
     full, _ = model(tokens, labels)
     if model.rows_above is not None:
         assert model.rows_for(h - 1) > 0  # the crop starts below row 0 here
-    state = model.begin(2, labels)
-    for p in range(h * w):
-        torch.testing.assert_close(model.step(state, p, tokens.view(2, h * w, 3)), full[:, p],
-                                   atol=1e-12, rtol=0)
+    # the family's sampler (PixelCNN: cached layer inputs), and the row crop they all have
+    for begin, step in [(model.begin, model.step),
+                        (partial(ConvPrior.begin, model), partial(ConvPrior.step, model))]:
+        state = begin(2, labels)
+        for p in range(h * w):
+            torch.testing.assert_close(step(state, p, tokens.view(2, h * w, 3)), full[:, p],
+                                       atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
