@@ -3,6 +3,7 @@
     python benchmarks/bench_pixelcnn.py              # defaults: each family's TRAIN_DEFAULTS
     python benchmarks/bench_pixelcnn.py --quick      # a fifth of the steps, fewer samples
     python benchmarks/bench_pixelcnn.py --families pixelcnn pixelsnail --threads 1
+    python benchmarks/bench_pixelcnn.py --max_steps 5 --num_samples 4   # a smoke run
 
 Each of pixelcnn, gated_pixelcnn, pixelcnnpp and pixelsnail trains with its own defaults
 (`train.py --prior NAME --run_id <levels run>`); then the GPT trains on the same tokens for
@@ -25,11 +26,13 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pixelcnn.base import ConvPrior  # noqa: E402
 
 CONV_FAMILIES = ["pixelcnn", "gated_pixelcnn", "pixelcnnpp", "pixelsnail"]
 # the GPT: the README's small prior, at the same tokens (dropout 0: on the CPU, attention
@@ -85,27 +88,32 @@ def ranking(model, heldout_tokens, seed=0):
 
 
 @torch.no_grad()
-def pixels_per_second(model, batch, step=None, positions=None):
+def pixels_per_second(model, batch, sampler=None, positions=None):
     """Draw the first `positions` pixels (default: all) of `batch` images with the raster loop
-    of priors/sampling.py, `step` standing in for the model's own; pixels per second."""
+    of priors/sampling.py; `sampler` (begin, step) stands in for the model's; pixels/s."""
     from priors.sampling import sample_position
-    step = step or model.step
+    begin, step = sampler or (model.begin, model.step)
     positions = positions or model.positions
     tokens = torch.zeros(batch, model.positions, model.head.channels, dtype=torch.long)
     torch.manual_seed(0)
     start = time.perf_counter()
-    state = model.begin(batch, model.labels_for(batch, None, tokens.device))
+    state = begin(batch, model.labels_for(batch, None, tokens.device))
     for p in range(positions):
         tokens[:, p] = sample_position(model.head, step(state, p, tokens))
     return batch * positions / (time.perf_counter() - start)
 
 
-def full_forward_step(model):
-    """A sampling step that runs the whole network on the whole grid for every pixel."""
+def full_forward(model):
+    """A sampler (begin, step) that runs the whole network on the whole grid for every pixel."""
     def step(state, p, tokens):
         grid = tokens.view(tokens.shape[0], model.height, model.width, -1)
         return model.network(grid, state["label"])[:, :, p // model.width, p % model.width]
-    return step
+    return partial(ConvPrior.begin, model), step
+
+
+def row_crop(model):
+    """The sampler (begin, step) that runs the network on the rows a pixel's outputs read."""
+    return partial(ConvPrior.begin, model), partial(ConvPrior.step, model)
 
 
 def table(rows, header):
@@ -125,6 +133,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true",
                         help="a fifth of each family's training steps, 16 samples")
+    parser.add_argument("--max_steps", type=int,
+                        help="train every family this many steps instead (a smoke run)")
     parser.add_argument("--num_samples", type=int, default=64)
     parser.add_argument("--full_forward_pixels", type=int, default=32,
                         help="pixels drawn to time the full-forward sampler (it is slow)")
@@ -165,8 +175,8 @@ def main():
             train_flags.update(GPT_TRAIN, max_steps=steps, eval_every=max(1, steps // 4))
         else:
             steps = priors.family(name).TRAIN_DEFAULTS["max_steps"]
-            if args.quick:
-                steps = max(10, steps // 5)
+            if args.quick or args.max_steps:
+                steps = args.max_steps or max(10, steps // 5)
                 train_flags.update(max_steps=steps, eval_every=max(1, steps // 4))
         start = time.perf_counter()
         run_id = train_prior(model_flags, train_flags)
@@ -182,11 +192,13 @@ def main():
                   "heldout_bits_per_dim": heldout, "ranking": ranking(model, heldout_tokens),
                   "pixels_per_s": {1: pixels_per_second(model, 1),
                                    num_samples: num_samples * model.positions / seconds}}
-        if name != "gpt":  # the same sampler with the whole network run at every pixel
-            full = full_forward_step(model)
+        if name != "gpt":  # against the whole network run at every pixel
             result["full_forward_pixels_per_s"] = {
-                b: pixels_per_second(model, b, full, args.full_forward_pixels)
+                b: pixels_per_second(model, b, full_forward(model), args.full_forward_pixels)
                 for b in (1, num_samples)}
+            if type(model).step is not ConvPrior.step:  # a family with its own cached sampler
+                result["row_crop_pixels_per_s"] = {
+                    b: pixels_per_second(model, b, row_crop(model)) for b in (1, num_samples)}
         results[name] = result
         print(f"{name}: {train_s:.0f} s, val {result['val_bits_per_dim']:.4f} bits/dim, "
               f"held-out {heldout:.4f}", flush=True)
@@ -200,19 +212,24 @@ def main():
                  for name, r in results.items()],
                 ["prior", "params", "steps", "train s", "<= 5 min", "val bits/dim",
                  "held-out bits/dim", "held-out < degraded < noise", "ordered"]))
-    print(f"\nsampling, pixels/s (full forward: the whole network at every pixel, timed over "
-          f"the first {args.full_forward_pixels} pixels; row crop: what the sampler does)")
+    print(f"\nsampling, pixels/s at batch 1 and {num_samples}, against running the whole "
+          f"network at every pixel (timed over the first {args.full_forward_pixels} pixels)")
     rows = []
     for name, r in results.items():
-        rate = r["pixels_per_s"]
         full = r.get("full_forward_pixels_per_s")
-        rows.append([name, f"{rate[1]:.0f}", f"{rate[num_samples]:.0f}",
-                     f"{full[1]:.0f}" if full else "-",
-                     f"{full[num_samples]:.0f}" if full else "-",
-                     f"{rate[1] / full[1]:.1f}x" if full else "KV cache",
-                     f"{rate[num_samples] / full[num_samples]:.1f}x" if full else "KV cache"])
-    print(table(rows, ["prior", "batch 1", f"batch {num_samples}", "full fwd b1",
-                       f"full fwd b{num_samples}", "crop gain b1", f"crop gain b{num_samples}"]))
+        samplers = [("KV cache" if name == "gpt" else
+                     "cached inputs" if "row_crop_pixels_per_s" in r else "row crop",
+                     r["pixels_per_s"])]
+        if "row_crop_pixels_per_s" in r:
+            samplers.append(("row crop", r["row_crop_pixels_per_s"]))
+        for sampler, rate in samplers:
+            rows.append([name, sampler, f"{rate[1]:.0f}", f"{rate[num_samples]:.0f}"] +
+                        ([f"{full[1]:.0f}", f"{full[num_samples]:.0f}",
+                          f"{rate[1] / full[1]:.1f}x", f"{rate[num_samples] / full[num_samples]:.1f}x"]
+                         if full else ["-"] * 4))
+    b = num_samples
+    print(table(rows, ["prior", "sampler", "b1", f"b{b}", "full fwd b1", f"full fwd b{b}",
+                       "gain b1", f"gain b{b}"]))
     (out_dir / "summary.json").write_text(json.dumps(results, indent=2))
     print(f"\nsamples: {out_dir / 'samples'}/<prior>/grid.png; runs: cd {out_dir} && mlflow ui "
           f"(experiment {experiment}); figures: {out_dir / 'summary.json'}")

@@ -169,15 +169,16 @@ class GatedResnet(nn.Module):
 
 
 class CausalAttention(nn.Module):
-    """PixelSNAIL's attention over the pixels of a grid in raster order, one head.
+    """PixelSNAIL's attention over the pixels of a grid in raster order, `heads` heads.
 
     Queries come from the stream (whose feature at p reads pixels before p); keys and values
     also see the input pixels themselves, so position p may attend only to positions strictly
     before p — never to itself. The first position has nothing to attend to: its output is 0.
     """
 
-    def __init__(self, query_channels, key_channels, key_dim, value_dim):
+    def __init__(self, query_channels, key_channels, key_dim, value_dim, heads=1):
         super().__init__()
+        self.heads = heads
         self.query = nn.Conv2d(query_channels, key_dim, 1)
         self.key = nn.Conv2d(key_channels, key_dim, 1)
         self.value = nn.Conv2d(key_channels, value_dim, 1)
@@ -185,15 +186,16 @@ class CausalAttention(nn.Module):
     def forward(self, query_input, key_input):
         """query_input (B, Cq, H, W), key_input (B, Ck, H, W) -> (B, value_dim, H, W)."""
         b, _, h, w = query_input.shape
-        q = self.query(query_input).flatten(2).transpose(1, 2)  # (B, HW, dk)
-        k = self.key(F.elu(key_input)).flatten(2)                # (B, dk, HW)
-        v = self.value(F.elu(key_input)).flatten(2).transpose(1, 2)  # (B, HW, dv)
-        scores = q @ k / math.sqrt(q.shape[-1])                  # (B, HW, HW)
+        split = lambda x: x.view(b, self.heads, -1, h * w)  # (B, nh, channels / nh, HW)
+        q = split(self.query(query_input)).transpose(2, 3)       # (B, nh, HW, dk)
+        k = split(self.key(F.elu(key_input)))                    # (B, nh, dk, HW)
+        v = split(self.value(F.elu(key_input))).transpose(2, 3)  # (B, nh, HW, dv)
+        scores = q @ k / math.sqrt(q.shape[-1])                  # (B, nh, HW, HW)
         earlier = torch.ones(h * w, h * w, dtype=torch.bool, device=q.device).tril(-1)
         # Row 0 has no earlier position: let its softmax see itself (so it stays finite), then
         # multiply by the strict mask, which zeroes that weight: its output is exactly 0.
         finite = earlier.clone()
         finite[0, 0] = True
         weights = scores.masked_fill(~finite, float("-inf")).softmax(-1) * earlier
-        out = weights @ v                                        # (B, HW, dv)
-        return out.transpose(1, 2).reshape(b, -1, h, w)
+        out = weights @ v                                        # (B, nh, HW, dv)
+        return out.transpose(2, 3).reshape(b, -1, h, w)

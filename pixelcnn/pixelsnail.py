@@ -29,14 +29,20 @@ class PixelSNAILConfig(ConvConfig):
     filters: int = field(48, "channels of the stream")
     n_blocks: int = field(2, "blocks, each ending in one causal attention layer")
     n_resnet: int = field(2, "gated resnet blocks (2x2 causal convolutions) per block")
-    key_dim: int = field(16, "query and key channels of each attention layer (one head)")
-    value_dim: int = field(48, "value channels of each attention layer")
+    n_head: int = field(1, "heads of each attention layer")
+    key_dim: int = field(16, "query and key channels of each attention layer, all heads")
+    value_dim: int = field(48, "value channels of each attention layer, all heads")
+    position_dim: int = field(16, "channels of a learned embedding of each pixel's position, "
+                                  "given to queries and keys (0: its row and column only)")
     dropout: float = field(0.1, "dropout inside each gated resnet block")
 
     def validate(self):
         super().validate()
         if self.n_blocks < 1 or self.n_resnet < 0:
             raise UserError("--n_blocks must be at least 1 and --n_resnet at least 0")
+        if self.key_dim % self.n_head or self.value_dim % self.n_head:
+            raise UserError(f"--key_dim and --value_dim must be multiples of --n_head "
+                            f"{self.n_head}")
 
 
 def pointwise(in_channels, out_channels):
@@ -57,19 +63,26 @@ class PixelSNAIL(ConvPrior):
         self.start_left = DownRightShiftedConv2d(e, f, (2, 1))
         self.resnets = nn.ModuleList(block(DownRightShiftedConv2d)
                                      for _ in range(config.n_blocks * config.n_resnet))
-        coords = 2  # the background: each pixel's row and column
+        # the background queries and keys see: each pixel's row and column, and a learned vector
+        # per position (coordinates alone let a query prefer an area, not "the pixel above")
+        self.position = nn.Parameter(0.02 * torch.randn(config.position_dim, self.height,
+                                                        self.width))
+        where = 2 + config.position_dim
         self.attention = nn.ModuleList(
-            CausalAttention(f + coords, e + f + coords, config.key_dim, config.value_dim)
+            CausalAttention(f + where, e + f + where, config.key_dim, config.value_dim,
+                            config.n_head)
             for _ in range(config.n_blocks))
         self.mix = nn.ModuleList(block(pointwise, skip_channels=config.value_dim)
                                  for _ in range(config.n_blocks))
         self.out = nn.Conv2d(f, self.head.out_dim, 1)
 
     def background(self, batch, rows, top, device):
-        """(batch, 2, rows, W): row and column of each pixel of rows top.., in [-0.5, 0.5)."""
+        """(batch, 2 + position_dim, rows, W) for rows top..: each pixel's row and column in
+        [-0.5, 0.5), and its learned position vector."""
         row = (torch.arange(top, top + rows, device=device) / self.height - 0.5)
         col = (torch.arange(self.width, device=device) / self.width - 0.5)
         grid = torch.stack(torch.meshgrid(row, col, indexing="ij"))  # (2, rows, W)
+        grid = torch.cat([grid, self.position[:, top:top + rows]])
         return grid.expand(batch, -1, -1, -1)
 
     def network(self, grid, label, top=0):

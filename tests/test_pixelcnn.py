@@ -24,7 +24,7 @@ TINY = {
     "pixelcnn": dict(filters=8, n_layers=2, first_kernel=3, output_filters=8),
     "gated_pixelcnn": dict(filters=8, n_layers=3),
     "pixelcnnpp": dict(filters=8, n_resnet=1, n_scales=2),
-    "pixelsnail": dict(filters=8, n_blocks=2, n_resnet=1, key_dim=4, value_dim=8),
+    "pixelsnail": dict(filters=8, n_blocks=2, n_resnet=1, n_head=2, key_dim=4, value_dim=8),
 }
 
 
@@ -161,7 +161,7 @@ def test_pixelcnnpp_each_block_keeps_its_streams_field_at_every_scale():
 
 def test_pixelsnail_attention_is_strict_the_first_position_attends_to_nothing():
     torch.manual_seed(0)
-    attention = CausalAttention(3, 5, key_dim=4, value_dim=6).double()
+    attention = CausalAttention(3, 5, key_dim=4, value_dim=6, heads=2).double()
     query, keys = torch.randn(1, 3, 3, 4).double(), torch.randn(1, 5, 3, 4).double()
     out = attention(query, keys).flatten(2)  # (1, 6, 12)
     assert torch.equal(out[..., 0], torch.zeros(1, 6))  # not even itself
@@ -285,7 +285,8 @@ SCRIPT_FLAGS = {
     "pixelcnn": ["--n_layers", "1", "--first_kernel", "3", "--output_filters", "8"],
     "gated_pixelcnn": ["--n_layers", "2"],
     "pixelcnnpp": ["--n_resnet", "1", "--n_scales", "2"],
-    "pixelsnail": ["--n_blocks", "1", "--n_resnet", "1", "--key_dim", "4", "--value_dim", "8"],
+    "pixelsnail": ["--n_blocks", "1", "--n_resnet", "1", "--n_head", "2", "--key_dim", "4",
+                   "--value_dim", "8"],
 }
 
 
