@@ -25,7 +25,7 @@ from pixelcnn.layers import (DownRightShiftedConv2d, DownShiftedConv2d, down_shi
 
 @dataclass
 class GatedPixelCNNConfig(ConvConfig):
-    filters: int = field(64, "channels of each stack")
+    filters: int = field(32, "channels of each stack")
     n_layers: int = field(8, "gated layers (each a vertical and a horizontal convolution)")
     kernel: int = field(3, "k: the vertical kernel is (k//2 + 1) x k, the horizontal 1 x (k//2 + 1)")
     output_filters: int = field(128, "channels of the two 1x1 output layers")
@@ -92,5 +92,5 @@ class GatedPixelCNN(ConvPrior):
 
 # the registry's names (priors/__init__.py)
 Config, Model = GatedPixelCNNConfig, GatedPixelCNN
-TRAIN_DEFAULTS = {"batch_size": 32, "max_steps": 1500, "learning_rate": 2e-3,
+TRAIN_DEFAULTS = {"batch_size": 16, "max_steps": 1000, "learning_rate": 2e-3,
                   "weight_decay": 0.0, "eval_every": 250}

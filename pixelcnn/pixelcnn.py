@@ -105,5 +105,5 @@ class PixelCNN(ConvPrior):
 
 # the registry's names (priors/__init__.py)
 Config, Model = PixelCNNConfig, PixelCNN
-TRAIN_DEFAULTS = {"batch_size": 32, "max_steps": 1500, "learning_rate": 2e-3,
+TRAIN_DEFAULTS = {"batch_size": 16, "max_steps": 1500, "learning_rate": 2e-3,
                   "weight_decay": 0.0, "eval_every": 250}

@@ -31,8 +31,8 @@ from pixelcnn.layers import (DownRightShiftedConv2d, DownRightShiftedDeconv2d,
 
 @dataclass
 class PixelCNNPPConfig(ConvConfig):
-    filters: int = field(48, "channels of both streams at every scale")
-    n_resnet: int = field(2, "gated resnet blocks per scale in the up pass (one more in the "
+    filters: int = field(32, "channels of both streams at every scale")
+    n_resnet: int = field(1, "gated resnet blocks per scale in the up pass (one more in the "
                              "down pass, except at the coarsest scale)")
     n_scales: int = field(2, "resolutions: each further scale halves the rows and columns")
     dropout: float = field(0.1, "dropout inside each gated resnet block")
@@ -109,5 +109,5 @@ class PixelCNNPP(ConvPrior):
 
 # the registry's names (priors/__init__.py)
 Config, Model = PixelCNNPPConfig, PixelCNNPP
-TRAIN_DEFAULTS = {"batch_size": 32, "max_steps": 1500, "learning_rate": 2e-3,
-                  "weight_decay": 0.0, "eval_every": 250}
+TRAIN_DEFAULTS = {"batch_size": 16, "max_steps": 700, "learning_rate": 2e-3,
+                  "weight_decay": 0.0, "eval_every": 175}

@@ -4,10 +4,15 @@ A stream whose feature at a pixel reads only the pixels before it (PixelCNN++'s 
 then gated resnet blocks of down-right-shifted 2x2 convolutions) passes through `n_blocks`
 blocks of [n_resnet gated resnets -> attention over every earlier pixel -> a 1x1 gated resnet
 mixing the attention's output in]. Convolutions give the local detail, attention an unbounded
-receptive field. Queries come from the stream and the pixel's coordinates; keys and values
-also from the input pixels themselves, so a pixel attends strictly to earlier pixels, never to
-itself (pixelcnn/layers.py CausalAttention). With a label, every gated resnet block adds its
-own projection of it before the gate.
+receptive field. Queries come from the stream and the pixel's position (coordinates and a
+learned vector); keys and values also from the input pixels themselves, so a pixel attends
+strictly to earlier pixels, never to itself (pixelcnn/layers.py CausalAttention). With a
+label, every gated resnet block adds its own projection of it before the gate.
+
+`up_stream` (default on) adds PixelCNN++'s stream of the rows above (2x3 convolutions) and
+feeds it into each 2x2 block, as PixelCNN++'s up pass does: the published models ran the
+2x2 stream alone with a dozen attention blocks; at two blocks, on the digits, the up stream
+took validation bits/dim from 0.86-0.88 to 0.79 in the same time (README).
 """
 
 from dataclasses import dataclass
@@ -26,15 +31,17 @@ from pixelcnn.layers import (CausalAttention, DownRightShiftedConv2d, DownShifte
 
 @dataclass
 class PixelSNAILConfig(ConvConfig):
-    filters: int = field(48, "channels of the stream")
+    filters: int = field(32, "channels of each stream")
     n_blocks: int = field(2, "blocks, each ending in one causal attention layer")
-    n_resnet: int = field(2, "gated resnet blocks (2x2 causal convolutions) per block")
+    n_resnet: int = field(1, "gated resnet blocks (2x2 causal convolutions) per block")
     n_head: int = field(1, "heads of each attention layer")
     key_dim: int = field(16, "query and key channels of each attention layer, all heads")
     value_dim: int = field(48, "value channels of each attention layer, all heads")
     position_dim: int = field(16, "channels of a learned embedding of each pixel's position, "
                                   "given to queries and keys (0: its row and column only)")
     dropout: float = field(0.1, "dropout inside each gated resnet block")
+    up_stream: bool = field(True, "also run PixelCNN++'s stream of the rows above (2x3 "
+                                  "convolutions) beside the 2x2 one, feeding it each block")
 
     def validate(self):
         super().validate()
@@ -61,8 +68,12 @@ class PixelSNAIL(ConvPrior):
         e = config.embed_dim
         self.start_above = DownShiftedConv2d(e, f, (1, 3))
         self.start_left = DownRightShiftedConv2d(e, f, (2, 1))
-        self.resnets = nn.ModuleList(block(DownRightShiftedConv2d)
-                                     for _ in range(config.n_blocks * config.n_resnet))
+        count = config.n_blocks * config.n_resnet
+        up = config.up_stream
+        self.u_start = DownShiftedConv2d(e, f, (2, 3)) if up else None
+        self.u_resnets = nn.ModuleList(block(DownShiftedConv2d) for _ in range(count if up else 0))
+        self.resnets = nn.ModuleList(block(DownRightShiftedConv2d, skip_channels=f if up else 0)
+                                     for _ in range(count))
         # the background queries and keys see: each pixel's row and column, and a learned vector
         # per position (coordinates alone let a query prefer an area, not "the pixel above")
         self.position = nn.Parameter(0.02 * torch.randn(config.position_dim, self.height,
@@ -89,10 +100,13 @@ class PixelSNAIL(ConvPrior):
         x = self.embed(grid)  # (B, E, rows, W)
         background = self.background(x.shape[0], x.shape[2], top, x.device)
         ul = down_shift(self.start_above(x)) + right_shift(self.start_left(x))
+        u = down_shift(self.u_start(x)) if self.u_start is not None else None
         n_resnet = self.config.n_resnet
         for b, (attention, mix) in enumerate(zip(self.attention, self.mix)):
-            for resnet in self.resnets[b * n_resnet:(b + 1) * n_resnet]:
-                ul = resnet(ul, label=label)
+            for k in range(b * n_resnet, (b + 1) * n_resnet):
+                if u is not None:
+                    u = self.u_resnets[k](u, label=label)
+                ul = self.resnets[k](ul, u, label=label)
             attended = attention(torch.cat([ul, background], 1),
                                  torch.cat([x, ul, background], 1))
             ul = mix(ul, attended, label=label)
@@ -101,5 +115,5 @@ class PixelSNAIL(ConvPrior):
 
 # the registry's names (priors/__init__.py)
 Config, Model = PixelSNAILConfig, PixelSNAIL
-TRAIN_DEFAULTS = {"batch_size": 32, "max_steps": 1500, "learning_rate": 2e-3,
-                  "weight_decay": 0.0, "eval_every": 250}
+TRAIN_DEFAULTS = {"batch_size": 16, "max_steps": 700, "learning_rate": 2e-3,
+                  "weight_decay": 0.0, "eval_every": 175}

@@ -187,7 +187,7 @@ def test_every_block_reads_the_label_itself(name):
     model = tiny(name, num_classes=3)
     blocks = [m for m in model.modules() if isinstance(m, BLOCKS)]
     expected = {"pixelcnn": 2, "gated_pixelcnn": 3, "pixelcnnpp": 4 + 2 * (1 + 2),
-                "pixelsnail": 2 * (1 + 1)}[name]
+                "pixelsnail": 2 * (1 + 1 + 1)}[name]
     assert len(blocks) == expected
     tokens = torch.randint(8, (2, 5, 6), generator=torch.Generator().manual_seed(0))
     fixed, seen = {}, {}
