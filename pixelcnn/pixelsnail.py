@@ -11,8 +11,9 @@ label, every gated resnet block adds its own projection of it before the gate.
 
 `up_stream` (default on) adds PixelCNN++'s stream of the rows above (2x3 convolutions) and
 feeds it into each 2x2 block, as PixelCNN++'s up pass does: the published models ran the
-2x2 stream alone with a dozen attention blocks; at two blocks, on the digits, the up stream
-took validation bits/dim from 0.86-0.88 to 0.79 in the same time (README).
+2x2 stream alone with a dozen attention blocks. At two blocks, on the digits, 0.864
+validation bits/dim without it (48 filters) became 0.791 with it (32 filters), in about the
+same training time.
 """
 
 from dataclasses import dataclass
