@@ -10,6 +10,10 @@ import importlib
 FAMILIES = {
     "gpt": "transformer.gpt",
     "absorbing": "transformer.absorbing",
+    "pixelcnn": "pixelcnn.pixelcnn",
+    "gated_pixelcnn": "pixelcnn.gated_pixelcnn",
+    "pixelcnnpp": "pixelcnn.pixelcnnpp",
+    "pixelsnail": "pixelcnn.pixelsnail",
 }
 
 
