@@ -83,16 +83,30 @@ def report(summary):
         f"codebook usage {m.get('vqvae/val/codebook_usage', float('nan')):.3f}",
         f"prior {summary['prior_run_id']} ({summary['stages']['prior']}): "
         f"val/loss {m.get('prior/val/loss', float('nan')):.3f} nats/code",
-        f"quality vs held-out: FD ratio {m['quality/fd_ratio']:.2f} (1 = as close as real "
-        f"images), nearest-train ratio {m['quality/nn_ratio']:.2f} (<<1 = copies), "
-        f"copy fraction {m['quality/copy_fraction']:.3f}",
+        f"quality vs held-out ({summary.get('feature_space', 'random')} features; real "
+        f"training images score FD ratio 1): FD ratio {m['quality/fd_ratio']:.2f}, precision "
+        f"{m['quality/precision']:.2f} (real {m['quality/real_precision']:.2f}), recall "
+        f"{m['quality/recall']:.2f} (real {m['quality/real_recall']:.2f}), nearest-train ratio "
+        f"{m['quality/nn_ratio']:.2f} (<<1 = copies), copy fraction "
+        f"{m['quality/copy_fraction']:.3f}",
     ]
     if "quality/classes_present" in m:
+        accuracy = m.get("quality/classifier_heldout_accuracy")
         lines.append(f"classes present {int(m['quality/classes_present'])}/"
                      f"{int(m['quality/num_classes'])}, classifier confidence "
-                     f"{m['quality/classifier_confidence']:.2f}")
+                     f"{m['quality/classifier_confidence']:.2f}" + (
+                         f" (the classifier's held-out accuracy {accuracy:.3f})"
+                         if accuracy is not None else ""))
+    if "ceiling/fd_ratio" in m:
+        lines.append(
+            f"tokenizer ceiling (VQ-VAE reconstructions of the held-out images): PSNR "
+            f"{m['ceiling/psnr']:.1f} dB, FD ratio {m['ceiling/fd_ratio']:.2f}, precision "
+            f"{m['ceiling/precision']:.2f}, recall {m['ceiling/recall']:.2f}" + (
+                f", classifier confidence {m['ceiling/classifier_confidence']:.2f}"
+                if "ceiling/classifier_confidence" in m else ""))
     lines.append(f"time: total {t['total_s']:.0f} s (vqvae {t['vqvae_s']:.0f}, prior "
-                 f"{t['prior_s']:.0f}, generate {t['generate_s']:.1f}, quality {t['quality_s']:.1f})")
+                 f"{t['prior_s']:.0f}, generate {t['generate_s']:.1f}, ceiling "
+                 f"{t.get('ceiling_s', 0):.1f}, quality {t['quality_s']:.1f})")
     lines.append(f"summary: {Path(summary['samples_dir']).parent / 'summary.json'}; browse the "
                  f"runs with `mlflow ui` (tracking store {summary['tracking_uri']}), then open "
                  f"http://127.0.0.1:5000")
