@@ -11,6 +11,7 @@ Without torchrun (WORLD_SIZE unset) everything here is a no-op and the trainers 
 process.
 """
 
+import contextlib
 import io
 import os
 import warnings
@@ -82,6 +83,12 @@ def wrap(ctx, model):
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
         forward_sync_buffers=False)
+
+
+def gradient_sync(ctx, ddp_model, now):
+    """Context for one micro-batch's forward and backward: all-reduce its gradients `now` (the
+    last micro-batch of a step), or keep them local and accumulating (DDP's no_sync)."""
+    return contextlib.nullcontext() if now or not ctx.enabled else ddp_model.no_sync()
 
 
 def shard(ctx, batch):
