@@ -21,7 +21,8 @@ images, the value a perfect generator would reach.
   manifold. precision = share of the images inside the held-out manifold (are they realistic?),
   recall = share of held-out images inside the images' manifold (is the data's variety covered?).
   `real_precision` / `real_recall` are the reference figures of real training images.
-- With labels: `classifier_confidence` (mean top softmax probability), `classes_present`,
+- With labels: `classifier_confidence` (mean top softmax probability; the real reference's is
+  `real_classifier_confidence`, as the classifier is trained with mixup, ~0.91), `classes_present`,
   `class_counts`, and the classifier's accuracy on the held-out images when their labels are
   known (`classifier_heldout_accuracy`: how far to trust the space).
 - Memorisation (pixel space): `nn_ratio`, the median distance from an image to its nearest
@@ -109,14 +110,21 @@ class ImageClassifier:
         self.net, self.classes, self.size = net.eval(), np.asarray(classes), size
 
     @classmethod
-    def fit(cls, images, labels, seed=0, epochs=15, batch_size=64, learning_rate=2e-3):
+    def fit(cls, images, labels, seed=0, epochs=15, batch_size=64, learning_rate=2e-3,
+            mixup=0.4):
         """images (N, C, S, S) in [0, 1]; labels (N,) of anything; rows labelled None/NaN are
-        left out. Images are resized to min(S, 32) (32 is plenty to tell classes apart)."""
+        left out. Images are resized to min(S, 32) (32 is plenty to tell classes apart).
+
+        Trained with mixup (Zhang et al. 2018; blends of two images, lambda ~ Beta(mixup,
+        mixup), with the blended target): without it the mean of the training digits, a blob,
+        was called an "8" with confidence 0.98; with it 0.34, while held-out accuracy rose from
+        0.983 to 0.990 and real digits' mean confidence went from 0.97 to 0.91."""
         labels = [None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
                   for v in labels]
         keep = [i for i, v in enumerate(labels) if v is not None]
         classes = sorted({labels[i] for i in keep})
-        targets = torch.tensor([classes.index(labels[i]) for i in keep])
+        targets = F.one_hot(torch.tensor([classes.index(labels[i]) for i in keep]),
+                            len(classes)).float()
         size = min(images.shape[-1], 32)
         with torch.random.fork_rng(devices=[]), _one_thread():
             torch.manual_seed(seed)
@@ -126,6 +134,7 @@ class ImageClassifier:
             optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-2)
             steps = epochs * math.ceil(len(x) / batch_size)
             schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, steps)
+            blend = torch.distributions.Beta(mixup, mixup)
             net.train()
             for _ in range(epochs):
                 order = torch.randperm(len(x))
@@ -133,8 +142,11 @@ class ImageClassifier:
                     pick = order[i:i + batch_size]
                     # one-pixel random shifts: the classifier should not hinge on exact placement
                     shift = torch.randint(-1, 2, (2,)).tolist()
-                    batch = torch.roll(x[pick], shift, dims=(2, 3))
-                    loss = F.cross_entropy(net(batch)[1], targets[pick])
+                    batch, target = torch.roll(x[pick], shift, dims=(2, 3)), targets[pick]
+                    share, partner = blend.sample(), torch.randperm(len(pick))
+                    batch = share * batch + (1 - share) * batch[partner]
+                    target = share * target + (1 - share) * target[partner]
+                    loss = F.cross_entropy(net(batch)[1], target)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -285,6 +297,9 @@ class QualityReference:
             precision, recall = precision_recall(features, self.heldout_features)
             self._real[n] = {"fd_real": frechet_distance(features, self.heldout_features),
                              "real_precision": precision, "real_recall": recall}
+            if self.classifier is not None:
+                self._real[n]["real_classifier_confidence"] = float(
+                    self.classifier.predict(real)[1].mean())
         return self._real[n]
 
     def report(self, images):
@@ -305,6 +320,7 @@ class QualityReference:
                   "num_samples": len(images), "num_heldout": len(self.heldout)}
         if self.classifier is not None:
             report.update(self._class_figures(images))
+            report["real_classifier_confidence"] = real["real_classifier_confidence"]
         return report
 
     def _class_figures(self, images):
