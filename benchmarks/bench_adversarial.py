@@ -12,7 +12,8 @@
     python benchmarks/bench_adversarial.py --sets photos --weights 0 0.1 0.5 --max_steps 1200
 
 Prints one table row per (set, weight); writes out_dir/<set>_w<weight>.png, held-out originals
-(odd columns) beside their reconstructions (even columns), to look at.
+(odd columns) beside their reconstructions (even columns), to look at. Runs go to an MLflow store
+in out_dir; running the script again re-judges finished runs instead of training them again.
 """
 
 import argparse
@@ -56,6 +57,16 @@ def write_photo_crops(out_dir, num_train=2000, num_heldout=300, seed=0):
     for path, split in ((train_csv, "train"), (heldout_csv, "heldout")):
         path.write_text("image_path\n" + "\n".join(rows[split]) + "\n")
     return train_csv, heldout_csv
+
+
+def finished_run(key):
+    """A finished training of this benchmark's store with the same settings (re-running the
+    script re-judges it instead of training again), or None."""
+    from pipeline import tracking
+    runs = tracking.client().search_runs(
+        [tracking.experiment_id(f"bench-adversarial-{key.split('-')[0]}")],
+        filter_string=f"tags.`bench.key` = '{key}' and attributes.status = 'FINISHED'")
+    return runs[0].info.run_id if runs else None
 
 
 def load(csv, channels, size):
@@ -103,7 +114,9 @@ def main():
                    {**small, "image_size": 32, "codebook_size": 128}),
     }
     print(f"torch threads {torch.get_num_threads()}; {args.max_steps} steps, adversarial loss "
-          f"from step {start}; ceiling = figures of best.pt's reconstructions of the held-out set")
+          f"from step {start}; the ceiling of best.pt (pipeline.quality.tokenizer_ceiling: "
+          f"PSNR on held-out images, the other figures of reconstructed training images vs "
+          f"held-out); 'train s' is 0 for a run reused from {out_dir}")
     header = (f"{'set':8s}{'weight':>8s}{'PSNR dB':>9s}{'FD ratio':>10s}{'precision':>11s}"
               f"{'recall':>8s}{'confidence':>12s}{'real P/R':>12s}{'train s':>9s}  space")
     print(header)
@@ -120,8 +133,10 @@ def main():
                            "experiment": f"bench-adversarial-{name}",
                            "adversarial_weight": weight, "adversarial_start": start,
                            "val_fraction": 0.1}
+            key = f"{name}-w{weight:g}-steps{args.max_steps}-start{start}-seed{args.seed}"
             started = time.perf_counter()
-            run_id = train_vqvae(model_flags, train_flags, progress=False)
+            run_id = finished_run(key) or train_vqvae(model_flags, train_flags, progress=False,
+                                                      tags={"bench.key": key})
             seconds = time.perf_counter() - started
             ceiling, _ = vqvae_ceiling(run_id, reference)
             confidence = ceiling.get("classifier_confidence", float("nan"))

@@ -99,9 +99,10 @@ def report(summary):
                          if accuracy is not None else ""))
     if "ceiling/fd_ratio" in m:
         lines.append(
-            f"tokenizer ceiling (VQ-VAE reconstructions of the held-out images): PSNR "
-            f"{m['ceiling/psnr']:.1f} dB, FD ratio {m['ceiling/fd_ratio']:.2f}, precision "
-            f"{m['ceiling/precision']:.2f}, recall {m['ceiling/recall']:.2f}" + (
+            f"tokenizer ceiling (a perfect prior: VQ-VAE reconstructions of training images; "
+            f"PSNR on held-out): PSNR {m['ceiling/psnr']:.1f} dB, FD ratio "
+            f"{m['ceiling/fd_ratio']:.2f}, precision {m['ceiling/precision']:.2f}, recall "
+            f"{m['ceiling/recall']:.2f}" + (
                 f", classifier confidence {m['ceiling/classifier_confidence']:.2f}"
                 if "ceiling/classifier_confidence" in m else ""))
     lines.append(f"time: total {t['total_s']:.0f} s (vqvae {t['vqvae_s']:.0f}, prior "

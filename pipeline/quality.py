@@ -30,8 +30,8 @@ images, the value a perfect generator would reach.
   copies); `copy_fraction`, the share closer to a training image than 95% of held-out images.
   These say whether images are copies, not whether they are good: noise has a large nn_ratio.
 
-`tokenizer_ceiling` computes the same figures for a tokenizer's reconstructions of the held-out
-images, the best a prior over that tokenizer's codes can reach. `degrade` makes the images of the
+`tokenizer_ceiling` computes the same figures for a tokenizer's reconstructions of real training
+images (what a perfect prior over its codes would produce), the best such a prior can reach. `degrade` makes the images of the
 ranking check (tests/test_quality.py, benchmarks/bench_quality.py): a figure is trusted only if it
 orders real < lightly blurred < heavily blurred < row-shuffled < noise.
 """
@@ -288,11 +288,15 @@ class QualityReference:
         """(N, C, S, S) in [0, 1] -> (N, d) features in this reference's feature space."""
         return np.concatenate([embed(images) / scale for embed, scale in self._blocks], 1)
 
+    def real_images(self, n):
+        """The n training images (a seeded random choice) that serve as the real reference."""
+        rng = np.random.default_rng(self.seed)
+        return self.train[torch.from_numpy(rng.choice(len(self.train), n, replace=False))]
+
     def real_figures(self, n):
         """fd, precision and recall of n random real training images against the held-out set."""
         if n not in self._real:
-            rng = np.random.default_rng(self.seed)
-            real = self.train[torch.from_numpy(rng.choice(len(self.train), n, replace=False))]
+            real = self.real_images(n)
             features = self.embed(real)
             precision, recall = precision_recall(features, self.heldout_features)
             self._real[n] = {"fd_real": frechet_distance(features, self.heldout_features),
@@ -343,16 +347,25 @@ def quality_report(samples, heldout, train, train_labels=None, seed=0, heldout_l
 
 @torch.no_grad()
 def tokenizer_ceiling(reconstruct, reference, batch_size=256):
-    """The figures of a tokenizer's reconstructions of the held-out images, plus their `psnr`
-    (dB, pixels in [0, 1]): what a prior over its codes can at best reach.
+    """The best figures a prior over a tokenizer's codes can reach.
+
+    A prior that learned the training codes perfectly would sample reconstructions of training
+    images, so the figures are those of the tokenizer's reconstructions of the reference's real
+    training images (as many as there are held-out images), judged against the held-out set like
+    samples: `fd_ratio` then isolates what the tokenizer loses (1 = nothing). `psnr` (dB, pixels
+    in [0, 1]) is measured on the held-out images, which the tokenizer never saw.
+    (Reconstructions of the held-out images themselves would each sit next to their own
+    original: precision and recall were both 1.000 for every VQ-VAE tried, telling nothing.)
 
     reconstruct: (B, C, S, S) in [0, 1] -> (B, C, S, S) in [0, 1], e.g. decode(encode(x)).
-    reference: a QualityReference (its held-out images are the ones reconstructed)."""
-    heldout = reference.heldout
-    reconstructions = torch.cat([reconstruct(heldout[i:i + batch_size]).float().cpu().clamp(0, 1)
-                                 for i in range(0, len(heldout), batch_size)])
-    mse = (reconstructions - heldout).pow(2).mean().item()
-    return {**reference.report(reconstructions), "psnr": 10 * math.log10(1 / max(mse, 1e-12))}
+    reference: a QualityReference."""
+    def run(images):
+        return torch.cat([reconstruct(images[i:i + batch_size]).float().cpu().clamp(0, 1)
+                          for i in range(0, len(images), batch_size)])
+    real = reference.real_images(min(len(reference.heldout), len(reference.train)))
+    mse = (run(reference.heldout) - reference.heldout).pow(2).mean().item()
+    return {**reference.report(run(real)), "psnr": 10 * math.log10(1 / max(mse, 1e-12))}
+
 
 def vqvae_ceiling(run_id, reference):
     """`tokenizer_ceiling` of a VQ-VAE run's checkpoint (best.pt, the one its codes come from);

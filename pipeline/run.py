@@ -151,8 +151,8 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
                                       vq_train, parent)
         timings["vqvae_s"] = time.perf_counter() - t0
 
-        # 1b. the tokenizer's ceiling: the quality figures of its reconstructions of the
-        # held-out images (a prior over its codes cannot do better), logged on the VQ-VAE run
+        # 1b. the tokenizer's ceiling: the quality figures a perfect prior over its codes would
+        # reach (pipeline.quality.tokenizer_ceiling), logged on the VQ-VAE run
         t0 = time.perf_counter()
         train_images, heldout, labels, heldout_labels = load_split_images(vq_run, path_to_data,
                                                                           heldout_csv)

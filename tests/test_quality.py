@@ -109,7 +109,10 @@ def test_tokenizer_ceiling_takes_any_reconstruction(digits):
     reference = digits["reference"]
     perfect = tokenizer_ceiling(lambda x: x, reference)
     blurry = tokenizer_ceiling(lambda x: degrade(x, "heavy_blur"), reference)
-    assert perfect["precision"] == perfect["recall"] == 1.0 and perfect["fd"] < 1e-6
+    # a lossless tokenizer reaches exactly the real reference
+    assert perfect["fd_ratio"] == pytest.approx(1)
+    assert perfect["precision"] == perfect["real_precision"]
+    assert perfect["recall"] == perfect["real_recall"]
     assert perfect["psnr"] > 100 and blurry["psnr"] < 30
-    assert blurry["fd_ratio"] > 2 and blurry["recall"] < perfect["recall"]
+    assert blurry["fd_ratio"] > 2 and blurry["recall"] < blurry["real_recall"] - 0.2
     assert perfect["num_samples"] == len(digits["heldout"])
