@@ -5,8 +5,8 @@
 - digits: the demo digits (16x16 grayscale, labels: classifier+random feature space), with the
   `small` preset's VQ-VAE settings;
 - photos: 32x32 RGB crops of scikit-learn's two sample photographs (china.jpg, flower.jpg);
-  training crops come from the left 80% of each photo, held-out crops from the right 20%, so
-  no held-out pixel was trained on (no labels: random feature space).
+  training and held-out crops come from alternate 64x64 tiles (a checkerboard), so no held-out
+  pixel is trained on (no labels: random feature space).
 
     python benchmarks/bench_adversarial.py                          # both sets, weights 0 and 0.1
     python benchmarks/bench_adversarial.py --sets photos --weights 0 0.1 0.5 --max_steps 1200
@@ -27,11 +27,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PHOTO_CROP = 32
+PHOTO_CROP, PHOTO_TILE = 32, 64
 
 
 def write_photo_crops(out_dir, num_train=2000, num_heldout=300, seed=0):
-    """Random 32x32 crops of the two photos as PNGs with train.csv / heldout.csv."""
+    """Random 32x32 crops of the two photos as PNGs with train.csv / heldout.csv. Each photo is
+    cut into 64x64 tiles, alternately training and held-out like a checkerboard; a crop lies
+    inside one tile, so no held-out pixel is trained on, and both splits see every part of the
+    photos (a left/right split put mostly flat background in the held-out set)."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
     out_dir = Path(out_dir)
@@ -41,18 +44,21 @@ def write_photo_crops(out_dir, num_train=2000, num_heldout=300, seed=0):
     rng = np.random.default_rng(seed)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     photos = load_sample_images().images
+    tiles = {"train": [], "heldout": []}  # (photo, top, left) of every whole tile
+    for p, photo in enumerate(photos):
+        for row in range(photo.shape[0] // PHOTO_TILE):
+            for col in range(photo.shape[1] // PHOTO_TILE):
+                split = "train" if (row + col) % 2 == 0 else "heldout"
+                tiles[split].append((p, row * PHOTO_TILE, col * PHOTO_TILE))
     rows = {"train": [], "heldout": []}
     for split, count in (("train", num_train), ("heldout", num_heldout)):
         for i in range(count):
-            photo = photos[i % len(photos)]
-            height, width = photo.shape[:2]
-            boundary = int(width * 0.8)  # train left of it, held out right of it
-            low, high = (0, boundary - PHOTO_CROP) if split == "train" else (boundary,
-                                                                               width - PHOTO_CROP)
-            top = rng.integers(0, height - PHOTO_CROP + 1)
-            left = rng.integers(low, high + 1)
+            p, top, left = tiles[split][rng.integers(len(tiles[split]))]
+            top += rng.integers(0, PHOTO_TILE - PHOTO_CROP + 1)
+            left += rng.integers(0, PHOTO_TILE - PHOTO_CROP + 1)
+            crop = photos[p][top:top + PHOTO_CROP, left:left + PHOTO_CROP]
             name = f"images/{split}_{i:04d}.png"
-            Image.fromarray(photo[top:top + PHOTO_CROP, left:left + PHOTO_CROP]).save(out_dir / name)
+            Image.fromarray(crop).save(out_dir / name)
             rows[split].append(name)
     for path, split in ((train_csv, "train"), (heldout_csv, "heldout")):
         path.write_text("image_path\n" + "\n".join(rows[split]) + "\n")
@@ -99,6 +105,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     from pipeline.demo_data import write_digits
+    from pipeline.images import file_sha256
     from pipeline.quality import QualityReference, vqvae_ceiling
     from pipeline.run import PRESETS, split_flags
     from pipeline.visual import save_png, side_by_side
@@ -116,7 +123,7 @@ def main():
     print(f"torch threads {torch.get_num_threads()}; {args.max_steps} steps, adversarial loss "
           f"from step {start}; the ceiling of best.pt (pipeline.quality.tokenizer_ceiling: "
           f"PSNR on held-out images, the other figures of reconstructed training images vs "
-          f"held-out); 'train s' is 0 for a run reused from {out_dir}")
+          f"held-out)")
     header = (f"{'set':8s}{'weight':>8s}{'PSNR dB':>9s}{'FD ratio':>10s}{'precision':>11s}"
               f"{'recall':>8s}{'confidence':>12s}{'real P/R':>12s}{'train s':>9s}  space")
     print(header)
@@ -133,17 +140,20 @@ def main():
                            "experiment": f"bench-adversarial-{name}",
                            "adversarial_weight": weight, "adversarial_start": start,
                            "val_fraction": 0.1}
-            key = f"{name}-w{weight:g}-steps{args.max_steps}-start{start}-seed{args.seed}"
+            key = (f"{name}-w{weight:g}-steps{args.max_steps}-start{start}-seed{args.seed}-"
+                   f"data{file_sha256(train_csv)[:8]}")
             started = time.perf_counter()
-            run_id = finished_run(key) or train_vqvae(model_flags, train_flags, progress=False,
-                                                      tags={"bench.key": key})
-            seconds = time.perf_counter() - started
+            run_id, seconds = finished_run(key), "reused"
+            if run_id is None:
+                run_id = train_vqvae(model_flags, train_flags, progress=False,
+                                     tags={"bench.key": key})
+                seconds = f"{time.perf_counter() - started:.0f}"
             ceiling, _ = vqvae_ceiling(run_id, reference)
             confidence = ceiling.get("classifier_confidence", float("nan"))
             print(f"{name:8s}{weight:8.2f}{ceiling['psnr']:9.2f}{ceiling['fd_ratio']:10.3f}"
                   f"{ceiling['precision']:11.3f}{ceiling['recall']:8.3f}{confidence:12.3f}"
                   f"{ceiling['real_precision']:6.2f}/{ceiling['real_recall']:.2f}"
-                  f"{seconds:9.0f}  {ceiling['feature_space']}", flush=True)
+                  f"{seconds:>9s}  {ceiling['feature_space']}", flush=True)
             model = vqvae_from_checkpoint(load_run_checkpoint(run_id, "vqvae", "vqvae"))
             with torch.no_grad():
                 shown = heldout[:32]
