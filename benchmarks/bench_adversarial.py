@@ -125,7 +125,7 @@ def main():
           f"PSNR on held-out images, the other figures of reconstructed training images vs "
           f"held-out)")
     header = (f"{'set':8s}{'weight':>8s}{'PSNR dB':>9s}{'FD ratio':>10s}{'precision':>11s}"
-              f"{'recall':>8s}{'confidence':>12s}{'real P/R':>12s}{'train s':>9s}  space")
+              f"{'recall':>8s}{'confidence':>12s}{'real P/R/conf':>17s}{'train s':>9s}  space")
     print(header)
     for name in args.sets:
         (train_csv, heldout_csv), channels, settings = sets[name]
@@ -150,9 +150,11 @@ def main():
                 seconds = f"{time.perf_counter() - started:.0f}"
             ceiling, _ = vqvae_ceiling(run_id, reference)
             confidence = ceiling.get("classifier_confidence", float("nan"))
+            real_confidence = ceiling.get("real_classifier_confidence", float("nan"))
             print(f"{name:8s}{weight:8.2f}{ceiling['psnr']:9.2f}{ceiling['fd_ratio']:10.3f}"
                   f"{ceiling['precision']:11.3f}{ceiling['recall']:8.3f}{confidence:12.3f}"
-                  f"{ceiling['real_precision']:6.2f}/{ceiling['real_recall']:.2f}"
+                  f"{ceiling['real_precision']:6.2f}/{ceiling['real_recall']:.2f}/"
+                  f"{real_confidence:.2f}"
                   f"{seconds:>9s}  {ceiling['feature_space']}", flush=True)
             model = vqvae_from_checkpoint(load_run_checkpoint(run_id, "vqvae", "vqvae"))
             with torch.no_grad():

@@ -135,9 +135,10 @@ def test_without_the_option_nothing_adversarial_happens(chain):
 @pytest.mark.parametrize("flags, match", [
     (["--accumulate", "3"], "--accumulate 3 must be at least 1 and split"),
     (["--accumulate", "0"], "--accumulate 0 must be at least 1"),
-    (["--adversarial_weight", "0.1", "--discriminator_layers", "3"],
+    (["--adversarial_weight", "0.1", "--adversarial_start", "1", "--discriminator_layers", "3"],
      "--discriminator_layers 3 is too many for 16x16 images"),
     (["--adversarial_weight", "-1"], "must not be negative"),
+    (["--adversarial_weight", "0.1"], "--adversarial_start 1000 is not before --max_steps 2"),
 ])
 def test_bad_training_options_are_one_line_errors(store, image_csv, flags, match):
     with pytest.raises(UserError, match=match):

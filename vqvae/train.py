@@ -204,6 +204,9 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     if train.adversarial_weight < 0 or train.adversarial_start < 0:
         raise UserError(f"--adversarial_weight and --adversarial_start must not be negative, got "
                         f"{train.adversarial_weight} and {train.adversarial_start}")
+    if train.adversarial_weight > 0 and train.adversarial_start >= train.max_steps:
+        raise UserError(f"--adversarial_start {train.adversarial_start} is not before --max_steps "
+                        f"{train.max_steps}: the adversarial loss would never start")
 
     table = read_table(train.path_to_data)
     channels = train.in_channels
