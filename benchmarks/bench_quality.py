@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.demo_data import write_digits  # noqa: E402
 from pipeline.images import ImageData, read_table  # noqa: E402
-from pipeline.quality import (DEGRADATIONS, QualityReference, degrade, label_agreement,  # noqa: E402
-                              ranking_ladder)
+from pipeline.quality import (DEGRADATIONS, QualityReference, degrade,  # noqa: E402
+                              label_agreement, ranking_ladder)
 
 # figure -> +1 when higher is better, -1 when lower is better
 RANKED = {"fd_ratio": -1, "precision": +1, "recall": +1, "classifier_confidence": +1,

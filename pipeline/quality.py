@@ -31,9 +31,10 @@ images, the value a perfect generator would reach.
   These say whether images are copies, not whether they are good: noise has a large nn_ratio.
 
 `tokenizer_ceiling` computes the same figures for a tokenizer's reconstructions of real training
-images (what a perfect prior over its codes would produce), the best such a prior can reach. `degrade` makes the images of the
-ranking check (tests/test_quality.py, benchmarks/bench_quality.py): a figure is trusted only if it
-orders real < lightly blurred < heavily blurred < row-shuffled < noise.
+images (what a perfect prior over its codes would produce), the best such a prior can reach.
+`degrade` makes the images of the ranking check (tests/test_quality.py,
+benchmarks/bench_quality.py): a figure is trusted only if it ranks real > lightly blurred >
+heavily blurred > row-shuffled > noise.
 """
 
 import contextlib
