@@ -2,6 +2,8 @@
 
     python train_vqvae.py --path_to_data data/train.csv --image_size 32 --max_steps 5000
     python train_vqvae.py --resume_run_id <id>
+    python train_vqvae.py --path_to_data data/train.csv --adversarial_weight 0.1 \\
+        --adversarial_start 2000 --accumulate 2       # patch-GAN loss; 2 micro-batches per step
 """
 
 import argparse

@@ -161,16 +161,31 @@ def report(summary):
         f"prior {summary['prior_run_id']} ({summary['stages']['prior']}): "
         f"val {m.get('prior/val/nats_per_token', float('nan')):.3f} nats/token, "
         f"{m.get('prior/val/bits_per_dim', float('nan')):.4f} bits/dim",
-        f"quality vs held-out: FD ratio {m['quality/fd_ratio']:.2f} (1 = as close as real "
-        f"images), nearest-train ratio {m['quality/nn_ratio']:.2f} (<<1 = copies), "
-        f"copy fraction {m['quality/copy_fraction']:.3f}",
+        f"quality vs held-out ({summary.get('feature_space', 'random')} features; real "
+        f"training images score FD ratio 1): FD ratio {m['quality/fd_ratio']:.2f}, precision "
+        f"{m['quality/precision']:.2f} (real {m['quality/real_precision']:.2f}), recall "
+        f"{m['quality/recall']:.2f} (real {m['quality/real_recall']:.2f}), nearest-train ratio "
+        f"{m['quality/nn_ratio']:.2f} (<<1 = copies), copy fraction "
+        f"{m['quality/copy_fraction']:.3f}",
     ]
     if "quality/classes_present" in m:
+        accuracy = m.get("quality/classifier_heldout_accuracy")
         lines.append(f"classes present {int(m['quality/classes_present'])}/"
                      f"{int(m['quality/num_classes'])}, classifier confidence "
-                     f"{m['quality/classifier_confidence']:.2f}")
+                     f"{m['quality/classifier_confidence']:.2f}" + (
+                         f" (the classifier's held-out accuracy {accuracy:.3f})"
+                         if accuracy is not None else ""))
+    if "ceiling/fd_ratio" in m:
+        lines.append(
+            f"tokenizer ceiling (a perfect prior: VQ-VAE reconstructions of training images; "
+            f"PSNR on held-out): PSNR {m['ceiling/psnr']:.1f} dB, FD ratio "
+            f"{m['ceiling/fd_ratio']:.2f}, precision {m['ceiling/precision']:.2f}, recall "
+            f"{m['ceiling/recall']:.2f}" + (
+                f", classifier confidence {m['ceiling/classifier_confidence']:.2f}"
+                if "ceiling/classifier_confidence" in m else ""))
     lines.append(f"time: total {t['total_s']:.0f} s (vqvae {t['vqvae_s']:.0f}, prior "
-                 f"{t['prior_s']:.0f}, generate {t['generate_s']:.1f}, quality {t['quality_s']:.1f})")
+                 f"{t['prior_s']:.0f}, generate {t['generate_s']:.1f}, ceiling "
+                 f"{t.get('ceiling_s', 0):.1f}, quality {t['quality_s']:.1f})")
     if summary.get("registered_model"):
         lines.append(f"model: {summary['registered_model']} (alias @champion); serve it with "
                      f"`mlflow models serve -m {summary['registered_model']} --env-manager local`")

@@ -95,8 +95,9 @@ def split_flags(flags, *config_classes):
 
 
 def load_split_images(vqvae_run_id, csv_path, heldout_csv=None):
-    """(train images, held-out images, train labels) as floats in [0, 1], using the VQ-VAE's
-    image size and split, or `heldout_csv` for the held-out set when given."""
+    """(train images, held-out images, train labels, held-out labels) as floats in [0, 1], using
+    the VQ-VAE's image size and split, or `heldout_csv` for the held-out set when given. Labels
+    are None when the CSV has no label column."""
     config = tracking.load_json_artifact(vqvae_run_id, "config.json")
     model, train = config["model"], config["train"]
     data = ImageData(read_table(csv_path), model["in_channels"], model["image_size"],
@@ -107,9 +108,12 @@ def load_split_images(vqvae_run_id, csv_path, heldout_csv=None):
     if heldout_csv:
         heldout_data = ImageData(read_table(heldout_csv), model["in_channels"], model["image_size"])
         heldout = load(heldout_data, range(len(heldout_data)))
+        heldout_labels = heldout_data.table.labels
     else:
         heldout = load(data, val_idx)
-    return load(data, train_idx), heldout, labels
+        heldout_labels = None if data.table.labels is None else [data.table.labels[i]
+                                                                 for i in val_idx]
+    return load(data, train_idx), heldout, labels, heldout_labels
 
 
 def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experiment=None,
@@ -121,7 +125,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     from pipeline.train_prior import TrainConfig as PriorTrainConfig, train_prior
     from vqvae.model import VQVAEConfig
     from vqvae.train import TrainConfig as VQTrainConfig, train_vqvae
-    from pipeline.quality import quality_report
+    from pipeline.quality import QualityReference, vqvae_ceiling
 
     if preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got '{preset}'")
@@ -148,6 +152,18 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         vq_run, vq_action = run_stage("vqvae", vq_key, experiment, train_vqvae, vq_model,
                                       vq_train, parent)
         timings["vqvae_s"] = time.perf_counter() - t0
+
+        # 1b. the tokenizer's ceiling: the quality figures a perfect prior over its codes would
+        # reach (pipeline.quality.tokenizer_ceiling), logged on the VQ-VAE run
+        t0 = time.perf_counter()
+        train_images, heldout, labels, heldout_labels = load_split_images(vq_run, path_to_data,
+                                                                          heldout_csv)
+        reference = QualityReference(heldout, train_images, labels, heldout_labels, seed=seed)
+        ceiling, vq_step = vqvae_ceiling(vq_run, reference)
+        ceiling = {f"ceiling/{k}": v for k, v in ceiling.items() if isinstance(v, (int, float))}
+        if "ceiling/fd_ratio" not in tracking.client().get_run(vq_run).data.metrics:  # reused
+            tracking.log_metrics(vq_run, ceiling, step=vq_step)
+        timings["ceiling_s"] = time.perf_counter() - t0
 
         # 2. quantize (skipped when the run already holds codes of this very CSV)
         t0 = time.perf_counter()
@@ -188,8 +204,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
 
         # 5. quality, against held-out real images
         t0 = time.perf_counter()
-        train_images, heldout, labels = load_split_images(vq_run, path_to_data, heldout_csv)
-        quality = quality_report(images, heldout, train_images, labels, seed=seed)
+        quality = reference.report(images)
         timings["quality_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
 
@@ -200,17 +215,20 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
                    **{f"prior/{k}": prior_metrics[k] for k in ("val/nats_per_token",
                                                               "val/bits_per_dim")
                       if k in prior_metrics},
-                   **{f"quality/{k}": v for k, v in quality.items() if isinstance(v, (int, float))}}
+                   **{f"quality/{k}": v for k, v in quality.items() if isinstance(v, (int, float))},
+                   **ceiling}
         tracking.log_metrics(parent, {**metrics, **{f"time/{k}": v for k, v in timings.items()}},
                              step=0)
         tracking.client().set_tag(parent, tracking.TOKENIZER_RUN_TAG, vq_run)
         tracking.client().set_tag(parent, "pipeline.prior_run_id", prior_run)
+        tracking.client().set_tag(parent, "quality.feature_space", quality["feature_space"])
         summary = {"pipeline_run_id": parent, "vqvae_run_id": vq_run, "prior_run_id": prior_run,
                    "stages": {"vqvae": vq_action, "prior": prior_action},
                    "registered_model": f"models:/{register}/{version}" if register else None,
                    "generated": f"generated/{name}.npy", "samples_dir": str(samples_dir),
                    "grid": str(out_dir / "grid.png"), "preset": preset, "settings": settings,
                    "metrics": metrics, "class_counts": quality.get("class_counts"),
+                   "feature_space": quality["feature_space"],
                    "timings": timings, "tracking_uri": tracking.tracking_uri()}
         _write_json(out_dir / "summary.json", summary)
         tracking.log_json(parent, summary, "summary.json")

@@ -41,8 +41,11 @@ def test_ranks_split_every_global_batch_between_them(image_csv):
 
 def test_vqvae_under_torchrun_makes_one_run_and_resumes(store, image_csv):
     experiment = "torchrun-vqvae"
+    # with two micro-batches per rank (no_sync on the first) and the adversarial loss from step 20
     args = ["--path_to_data", str(image_csv), "--max_steps", "40", "--eval_every", "20",
-            "--checkpoint_every", "20", "--experiment", experiment, *TINY_VQVAE]
+            "--checkpoint_every", "20", "--experiment", experiment, *TINY_VQVAE,
+            "--accumulate", "2", "--adversarial_weight", "0.1", "--adversarial_start", "20",
+            "--discriminator_channels", "8"]
     result = torchrun("train_vqvae.py", args, store)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [l for l in result.stdout.splitlines() if l.startswith("run_id=")]
@@ -54,6 +57,8 @@ def test_vqvae_under_torchrun_makes_one_run_and_resumes(store, image_csv):
     losses = tracking.client().get_metric_history(run_id, "train/loss")
     assert [m.step for m in losses] == [10, 20, 30, 40]  # one value per step, not one per rank
     assert losses[-1].value < losses[0].value
+    assert [m.step for m in tracking.client().get_metric_history(
+        run_id, "train/discriminator_loss")] == [30, 40]
 
     result = torchrun("train_vqvae.py", ["--resume_run_id", run_id, "--max_steps", "60"], store)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -61,6 +66,8 @@ def test_vqvae_under_torchrun_makes_one_run_and_resumes(store, image_csv):
     assert "resuming run" in result.stderr
     steps = [m.step for m in tracking.client().get_metric_history(run_id, "train/loss")]
     assert steps == [10, 20, 30, 40, 50, 60]
+    assert [m.step for m in tracking.client().get_metric_history(
+        run_id, "train/discriminator_loss")] == [30, 40, 50, 60]
 
 
 def test_prior_on_two_processes_matches_one_process(chain, store):

@@ -38,8 +38,15 @@ def test_end_to_end_then_reuse(store, digits_like, tmp_path):
     assert prior.data.tags[tracking.TOKENIZER_RUN_TAG] == summary["vqvae_run_id"]
     metrics = summary["metrics"]
     for key in ("vqvae/val/psnr", "prior/val/bits_per_dim", "quality/fd_ratio", "quality/nn_ratio",
-                "quality/classes_present"):
+                "quality/classes_present", "quality/precision", "quality/real_recall",
+                "ceiling/psnr", "ceiling/fd_ratio", "ceiling/recall"):
         assert key in metrics, key
+    assert summary["feature_space"] == "classifier+random"  # the CSV has labels
+    # the tokenizer's ceiling is also on the VQ-VAE run, at its checkpoint's step
+    vq_metrics = tracking.client().get_run(summary["vqvae_run_id"]).data.metrics
+    assert vq_metrics["ceiling/psnr"] == pytest.approx(metrics["ceiling/psnr"])
+    (logged,) = tracking.client().get_metric_history(summary["vqvae_run_id"], "ceiling/fd_ratio")
+    assert logged.step in (15, 30)  # best.pt's step (the tiny preset evaluates at 15 and 30)
     assert tracking.client().get_run(parent).data.metrics["quality/fd_ratio"] == pytest.approx(
         metrics["quality/fd_ratio"])
 
@@ -47,6 +54,9 @@ def test_end_to_end_then_reuse(store, digits_like, tmp_path):
     second = json.loads((out / "summary.json").read_text())
     assert again != parent and second["stages"] == {"vqvae": "reuse", "prior": "reuse"}
     assert second["vqvae_run_id"] == summary["vqvae_run_id"]
+    assert second["metrics"]["ceiling/psnr"] == pytest.approx(metrics["ceiling/psnr"])
+    assert len(tracking.client().get_metric_history(summary["vqvae_run_id"],
+                                                    "ceiling/psnr")) == 1  # not logged twice
     assert second["prior_run_id"] == summary["prior_run_id"]
 
     changed = run_main(pipeline_main, ["--path_to_data", str(digits_like), "--out_dir", str(out),

@@ -77,7 +77,7 @@ def test_training_survives_a_server_outage_and_a_resume_uploads_everything(
         server, image_csv, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while it is down
     monkeypatch.setattr(runs, "UPLOAD_TIMEOUT_S", 3.0)
-    real_step = vqvae.train.optimizer_step
+    real_step = vqvae.train.apply_gradients
     calls = []
 
     def step_then_kill_server(*args):  # the server dies after the 15th step, mid-training
@@ -86,7 +86,7 @@ def test_training_survives_a_server_outage_and_a_resume_uploads_everything(
         if len(calls) == 15:
             server.stop()
 
-    monkeypatch.setattr(vqvae.train, "optimizer_step", step_then_kill_server)
+    monkeypatch.setattr(vqvae.train, "apply_gradients", step_then_kill_server)
     args = ["--path_to_data", str(image_csv), "--max_steps", "40", "--eval_every", "10",
             "--checkpoint_every", "10", *TINY_VQVAE]
     err = io.StringIO()
@@ -102,7 +102,7 @@ def test_training_survives_a_server_outage_and_a_resume_uploads_everything(
     assert load_checkpoint(local / "last.pt", "vqvae")["step"] == 40
     assert (local / runs.UNSENT_METRICS).is_file()
 
-    monkeypatch.setattr(vqvae.train, "optimizer_step", real_step)
+    monkeypatch.setattr(vqvae.train, "apply_gradients", real_step)
     server.start()
     assert run_main(train_vqvae.main, ["--resume_run_id", run_id]) == run_id
     assert tracking.client().get_run(run_id).info.status == "FINISHED"

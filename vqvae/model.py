@@ -87,6 +87,11 @@ class Decoder(nn.Module):
     def forward(self, z):  # (B, D, h, w) -> (B, C, S, S)
         return self.net(z)
 
+    @property
+    def last_layer(self):
+        """The output conv's weight, where the adversarial option compares gradient norms."""
+        return self.net[-1].weight
+
 
 class VQVAE(nn.Module):
 

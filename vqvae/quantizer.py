@@ -8,7 +8,10 @@ Codebook health is the point of this file. Three proven techniques keep usage hi
 - a code whose EMA assignment count falls below `dead_code_threshold` is restarted on a random
   encoder output from the current batch (SoundStream, Zeghidour et al. 2021).
 Under DistributedDataParallel the statistics are summed across ranks and rank 0's choices are
-broadcast, so every rank keeps the same codebook.
+broadcast, so every rank keeps the same codebook. With gradient accumulation
+(`defer_updates = True`) the statistics of the micro-batches are summed too and applied once per
+optimizer step by `apply_deferred_update()`, so the EMA sees one batch per step whatever the
+number of micro-batches (and needs no retuning of `decay`).
 """
 
 import torch
@@ -72,6 +75,8 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_count", torch.ones(codebook_size))
         self.register_buffer("ema_sum", self.codebook.clone())
         self.register_buffer("initialized", torch.tensor(False))
+        self.defer_updates = False  # set by a trainer that accumulates micro-batches
+        self._deferred = None  # (counts (K,), sums (K, D), the last micro-batch's vectors)
 
     def indices(self, z):
         """(B, D, h, w) encoder output -> (B, h, w) nearest-code indices."""
@@ -114,6 +119,23 @@ class VectorQuantizer(nn.Module):
     def _ema_update(self, flat, indices):
         counts = torch.bincount(indices, minlength=self.codebook_size).float()
         sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)
+        if self.defer_updates:
+            if self._deferred is not None:
+                counts, sums = counts + self._deferred[0], sums + self._deferred[1]
+            self._deferred = (counts, sums, flat)
+        else:
+            self._apply_statistics(counts, sums, flat)
+
+    @torch.no_grad()
+    def apply_deferred_update(self):
+        """One EMA step (and dead-code check) from every training forward since the last call."""
+        if self._deferred is not None:
+            counts, sums, flat = self._deferred
+            self._deferred = None
+            self._apply_statistics(counts, sums, flat)
+
+    @torch.no_grad()
+    def _apply_statistics(self, counts, sums, flat):
         _all_reduce_sum(counts)
         _all_reduce_sum(sums)
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)

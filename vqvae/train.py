@@ -16,8 +16,10 @@ from pipeline.errors import UserError
 from pipeline.images import ImageData, detect_channels, file_sha256, read_table, split_indices
 from pipeline.runs import TrainingRun, recorded_config, resume
 from pipeline.schedule import learning_rate_at
-from pipeline.training import check_finite, check_settings, optimizer_step
+from pipeline.training import apply_gradients, check_finite, check_settings
 from pipeline.visual import side_by_side
+from vqvae.discriminator import (DiscriminatorConfig, PatchDiscriminator, adaptive_weight,
+                                 discriminator_loss, generator_loss)
 from vqvae.model import VQVAE, VQVAEConfig
 
 STAGE, KIND = "tokenizer", "vqvae"
@@ -27,7 +29,9 @@ STAGE, KIND = "tokenizer", "vqvae"
 class TrainConfig:
     path_to_data: str = field("", "CSV with an image_path column (and optionally label)")
     in_channels: Optional[int] = field(None, "1 (grayscale) or 3 (RGB); detected when unset")
-    batch_size: int = field(64, "images per step")
+    batch_size: int = field(64, "images per optimizer step (the global batch under torchrun)")
+    accumulate: int = field(1, "micro-batches per optimizer step: each process's share of "
+                               "--batch_size is split into this many, gradients summed")
     max_steps: int = field(5000, "optimizer steps")
     learning_rate: float = field(1e-3, "peak AdamW learning rate (warmup, then cosine)")
     weight_decay: float = field(0.0, "AdamW weight decay")
@@ -41,11 +45,109 @@ class TrainConfig:
     skip_bad_images: bool = field(False, "skip unreadable images with a warning instead of failing")
     num_workers: int = field(2, "DataLoader workers when images are streamed from disk")
     checkpoint_dir: str = field("checkpoints", "local copies of checkpoints, one folder per run")
+    adversarial_weight: float = field(0.0, "weight of a patch discriminator's loss, scaled by "
+                                           "VQGAN's adaptive weight (0 = off)")
+    adversarial_start: int = field(1000, "step at which the discriminator starts (it and its "
+                                         "loss are off before)")
+    discriminator_channels: int = field(64, "width of the patch discriminator's first layer")
+    discriminator_layers: int = field(2, "stride-2 convs of the patch discriminator")
 
 
 # Settings that may change when a run is resumed; everything else is the run's recorded value.
 RESUME_OVERRIDES = ("max_steps", "device", "eval_every", "checkpoint_every", "num_workers",
-                    "checkpoint_dir", "skip_bad_images")
+                    "checkpoint_dir", "skip_bad_images", "accumulate")
+
+
+class Adversary:
+    """The discriminator's side of adversarial training: the patch discriminator, its optimizer
+    (Adam with betas (0.5, 0.9), as VQGAN), its DDP wrapper and grad scaler."""
+
+    def __init__(self, config, train, ctx):
+        self.config, self.train, self.ctx = config, train, ctx
+        with torch.random.fork_rng(devices=[]):
+            # its own seed: the VQ-VAE's k-means start and restarts draw what they draw without it
+            torch.manual_seed(train.seed + 1)
+            self.discriminator = PatchDiscriminator(config).to(ctx.device)
+        self.optimizer = torch.optim.Adam(self.discriminator.parameters(),
+                                          lr=train.learning_rate, betas=(0.5, 0.9))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(ctx.device))
+        self.ddp = distributed.wrap(ctx, self.discriminator)
+        self.discriminator.requires_grad_(False)  # only its own step trains it
+
+    def generator_term(self, loss, reconstruction, last_layer):
+        """-> (adaptive weight x adversarial_weight x generator loss, logged values). Uses the
+        plain module: the decoder's gradient flows through it, its own weights get none."""
+        fake = self.discriminator(reconstruction * 2 - 1)
+        gen_loss = generator_loss(fake)
+        weight = adaptive_weight(loss, gen_loss, last_layer)
+        return (self.train.adversarial_weight * weight * gen_loss,
+                {"train/generator_loss": gen_loss, "train/adaptive_weight": weight})
+
+    def step(self, images, reconstructions, lr):
+        """One discriminator step on (real, reconstructed) micro-batches in [0, 1]."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        self.discriminator.requires_grad_(True)
+        logs = {}
+        for i, (real, fake) in enumerate(zip(images, reconstructions)):
+            with distributed.no_sync(self.ctx, self.ddp, sync=i == len(images) - 1):
+                with autocast(self.ctx.device):
+                    # one forward for both halves: DDP expects one forward per backward
+                    logits = self.ddp(torch.cat([real, fake]) * 2 - 1)
+                    logits_real, logits_fake = logits[:len(real)], logits[len(real):]
+                    loss = discriminator_loss(logits_real, logits_fake)
+                self.scaler.scale(loss / len(images)).backward()
+            for key, value in (("train/discriminator_loss", loss),
+                               ("train/logits_real", logits_real.mean()),
+                               ("train/logits_fake", logits_fake.mean())):
+                logs[key] = logs.get(key, 0) + value.detach().float() / len(images)
+        apply_gradients(self.discriminator, self.optimizer, self.scaler, self.train.grad_clip)
+        self.discriminator.requires_grad_(False)
+        return logs
+
+    def state_dict(self):
+        return {"config": asdict(self.config), "model": self.discriminator.state_dict(),
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        self.discriminator.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def train_step(model, ddp_model, optimizer, scaler, images, train, ctx, run_id, step, lr,
+               adversary=None):
+    """One optimizer step on this process's `images` (B, C, S, S) in [0, 1], taken as
+    `train.accumulate` equal micro-batches whose gradients add up (DDP all-reduces them once,
+    after the last). Returns {metric: scalar tensor} averaged over micro-batches and ranks;
+    stops (UserError) before stepping if the loss is not finite."""
+    micro_batches = images.chunk(train.accumulate)
+    adversarial = adversary is not None and step >= train.adversarial_start
+    optimizer.zero_grad(set_to_none=True)
+    logs, reconstructions = {}, []
+    for i, x in enumerate(micro_batches):
+        with distributed.no_sync(ctx, ddp_model, sync=i == len(micro_batches) - 1):
+            with autocast(ctx.device):
+                recon, loss, _ = ddp_model(x)
+                objective, values = loss, {"train/loss": loss}  # train/loss: MSE + commitment
+                if adversarial:
+                    term, values_adv = adversary.generator_term(loss, recon,
+                                                                model.decoder.last_layer)
+                    objective, values = objective + term, {**values, **values_adv}
+            scaler.scale(objective / len(micro_batches)).backward()
+        reconstructions.append(recon.detach())
+        for key, value in {"objective": objective, **values}.items():
+            logs[key] = logs.get(key, 0) + value.detach().float() / len(micro_batches)
+    model.quantizer.apply_deferred_update()  # the micro-batches' EMA statistics, as one batch
+    # one all-reduce for every logged value; every rank then stops on a NaN anywhere
+    logs = dict(zip(logs, distributed.mean(ctx, torch.stack(list(logs.values())))))
+    check_finite(logs.pop("objective"), run_id, step)
+    apply_gradients(ddp_model, optimizer, scaler, train.grad_clip)
+    if adversarial:
+        adversary_logs = adversary.step(micro_batches, reconstructions, lr)
+        averaged = distributed.mean(ctx, torch.stack(list(adversary_logs.values())))
+        logs.update(zip(adversary_logs, averaged))
+    return logs
 
 
 @torch.no_grad()
@@ -95,6 +197,16 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     if not train.path_to_data:
         raise UserError("--path_to_data is required (a CSV with an image_path column)")
     check_settings(train, ctx.world_size)
+    if train.accumulate < 1 or train.batch_size % (ctx.world_size * train.accumulate):
+        raise UserError(f"--accumulate {train.accumulate} must be at least 1 and split each "
+                        f"process's {train.batch_size // ctx.world_size} images of --batch_size "
+                        f"{train.batch_size} into equal micro-batches")
+    if train.adversarial_weight < 0 or train.adversarial_start < 0:
+        raise UserError(f"--adversarial_weight and --adversarial_start must not be negative, got "
+                        f"{train.adversarial_weight} and {train.adversarial_start}")
+    if train.adversarial_weight > 0 and train.adversarial_start >= train.max_steps:
+        raise UserError(f"--adversarial_start {train.adversarial_start} is not before --max_steps "
+                        f"{train.max_steps}: the adversarial loss would never start")
 
     table = read_table(train.path_to_data)
     channels = train.in_channels
@@ -116,6 +228,14 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate,
                                   weight_decay=train.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device))
+    model.quantizer.defer_updates = train.accumulate > 1
+    adversary = None
+    if train.adversarial_weight > 0:
+        discriminator_config = DiscriminatorConfig(model_config.in_channels,
+                                                   train.discriminator_channels,
+                                                   train.discriminator_layers)
+        discriminator_config.validate(model_config.image_size)
+        adversary = Adversary(discriminator_config, train, ctx)
     generator = torch.Generator().manual_seed(train.seed)  # batch order, identical on all ranks
     step, best_val_loss = 0, float("inf")
     # read before the run opens, so an unreadable image cannot leave a run stuck at RUNNING
@@ -125,6 +245,9 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         run, checkpoint = resume(ctx, STAGE, KIND, resume_run_id, train.checkpoint_dir, model,
                                  optimizer, generator)
         step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        if adversary is not None and "discriminator" in checkpoint:
+            adversary.load_state_dict(checkpoint["discriminator"])  # runs.resume does not know it
+        del checkpoint
     else:
         config = {"model": asdict(model_config), "train": asdict(train),
                   "data": {"csv_sha256": file_sha256(table.csv_path), "num_images": len(data),
@@ -141,7 +264,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         return {"kind": "vqvae", "config": asdict(model_config), "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step,
                 "best_val_loss": best_val_loss, "train": asdict(train),
-                "rng": generator.get_state(), "run_id": run_id}
+                "rng": generator.get_state(), "run_id": run_id,
+                **({"discriminator": adversary.state_dict()} if adversary else {})}
 
     batches = data.batches(train_idx, train.batch_size, generator, ctx.rank, ctx.world_size)
     bar = tqdm(total=train.max_steps, initial=step, desc="vqvae", unit="step",
@@ -155,11 +279,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images = next(batches).to(device, non_blocking=True).float() / 255
-            with autocast(device):
-                _, loss, _ = ddp_model(images)
-            mean_loss = distributed.mean(ctx, loss)  # every rank stops on a NaN anywhere
-            check_finite(mean_loss, run_id, step)
-            optimizer_step(loss, ddp_model, optimizer, scaler, train.grad_clip)
+            logs = train_step(model, ddp_model, optimizer, scaler, images, train, ctx, run_id,
+                              step, lr, adversary)
             step += 1
             window_images += len(images) * ctx.world_size
             bar.update(1)
@@ -170,9 +291,9 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                 elapsed = time.perf_counter() - window_start
                 speed = window_images / elapsed
                 window_start, window_images = time.perf_counter(), 0
-                run.log_metrics({"train/loss": mean_loss.item(), "train/lr": lr,
+                run.log_metrics({**{k: v.item() for k, v in logs.items()}, "train/lr": lr,
                                  "train/images_per_sec": speed}, step)
-                bar.set_postfix(loss=f"{mean_loss.item():.4f}", img_s=f"{speed:.0f}")
+                bar.set_postfix(loss=f"{logs['train/loss'].item():.4f}", img_s=f"{speed:.0f}")
             if step % train.eval_every == 0 or step == train.max_steps:
                 metrics = evaluate(model, data, val_idx, device)
                 run.log_metrics(metrics, step)
@@ -184,6 +305,9 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                 bar.write(f"step {step}: val/psnr {metrics['val/psnr']:.2f} dB, "
                           f"val/codebook_usage {metrics['val/codebook_usage']:.3f}, "
                           f"val/perplexity {metrics['val/perplexity']:.1f}")
+                if adversary and step - train.eval_every < train.adversarial_start <= step:
+                    # the objective changed at the start: best.pt is the best since then
+                    best_val_loss = float("inf")
                 if metrics["val/loss"] < best_val_loss:
                     best_val_loss = metrics["val/loss"]
                     run.save("best.pt", checkpoint_dict())
