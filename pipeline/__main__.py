@@ -9,6 +9,7 @@ Stage flags take the stage's name as a prefix: --vqvae.<flag> (train_vqvae.py's 
 """
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -68,21 +69,23 @@ def main(argv=None):
     else:
         path_to_data = args.path_to_data
     summary = run_pipeline(path_to_data, args.out_dir, args.preset, overrides, args.experiment,
-                           heldout, args.seed)
+                           heldout, args.seed, data_name="digits" if demo else None,
+                           command=shlex.join(["python", "-m", "pipeline", *argv]))
     report(summary)
     print(f"run_id={summary['pipeline_run_id']}")
 
 
 def report(summary):
     m, t = summary["metrics"], summary["timings"]
+    prior_val = ", ".join(f"{k[len('prior/'):]} {v:.3f}" for k, v in sorted(m.items())
+                          if k.startswith("prior/val/"))
     lines = [
         f"samples: {summary['samples_dir']}/ ({int(m.get('quality/num_samples', 0))} PNGs), "
         f"grid: {summary['grid']}",
         f"VQ-VAE {summary['vqvae_run_id']} ({summary['stages']['vqvae']}): "
-        f"val/psnr {m.get('vqvae/val/psnr', float('nan')):.2f} dB, "
-        f"codebook usage {m.get('vqvae/val/codebook_usage', float('nan')):.3f}",
-        f"prior {summary['prior_run_id']} ({summary['stages']['prior']}): "
-        f"val/loss {m.get('prior/val/loss', float('nan')):.3f} nats/code",
+        f"val/psnr_db {m.get('vqvae/val/psnr_db', float('nan')):.2f}, "
+        f"val/codebook_usage {m.get('vqvae/val/codebook_usage', float('nan')):.3f}",
+        f"prior {summary['prior_run_id']} ({summary['stages']['prior']}): {prior_val}",
         f"quality vs held-out: FD ratio {m['quality/fd_ratio']:.2f} (1 = as close as real "
         f"images), nearest-train ratio {m['quality/nn_ratio']:.2f} (<<1 = copies), "
         f"copy fraction {m['quality/copy_fraction']:.3f}",
@@ -95,7 +98,8 @@ def report(summary):
                  f"{t['prior_s']:.0f}, generate {t['generate_s']:.1f}, quality {t['quality_s']:.1f})")
     lines.append(f"summary: {Path(summary['samples_dir']).parent / 'summary.json'}; browse the "
                  f"runs with `mlflow ui` (tracking store {summary['tracking_uri']}), then open "
-                 f"http://127.0.0.1:5000")
+                 f"http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs"
+                 f"?workflowType=machine_learning (the Model training view)")
     print("\n".join(lines), file=sys.stderr)
 
 if __name__ == "__main__":

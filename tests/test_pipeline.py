@@ -37,8 +37,8 @@ def test_end_to_end_then_reuse(store, digits_like, tmp_path):
     prior = tracking.client().get_run(summary["prior_run_id"])
     assert prior.data.tags[tracking.VQVAE_RUN_TAG] == summary["vqvae_run_id"]
     metrics = summary["metrics"]
-    for key in ("vqvae/val/psnr", "prior/val/loss", "quality/fd_ratio", "quality/nn_ratio",
-                "quality/classes_present"):
+    for key in ("vqvae/val/psnr_db", "prior/val/bits_per_dim", "quality/fd_ratio",
+                "quality/nn_ratio", "quality/classes_present"):
         assert key in metrics, key
     assert tracking.client().get_run(parent).data.metrics["quality/fd_ratio"] == pytest.approx(
         metrics["quality/fd_ratio"])
@@ -78,7 +78,7 @@ def test_an_interrupted_stage_resumes_in_the_same_run(store, digits_like, tmp_pa
     assert summary["stages"]["vqvae"] == "resume"
     assert summary["vqvae_run_id"] == interrupted[0].info.run_id
     steps = [m.step for m in tracking.client().get_metric_history(summary["vqvae_run_id"],
-                                                                  "train/loss")]
+                                                                  "train/vq_loss")]
     assert steps[-1] == 30 and 10 in steps
 
 
