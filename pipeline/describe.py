@@ -6,10 +6,10 @@
   command that made the run, its data, what each metric means with its unit, its artifacts.
 - `run_params(...)` -> the settings as MLflow params, without the unset (None) ones; config.json
   keeps every setting.
-- `csv_inputs(...)` / `codes_inputs(...)` -> MLflow datasets for `log_inputs`, one per split,
+- `csv_inputs(...)` / `codes_inputs(...)` / `npy_inputs(...)` -> MLflow datasets, one per split,
   with context `training` / `validation`, so the runs list's *Datasets* column and filter work.
-  A dataset's digest is derived from the file's SHA-256 and the split's rows; its profile
-  holds the full hashes, so lineage can be checked from the run alone.
+  A dataset's digest is derived from the CSV's (or the codes') SHA-256 and the split's rows;
+  its profile holds the full hashes, so lineage can be checked from the run alone.
 """
 
 import hashlib
@@ -61,6 +61,17 @@ def process_command(argv=None):
     return shlex.join(words + argv[1:])
 
 
+def source_tags(tags=None):
+    """`tags` plus what MLflow's own start_run records: the user, the source (shown in the runs
+    list's Source column: the script, or `python -m pipeline`), and the git commit."""
+    from mlflow.tracking.context.registry import resolve_tags
+    resolved = resolve_tags(tags or {})
+    source = Path(resolved.get("mlflow.source.name", ""))
+    if source.name == "__main__.py":  # python -m package
+        resolved["mlflow.source.name"] = f"python -m {source.parent.name}"
+    return resolved
+
+
 def _relative(path):
     try:
         return str(path.resolve().relative_to(Path.cwd()))
@@ -88,9 +99,9 @@ def description(title, command, started_by=None, data=None, metrics=None, artifa
     started_by: the process command when it differs (e.g. `python -m pipeline demo`).
     data: a line on the data. metrics / artifacts: {name: meaning, with its unit}.
     notes: further lines (e.g. how to resume)."""
-    lines = [f"**{title}**", "", f"Command: `{command}`"]
+    lines = [f"**{title}**", "", "Command:", "", f"    {command}"]
     if started_by and started_by != command:
-        lines.append(f"(started by `{started_by}`)")
+        lines += ["", f"started by `{started_by}`"]
     if data:
         lines += ["", f"Data: {data}"]
     if metrics:
@@ -126,10 +137,8 @@ def codes_inputs(tokenizer_run_id, codes_name, codes_meta, codes, splits):
     comes from the codes' contents and the split's rows, and the profile carries the image CSV's
     SHA-256 from `codes_meta` (the codes/<name>.json), so a prior run shows which images its
     codes came from. codes: the (N, h, w) integer array or tensor as loaded."""
-    codes = np.ascontiguousarray(np.asarray(codes, dtype=np.int64))
-    codes_sha256 = hashlib.sha256(repr(codes.shape).encode() + codes.tobytes()).hexdigest()
+    codes_sha256, schema = _codes_hash_and_schema(codes)
     uri = f"runs:/{tokenizer_run_id}/codes/{codes_name}.npy"
-    schema = _tensor_schema("int64", [-1, *codes.shape[1:]])
     lineage = {"codes_sha256": codes_sha256, "tokenizer_run_id": tokenizer_run_id,
                "csv_sha256": codes_meta.get("csv_sha256"),
                "codebook_size": codes_meta.get("codebook_size")}
@@ -138,11 +147,28 @@ def codes_inputs(tokenizer_run_id, codes_name, codes_meta, codes, splits):
             for context, rows in splits.items()]
 
 
+def npy_inputs(path, codes, splits):
+    """MLflow dataset inputs for code grids read from a local .npy file (train.py
+    --path_to_data), one per split; the digest comes from the codes' contents."""
+    path = Path(path).resolve()
+    codes_sha256, schema = _codes_hash_and_schema(codes)
+    return [_dataset_input(f"{path.parent.name}/{path.name}", "local", {"uri": str(path)},
+                           codes_sha256, context, rows, schema, {"codes_sha256": codes_sha256})
+            for context, rows in splits.items()]
+
+
 def log_inputs(run_id, inputs):
     """Attach dataset inputs (from csv_inputs / codes_inputs) to a run."""
     from pipeline import tracking
     if inputs:
         tracking.client().log_inputs(run_id, datasets=list(inputs))
+
+
+def _codes_hash_and_schema(codes):
+    """SHA-256 of an (N, h, w) integer array or tensor (as int64, with its shape), and its schema."""
+    codes = np.ascontiguousarray(np.asarray(codes, dtype=np.int64))
+    digest = hashlib.sha256(repr(codes.shape).encode() + codes.tobytes()).hexdigest()
+    return digest, _tensor_schema("int64", [-1, *codes.shape[1:]])
 
 
 def _dataset_input(name, source_type, source, content_sha256, context, rows, schema, lineage):

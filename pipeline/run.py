@@ -162,12 +162,12 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     timings, started = {}, time.perf_counter()
 
     csv = Path(path_to_data)
-    name = describe.run_name("pipeline", preset, data_name or f"{csv.resolve().parent.name}/{csv.stem}")
+    name = describe.run_name("pipeline", preset,
+                             data_name or f"{csv.resolve().parent.name}/{csv.stem}")
     command = command or describe.process_command()
-    from mlflow.tracking.context.registry import resolve_tags
-    parent = tracking.create_run("pipeline", experiment, run_name=name, tags=resolve_tags({
-        "pipeline.preset": preset,
-        describe.NOTE_TAG: describe_pipeline(preset, path_to_data, settings, command)}))
+    note = describe_pipeline(preset, path_to_data, settings, command)
+    parent = tracking.create_run("pipeline", experiment, run_name=name, tags=describe.source_tags(
+        {"pipeline.preset": preset, describe.NOTE_TAG: note}))
     tracking.log_params(parent, describe.run_params(
         {"path_to_data": str(path_to_data), "preset": preset},
         {f"{s}.{k}": v for s, f in settings.items() for k, v in f.items()}))

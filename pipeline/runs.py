@@ -47,8 +47,7 @@ class TrainingRun:
         """Create the run: its name, description (markdown), params (None values dropped;
         config.json keeps them), dataset inputs (describe.csv_inputs / codes_inputs), and the
         user, source script and git commit that MLflow's own start_run would record."""
-        from mlflow.tracking.context.registry import resolve_tags
-        all_tags = resolve_tags(tags or {})
+        all_tags = describe.source_tags(tags)
         if description:
             all_tags[describe.NOTE_TAG] = description
         run_id = tracking.create_run(stage, experiment, run_name, all_tags, parent_run_id)

@@ -34,7 +34,7 @@ def step_images(run_id):
 
 
 def test_step_images_are_named_as_mlflow_names_them_with_png_card_images(store, tmp_path):
-    image = Image.fromarray(np.arange(300 * 200, dtype=np.uint32).reshape(200, 300).astype(np.uint8))
+    image = Image.fromarray((np.arange(300 * 200) % 256).astype(np.uint8).reshape(200, 300))
     ours, theirs = tracking.create_run("vqvae"), tracking.create_run("vqvae")
     log_step_image(ours, image, "a/b", 3)
     tracking.client().log_image(theirs, image, key="a/b", step=3)
@@ -65,7 +65,7 @@ def test_a_vqvae_run_says_what_it_is(chain):
     run = tracking.client().get_run(chain["vqvae"])
     assert run.info.run_name == "vqvae f4 K16 16px"
     note = run.data.tags[describe.NOTE_TAG]
-    assert "Command: `python train_vqvae.py --path_to_data" in note and "--codebook_size 16" in note
+    assert "\n    python train_vqvae.py --path_to_data" in note and "--codebook_size 16" in note
     for name in METRICS:  # the description explains exactly the metrics the run has
         assert f"`{name}`" in note and name in run.data.metrics, name
     assert not [k for k, v in run.data.params.items() if v == "None"]
@@ -102,3 +102,6 @@ def test_codes_inputs_name_the_tokenizer_run_and_follow_the_contents(store):
         profile = json.loads(dataset.profile)
         assert profile["tokenizer_run_id"] == "tok123" and profile["csv_sha256"] == "ab" * 32
     assert first[0].dataset.digest != changed[0].dataset.digest  # other codes, other digest
+    local = describe.npy_inputs("/data/codes.npy", codes, {"training": [0, 1, 2, 3]})
+    assert json.loads(local[0].dataset.source) == {"uri": "/data/codes.npy"}
+    assert local[0].dataset.digest == first[0].dataset.digest  # the same codes, wherever kept

@@ -96,8 +96,8 @@ def run_description(model, train, flags, csv_sha256, num_train, num_val):
         f"a codebook of {model.codebook_size}",
         command=describe.script_command("train_vqvae.py", flags),
         started_by=describe.process_command(),
-        data=f"`{train.path_to_data}` (SHA-256 `{csv_sha256[:12]}...`): {num_train} images "
-             f"for training, {num_val} held out for validation (val_fraction "
+        data=f"`{train.path_to_data}` (SHA-256 `{csv_sha256[:12]}...`): {num_train:,} images "
+             f"for training, {num_val:,} held out for validation (val_fraction "
              f"{train.val_fraction}, seed {train.seed}); both under *Datasets*",
         metrics=METRICS,
         artifacts={
