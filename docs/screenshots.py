@@ -11,8 +11,7 @@ Model training view, and writes:
     runs_list.png         the experiment's runs, the pipeline run expanded, with their datasets
     vqvae_overview.png    the VQ-VAE run's Overview: description, metrics, datasets
     reconstructions.png   the VQ-VAE run's `reconstructions` card (Model metrics tab) as it
-                          opens (step 0, before training), and at the last step
-    charts.png            the experiment's chart view with every run's metrics
+                          opens (step 0, before training), and enlarged at the last step
     registered_model.png  with --registered_model: that model's page
 
 Needs what neither the pipeline nor the tests need (docs/requirements-screenshots.txt):
@@ -21,6 +20,7 @@ downloads no browser of its own).
 """
 
 import argparse
+import io
 import os
 import signal
 import socket
@@ -79,12 +79,15 @@ def stop_ui(process):
     """Stop `mlflow ui` and the worker processes it started (its process group)."""
     try:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(30)
-    except ProcessLookupError:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(2)
+        os.killpg(process.pid, signal.SIGKILL)  # its job workers outlive a SIGTERM a while
+    except ProcessLookupError:  # the whole group is gone
         pass
+    process.wait(10)
 
 
 def find_runs(tracking_uri, experiment):
@@ -150,6 +153,7 @@ def shoot_runs_list(browser, experiment_id, parent_name):
         page.mouse.down()
         page.mouse.move(box["x"] + 120, box["y"] + box["height"] / 2, steps=5)
         page.mouse.up()
+        page.mouse.move(5, 5)  # no header tooltip in the picture
     page.wait_for_timeout(SETTLE_MS)
     browser.save("runs_list.png", clip=main_panel(page, 470))
 
@@ -166,48 +170,35 @@ def shoot_overview(browser, experiment_id, run):
 
 
 def shoot_reconstructions(browser, experiment_id, run, key="reconstructions"):
-    """The card as it opens (step 0) and at its last step, side by side in one PNG."""
+    """The card as it opens (step 0: before training), and enlarged by dragging its corner (as
+    the README says) at the last step, side by side in one PNG."""
     page = browser.page
     browser.open(f"/experiments/{experiment_id}/runs/{run.info.run_id}/model-metrics", key,
                  height=2600)
     card = page.locator('[data-testid="experiment-view-compare-runs-card"]',
                         has=page.get_by_text(key, exact=True)).first
-    first = card.screenshot()
-    last_step = _last_image_step(run.info.run_id, key)
-    step_box = card.locator("input").last  # the number box beside the step slider
-    step_box.fill(str(last_step))
-    step_box.press("Enter")
+    as_opened = card.screenshot()
+    track = card.get_by_role("slider").first.locator("xpath=../..")  # the step slider
+    box = track.bounding_box()
+    page.mouse.click(box["x"] + box["width"] - 2, box["y"] + box["height"] / 2)  # last step
+    resizable = page.locator(".react-resizable", has=page.get_by_text(key, exact=True)).first
+    corner = resizable.locator(":scope > div").last  # the resize handle, after the card
+    box = corner.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 40, box["y"] + 600, steps=20)
+    page.mouse.up()
+    page.mouse.move(5, 5)
     page.wait_for_timeout(SETTLE_MS)
-    last = card.screenshot()
-    with tempfile.TemporaryDirectory() as tmp:
-        parts = []
-        for i, data in enumerate((first, last)):
-            path = Path(tmp) / f"{i}.png"
-            path.write_bytes(data)
-            parts.append(Image.open(path).convert("RGB"))
-        joined = Image.new("RGB", (sum(p.width for p in parts) + 20, max(p.height for p in parts)),
-                           "white")
-        joined.paste(parts[0], (0, 0))
-        joined.paste(parts[1], (parts[0].width + 20, 0))
-        joined.save(browser.out / "reconstructions.png")
-    print(browser.out / "reconstructions.png")
-
-
-def _last_image_step(run_id, key):
-    """The last step at which `key` was logged, from the images' file names."""
-    from mlflow.tracking import MlflowClient
-    names = [a.path for a in MlflowClient().list_artifacts(run_id, "images")]
-    return max(int(n.split("+step+")[1].split("+")[0]) for n in names
-               if n.startswith(f"images/{key}+step+"))
-
-
-def shoot_charts(browser, experiment_id, parent_name):
-    page = browser.page
-    browser.open(f"/experiments/{experiment_id}/runs?compareRunsMode=CHART", parent_name,
-                 height=1400)
-    page.locator('button[data-component-id$="runnamecellrenderer.tsx_46"]').first.click()
-    page.wait_for_timeout(SETTLE_MS * 2)
-    browser.save("charts.png", clip=main_panel(page, 1300))
+    enlarged = card.screenshot()
+    parts = [Image.open(io.BytesIO(data)).convert("RGB") for data in (as_opened, enlarged)]
+    joined = Image.new("RGB", (parts[0].width + 20 + parts[1].width,
+                               max(p.height for p in parts)), "white")
+    joined.paste(parts[0], (0, 0))
+    joined.paste(parts[1], (parts[0].width + 20, 0))
+    path = browser.out / "reconstructions.png"
+    joined.save(path)
+    print(path)
 
 
 def shoot_registered_model(browser, name):
@@ -240,8 +231,6 @@ def main(argv=None):
                 shoot_runs_list(browser, experiment_id, parent_name)
             shoot_overview(browser, experiment_id, vqvae_run)
             shoot_reconstructions(browser, experiment_id, vqvae_run)
-            if parent_name:
-                shoot_charts(browser, experiment_id, parent_name)
             if args.registered_model:
                 shoot_registered_model(browser, args.registered_model)
             browser.context.close()

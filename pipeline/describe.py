@@ -72,6 +72,20 @@ def source_tags(tags=None):
     return resolved
 
 
+def _wrap(command, width=88):
+    """A long shell command as lines of at most ~width characters, continued with `\\`,
+    breaking only between a flag's value and the next flag."""
+    lines, line = [], ""
+    for word in shlex.split(command):
+        word = shlex.quote(word)
+        if line and word.startswith("--") and len(line) + 1 + len(word) > width - 12:
+            lines.append(line + " \\")
+            line = "   " + word
+        else:
+            line = f"{line} {word}" if line else word
+    return lines + [line]
+
+
 def _relative(path):
     try:
         return str(path.resolve().relative_to(Path.cwd()))
@@ -99,7 +113,7 @@ def description(title, command, started_by=None, data=None, metrics=None, artifa
     started_by: the process command when it differs (e.g. `python -m pipeline demo`).
     data: a line on the data. metrics / artifacts: {name: meaning, with its unit}.
     notes: further lines (e.g. how to resume)."""
-    lines = [f"**{title}**", "", "Command:", "", f"    {command}"]
+    lines = [f"**{title}**", "", "Command:", "", *("    " + line for line in _wrap(command))]
     if started_by and started_by != command:
         lines += ["", f"started by `{started_by}`"]
     if data:

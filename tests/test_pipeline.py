@@ -42,6 +42,13 @@ def test_end_to_end_then_reuse(store, digits_like, tmp_path):
         assert key in metrics, key
     assert tracking.client().get_run(parent).data.metrics["quality/fd_ratio"] == pytest.approx(
         metrics["quality/fd_ratio"])
+    run = tracking.client().get_run(parent)  # what the UI shows of the parent run
+    assert run.info.run_name == f"pipeline tiny {digits_like.parent.name}/train"
+    note = run.data.tags["mlflow.note.content"]
+    assert "python -m pipeline --path_to_data" in note and summary["prior_run_id"] in note
+    assert [(i.dataset.name, i.tags[0].value) for i in run.inputs.dataset_inputs] == \
+        [(f"{digits_like.parent.name}/train.csv", "training")]
+    assert "None" not in run.data.params.values()  # e.g. sample.top_k is left out
 
     again = pipeline(digits_like, out, "pipe-e2e")
     second = json.loads((out / "summary.json").read_text())
