@@ -108,7 +108,7 @@ def main():
     from pipeline.images import file_sha256
     from pipeline.quality import QualityReference, vqvae_ceiling
     from pipeline.run import PRESETS, split_flags
-    from pipeline.visual import save_png, side_by_side
+    from pipeline.visual import reconstruction_grid, save_png
     from pipeline.runs import load_run_checkpoint
     from vqvae.model import VQVAEConfig, vqvae_from_checkpoint
     from vqvae.train import TrainConfig, train_vqvae
@@ -160,7 +160,7 @@ def main():
             with torch.no_grad():
                 shown = heldout[:32]
                 recon = model.decode_indices(model.encode_to_indices(shown))
-            save_png(side_by_side(shown, recon), out_dir / f"{name}_w{weight:g}.png")
+            save_png(reconstruction_grid(shown, recon, ncol=4), out_dir / f"{name}_w{weight:g}.png")
     print(f"reconstructions: {out_dir}/<set>_w<weight>.png (original | reconstruction pairs)")
 
 

@@ -57,10 +57,11 @@ def main():
           f"({t['sampling_codes_per_s']:.0f} codes/s sampling), quality {t['quality_s']:.1f} s")
     print(f"second run: {second:6.1f} s wall ({second / first:.0%} of the first; stages "
           f"{again['stages']})")
-    print(f"VQ-VAE: val/psnr {m['vqvae/val/psnr']:.2f} dB, codebook usage "
-          f"{m['vqvae/val/codebook_usage']:.3f}, perplexity {m['vqvae/val/perplexity']:.1f}")
-    print(f"prior: val {m['prior/val/nats_per_token']:.3f} nats/token, "
-          f"{m['prior/val/bits_per_dim']:.3f} bits/dim")
+    print(f"VQ-VAE: val/psnr_db {m['vqvae/val/psnr_db']:.2f}, val/codebook_usage "
+          f"{m['vqvae/val/codebook_usage']:.3f}, val/codebook_perplexity "
+          f"{m['vqvae/val/codebook_perplexity']:.1f}")
+    print("prior: " + ", ".join(f"{k[len('prior/'):]} {v:.3f}" for k, v in sorted(m.items())
+                                if k.startswith("prior/val/")))
     print(f"samples: FD {m['quality/fd']:.5f} vs real-vs-real {m['quality/fd_real']:.5f} "
           f"(ratio {m['quality/fd_ratio']:.2f}); nearest-train ratio {m['quality/nn_ratio']:.2f}; "
           f"copy fraction {m['quality/copy_fraction']:.3f}; classes present "

@@ -11,6 +11,7 @@ Stage flags take the stage's name as a prefix: --vqvae.<flag> (train_vqvae.py's 
 """
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -82,7 +83,9 @@ def main(argv=None):
     else:
         path_to_data = args.path_to_data
     summary = run_pipeline(path_to_data, args.out_dir, args.preset, overrides, args.experiment,
-                           heldout, args.seed, args.register)
+                           heldout, args.seed, args.register,
+                           data_name="digits" if demo else None,
+                           command=shlex.join(["python", "-m", "pipeline", *argv]))
     report(summary)
     print(f"run_id={summary['pipeline_run_id']}")
 
@@ -152,15 +155,15 @@ COMMANDS = {"evaluate": evaluate_command, "probe": probe_command}
 
 def report(summary):
     m, t = summary["metrics"], summary["timings"]
+    prior_val = ", ".join(f"{k[len('prior/'):]} {v:.3f}" for k, v in sorted(m.items())
+                          if k.startswith("prior/val/"))
     lines = [
         f"samples: {summary['samples_dir']}/ ({int(m.get('quality/num_samples', 0))} PNGs), "
         f"grid: {summary['grid']}",
         f"VQ-VAE {summary['vqvae_run_id']} ({summary['stages']['vqvae']}): "
-        f"val/psnr {m.get('vqvae/val/psnr', float('nan')):.2f} dB, "
-        f"codebook usage {m.get('vqvae/val/codebook_usage', float('nan')):.3f}",
-        f"prior {summary['prior_run_id']} ({summary['stages']['prior']}): "
-        f"val {m.get('prior/val/nats_per_token', float('nan')):.3f} nats/token, "
-        f"{m.get('prior/val/bits_per_dim', float('nan')):.4f} bits/dim",
+        f"val/psnr_db {m.get('vqvae/val/psnr_db', float('nan')):.2f}, "
+        f"val/codebook_usage {m.get('vqvae/val/codebook_usage', float('nan')):.3f}",
+        f"prior {summary['prior_run_id']} ({summary['stages']['prior']}): {prior_val}",
         f"quality vs held-out ({summary.get('feature_space', 'random')} features; real "
         f"training images score FD ratio 1): FD ratio {m['quality/fd_ratio']:.2f}, precision "
         f"{m['quality/precision']:.2f} (real {m['quality/real_precision']:.2f}), recall "
@@ -191,7 +194,8 @@ def report(summary):
                      f"`mlflow models serve -m {summary['registered_model']} --env-manager local`")
     lines.append(f"summary: {Path(summary['samples_dir']).parent / 'summary.json'}; browse the "
                  f"runs with `mlflow ui` (tracking store {summary['tracking_uri']}), then open "
-                 f"http://127.0.0.1:5000")
+                 f"http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs"
+                 f"?workflowType=machine_learning (the Model training view)")
     print("\n".join(lines), file=sys.stderr)
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import tracking
+from pipeline import describe, tracking
 from pipeline.tokenizers import quantize
 from pipeline.errors import UserError
 from pipeline.generate import generate
@@ -56,6 +56,21 @@ PRESETS = {
     },
 }
 SAMPLE_KEYS = ("num_samples", "batch_size", "temperature", "top_k", "top_p", "seed")
+# The parent run's metrics; the stages' own names keep their units (val/psnr_db, ...).
+METRICS = {
+    "vqvae/val/*": "the VQ-VAE run's last validation figures, under that run's names "
+                   "(val/psnr_db in dB, val/codebook_usage as a fraction, ...)",
+    "prior/val/*": "the prior run's last validation figures, under that run's names",
+    "quality/fd_ratio": "Frechet distance of the samples to held-out images over that of real "
+                        "training images (random-conv features; 1 = as close as real data)",
+    "quality/nn_ratio": "median pixel distance of a sample to its nearest training image over "
+                        "the same for held-out images (far below 1 = copies)",
+    "quality/copy_fraction": "fraction of samples closer to the training set than 95% of "
+                             "held-out images",
+    "quality/classes_present, classifier_confidence": "with labels: classes a logistic "
+        "regression finds among the samples, and its mean top probability",
+    "time/*_s": "wall time of each stage in seconds (time/sampling_codes_per_s: codes/s)",
+}
 
 
 def stage_key(*parts):
@@ -116,11 +131,26 @@ def load_split_images(vqvae_run_id, csv_path, heldout_csv=None):
     return load(data, train_idx), heldout, labels, heldout_labels
 
 
+def describe_pipeline(preset, path_to_data, settings, command, stages=None):
+    """The parent run's description; `stages` ({stage: (name, run id, action)}) once known."""
+    notes = [f"- {stage}: `{name}`, run `{run_id}` ({action})"
+             for stage, (name, run_id, action) in (stages or {}).items()]
+    return describe.description(
+        f"Pipeline, preset {preset}: VQ-VAE -> codes -> prior -> "
+        f"{settings['sample']['num_samples']} samples, judged against held-out images",
+        command=command, data=f"`{path_to_data}` (under *Datasets*)", metrics=METRICS,
+        artifacts={"summary.json": "run ids, settings, metrics and timings (also written to "
+                                   "the output folder with samples/*.png and grid.png)"},
+        notes=["Child runs (expand this run in the runs list):", "", *notes] if notes else ())
+
+
 def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experiment=None,
-                 heldout_csv=None, seed=0, register=None):
+                 heldout_csv=None, seed=0, register=None, data_name=None, command=None):
     """Run (or reuse) every stage; writes out_dir/samples/*.png, grid.png, summary.json.
     With `register`, the prior's MLflow Model becomes a new version of that registered model
-    (alias @champion)."""
+    (alias @champion). data_name names the data in the parent run's name (default: the CSV's
+    folder/stem); command is the command line recorded in its description (default: this
+    process's)."""
     import priors
     from pipeline.train_prior import TrainConfig as PriorTrainConfig, train_prior
     from vqvae.model import VQVAEConfig
@@ -137,10 +167,22 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     csv_hash = file_sha256(table.csv_path)
     timings, started = {}, time.perf_counter()
 
-    parent = tracking.create_run("pipeline", experiment, run_name=f"pipeline-{preset}",
-                                 tags={"pipeline.preset": preset})
-    tracking.log_params(parent, {"path_to_data": str(path_to_data), "preset": preset,
-                                 **{f"{s}.{k}": v for s, f in settings.items() for k, v in f.items()}})
+    csv = Path(path_to_data)
+    name = describe.run_name("pipeline", preset,
+                             data_name or f"{csv.resolve().parent.name}/{csv.stem}")
+    command = command or describe.process_command()
+    note = describe_pipeline(preset, path_to_data, settings, command)
+    parent = tracking.create_run("pipeline", experiment, run_name=name, tags=describe.source_tags(
+        {"pipeline.preset": preset, describe.NOTE_TAG: note}))
+    tracking.log_params(parent, describe.run_params(
+        {"path_to_data": str(path_to_data), "preset": preset},
+        {f"{s}.{k}": v for s, f in settings.items() for k, v in f.items()}))
+    inputs = describe.csv_inputs(table.csv_path, csv_hash, {"training": range(len(table.paths))})
+    if heldout_csv:
+        heldout_table = read_table(heldout_csv)
+        inputs += describe.csv_inputs(heldout_table.csv_path, file_sha256(heldout_csv),
+                                      {"evaluation": range(len(heldout_table.paths))})
+    describe.log_inputs(parent, inputs)
     status = "FAILED"
     try:
         # 1. VQ-VAE
@@ -208,13 +250,10 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         timings["quality_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
 
-        vq_metrics = tracking.client().get_run(vq_run).data.metrics
-        prior_metrics = tracking.client().get_run(prior_run).data.metrics
-        metrics = {**{f"vqvae/{k}": vq_metrics[k] for k in ("val/psnr", "val/codebook_usage",
-                                                             "val/perplexity") if k in vq_metrics},
-                   **{f"prior/{k}": prior_metrics[k] for k in ("val/nats_per_token",
-                                                              "val/bits_per_dim")
-                      if k in prior_metrics},
+        runs = {"vqvae": tracking.client().get_run(vq_run),
+                "prior": tracking.client().get_run(prior_run)}
+        metrics = {**{f"{stage}/{k}": v for stage, run in runs.items()
+                      for k, v in run.data.metrics.items() if k.startswith("val/")},
                    **{f"quality/{k}": v for k, v in quality.items() if isinstance(v, (int, float))},
                    **ceiling}
         tracking.log_metrics(parent, {**metrics, **{f"time/{k}": v for k, v in timings.items()}},
@@ -222,6 +261,11 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         tracking.client().set_tag(parent, tracking.TOKENIZER_RUN_TAG, vq_run)
         tracking.client().set_tag(parent, "pipeline.prior_run_id", prior_run)
         tracking.client().set_tag(parent, "quality.feature_space", quality["feature_space"])
+        actions = {"vqvae": vq_action, "prior": prior_action}
+        tracking.client().set_tag(parent, describe.NOTE_TAG, describe_pipeline(
+            preset, path_to_data, settings, command,
+            {stage: (run.info.run_name, run.info.run_id, actions[stage])
+             for stage, run in runs.items()}))
         summary = {"pipeline_run_id": parent, "vqvae_run_id": vq_run, "prior_run_id": prior_run,
                    "stages": {"vqvae": vq_action, "prior": prior_action},
                    "registered_model": f"models:/{register}/{version}" if register else None,
@@ -229,7 +273,8 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
                    "grid": str(out_dir / "grid.png"), "preset": preset, "settings": settings,
                    "metrics": metrics, "class_counts": quality.get("class_counts"),
                    "feature_space": quality["feature_space"],
-                   "timings": timings, "tracking_uri": tracking.tracking_uri()}
+                   "timings": timings, "tracking_uri": tracking.tracking_uri(),
+                   "experiment_id": tracking.client().get_run(parent).info.experiment_id}
         _write_json(out_dir / "summary.json", summary)
         tracking.log_json(parent, summary, "summary.json")
         status = "FINISHED"

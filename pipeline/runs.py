@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline import distributed, tracking
+from pipeline import describe, distributed, tracking, visual
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.errors import UserError
 
@@ -43,9 +43,16 @@ class TrainingRun:
 
     @classmethod
     def start(cls, stage, config, params, checkpoint_dir, experiment=None, run_name=None,
-              tags=None, parent_run_id=None):
-        run_id = tracking.create_run(stage, experiment, run_name, tags, parent_run_id)
-        tracking.log_params(run_id, params)
+              tags=None, parent_run_id=None, description=None, datasets=()):
+        """Create the run: its name, description (markdown), params (None values dropped;
+        config.json keeps them), dataset inputs (describe.csv_inputs / codes_inputs), and the
+        user, source script and git commit that MLflow's own start_run would record."""
+        all_tags = describe.source_tags(tags)
+        if description:
+            all_tags[describe.NOTE_TAG] = description
+        run_id = tracking.create_run(stage, experiment, run_name, all_tags, parent_run_id)
+        tracking.log_params(run_id, describe.run_params(params))
+        describe.log_inputs(run_id, datasets)
         tracking.log_json(run_id, config, "config.json")
         return cls(stage, checkpoint_dir, run_id)
 
@@ -63,9 +70,11 @@ class TrainingRun:
         self.uploader.log_metrics(metrics, step)
 
     def log_image(self, image, key, step):
+        """A PIL image under `key` at `step` (the run page's image card and its step slider)."""
+        name = visual.step_image_name(key, step)
         self.uploader.submit(
             f"image:{key}:{step}",
-            lambda: tracking.client().log_image(self.run_id, image, key=key, step=step),
+            lambda: visual.log_step_image(self.run_id, image, key, step, name),
             f"image '{key}' at step {step}")
 
     def save(self, name, checkpoint):

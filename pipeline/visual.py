@@ -1,10 +1,30 @@
-"""Turning image tensors into PNGs and grids."""
+"""Turning image tensors into PNGs and grids a person can read, and logging them at a step.
+
+Grids are enlarged with nearest-neighbour so that one image is at least 64 pixels wide, and
+say what they show in a header drawn with PIL's bitmap font.
+
+How MLflow 3.17's run page shows an image logged at a step (Model metrics tab): a card of fixed
+height holds the run's name, then all its params as text, then a square box as wide as that
+text (about 400 px) with the card image (the `+compressed` file) at its natural size, centred,
+and below the box the step slider. A small image (MLflow's own is at most 256 px) therefore sits
+below a grey band, under the params, out of the card's view: the "empty grey box". A square
+image at least as large as the box fills it from the top, so that the header and the first row
+of a grid show under the params; the card's fullscreen button or a click on the image shows all.
+"""
 
 import os
+import time
+import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+CARD_SIZE = 512  # the card image's longer side: at least the card's box (see above)
+GAP = (128, 128, 128)  # between images
+HEADER = (235, 235, 235)  # behind the header text
+HEADER_HEIGHT = 16  # PIL's bitmap font is 11 pixels tall
 
 
 def to_uint8(images):
@@ -13,22 +33,119 @@ def to_uint8(images):
     return array[:, 0] if array.shape[1] == 1 else array.transpose(0, 2, 3, 1)
 
 
-def image_grid(images, ncol=8, min_cell=64, pad=2):
-    """(B, C, S, S) in [0, 1] -> one PIL image, cells enlarged (nearest) to at least `min_cell`
-    pixels so that 16x16 images are visible in the MLflow UI."""
-    from torchvision.utils import make_grid
+# helpers
+
+def _cells(images, min_cell):
+    """(B, C, S, S) in [0, 1] -> uint8 RGB (B, T, T, 3), enlarged by the integer factor that
+    makes T = S * factor at least min_cell."""
     scale = max(1, -(-min_cell // images.shape[-1]))
     big = torch.nn.functional.interpolate(images.float().cpu().clamp(0, 1), scale_factor=scale,
                                           mode="nearest")
-    grid = make_grid(big, nrow=ncol, padding=pad, pad_value=0.5)  # (3, H, W)
-    return Image.fromarray(to_uint8(grid[None])[0])
+    cells = to_uint8(big)
+    return np.repeat(cells[..., None], 3, axis=-1) if cells.ndim == 3 else cells
 
 
-def side_by_side(originals, reconstructions, ncol=8):
-    """Grid of (original, reconstruction) pairs next to each other, ncol/2 pairs per row."""
-    pairs = torch.stack([originals.cpu().float(), reconstructions.cpu().float()], 1)
-    return image_grid(pairs.flatten(0, 1), ncol=ncol)
+def _block(cells, ncol, pad):
+    """Cells (B, T, T, 3) in rows of ncol, pad pixels apart -> one uint8 array (H, W, 3)."""
+    n, t = len(cells), cells.shape[1]
+    rows = -(-n // ncol)
+    block = np.empty((rows * t + (rows - 1) * pad, ncol * t + (ncol - 1) * pad, 3), np.uint8)
+    block[:] = GAP
+    for i, cell in enumerate(cells):
+        r, c = divmod(i, ncol)
+        block[r * (t + pad):r * (t + pad) + t, c * (t + pad):c * (t + pad) + t] = cell
+    return block
 
+
+def _with_header(blocks, titles, pad, gap):
+    """Blocks side by side, `gap` apart, each under its title -> PIL image."""
+    height = max(b.shape[0] for b in blocks)
+    width = sum(b.shape[1] for b in blocks) + gap * (len(blocks) - 1) + 2 * pad
+    canvas = np.empty((HEADER_HEIGHT + height + pad, width, 3), np.uint8)
+    canvas[:] = GAP
+    canvas[:HEADER_HEIGHT] = HEADER
+    x, spans = pad, []
+    for block in blocks:
+        canvas[HEADER_HEIGHT:HEADER_HEIGHT + block.shape[0], x:x + block.shape[1]] = block
+        spans.append((x, x + block.shape[1]))
+        x += block.shape[1] + gap
+    image = Image.fromarray(canvas)
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default_imagefont()
+    for (left, right), title in zip(spans, titles):
+        text_width = draw.textlength(title, font=font)
+        draw.text(((left + right - text_width) // 2, 3), title, fill=(0, 0, 0), font=font)
+    return image
+
+
+# grids
+
+def image_grid(images, ncol=8, min_cell=64, pad=2, title=None):
+    """(B, C, S, S) in [0, 1] -> one PIL image, ncol images a row, each enlarged (nearest) to at
+    least `min_cell` pixels; with a title, under a header that says it (e.g. "16 samples")."""
+    ncol = min(ncol, len(images))
+    block = _block(_cells(images, min_cell), ncol, pad)
+    if title is None:
+        framed = np.empty((block.shape[0] + 2 * pad, block.shape[1] + 2 * pad, 3), np.uint8)
+        framed[:] = GAP
+        framed[pad:-pad, pad:-pad] = block
+        return Image.fromarray(framed)
+    return _with_header([block], [title], pad, gap=0)
+
+
+def reconstruction_grid(originals, reconstructions, ncol=2, min_cell=64, pad=2, gap=10):
+    """The originals on the left under "original", their reconstructions at the same places on
+    the right under "reconstruction". Eight pairs with ncol=2 make a square image."""
+    return _with_header([_block(_cells(originals, min_cell), ncol, pad),
+                         _block(_cells(reconstructions, min_cell), ncol, pad)],
+                        ["original", "reconstruction"], pad, gap)
+
+
+def card_image(image, size=CARD_SIZE):
+    """`image` for the run page's card: enlarged by the whole factor (nearest, so pixels stay
+    sharp) that makes its longer side at least `size`, or shrunk to `size` when larger."""
+    longer = max(image.size)
+    if longer > size:
+        scale = size / longer
+        return image.resize((max(1, round(image.width * scale)),
+                             max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+    factor = -(-size // longer)
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+# logging an image at a step
+
+def step_image_name(key, step):
+    """The file name (less its suffix) MLflow's log_image gives the image `key` at `step`:
+    images/<key, / as ~>+step+<step>+timestamp+<ms>+<uuid>. The run page finds the images of
+    its cards by this pattern (tests/test_describe.py checks it against MLflow's own)."""
+    return (f"{key.replace('/', '~')}+step+{int(step)}+timestamp+{int(time.time() * 1000)}"
+            f"+{uuid.uuid4()}")
+
+
+def log_step_image(run_id, image, key, step, name=None):
+    """Log a PIL image under `key` at `step`, for the run page's image card and its step slider.
+
+    What MlflowClient.log_image(key=, step=) writes, except the `+compressed` twin that the card
+    shows: log_image writes a WebP of at most 256 px, which MLflow 3.17's artifact browser does
+    not preview (its previews list .png, .jpg, .gif, .bmp, .svg, not .webp: they showed blank),
+    and which sits small in the card's box. Here it is a PNG from `card_image`; the card reads
+    .png twins as well as .webp.
+    name: from step_image_name, fixed when the image is queued so that a retry rewrites the same
+    files."""
+    import tempfile
+    from pipeline import tracking
+    name = name or step_image_name(key, step)
+    client = tracking.client()
+    with tempfile.TemporaryDirectory() as tmp:
+        full, card = Path(tmp) / f"{name}.png", Path(tmp) / f"{name}+compressed.png"
+        image.save(full, format="PNG")
+        card_image(image).save(card, format="PNG")
+        client.log_artifact(run_id, str(card), "images")
+        client.log_artifact(run_id, str(full), "images")
+    client.set_tag(run_id, "mlflow.loggedImages", "True")  # as log_image sets it
+
+
+# files
 
 def save_pngs(images, out_dir, prefix="sample"):
     """Write each image as out_dir/{prefix}_{i:04d}.png (atomically); return the paths."""
@@ -47,4 +164,3 @@ def save_png(image, path):
     tmp = path.with_name(path.name + ".tmp")
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
-

@@ -54,7 +54,7 @@ def test_vqvae_under_torchrun_makes_one_run_and_resumes(store, image_csv):
     (run,) = runs_in(experiment)  # exactly one run for the two processes
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     assert run.data.params["world_size"] == "2"
-    losses = tracking.client().get_metric_history(run_id, "train/loss")
+    losses = tracking.client().get_metric_history(run_id, "train/vq_loss")
     assert [m.step for m in losses] == [10, 20, 30, 40]  # one value per step, not one per rank
     assert losses[-1].value < losses[0].value
     assert [m.step for m in tracking.client().get_metric_history(
@@ -64,7 +64,7 @@ def test_vqvae_under_torchrun_makes_one_run_and_resumes(store, image_csv):
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(runs_in(experiment)) == 1
     assert "resuming run" in result.stderr
-    steps = [m.step for m in tracking.client().get_metric_history(run_id, "train/loss")]
+    steps = [m.step for m in tracking.client().get_metric_history(run_id, "train/vq_loss")]
     assert steps == [10, 20, 30, 40, 50, 60]
     assert [m.step for m in tracking.client().get_metric_history(
         run_id, "train/discriminator_loss")] == [30, 40, 50, 60]

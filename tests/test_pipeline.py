@@ -37,9 +37,9 @@ def test_end_to_end_then_reuse(store, digits_like, tmp_path):
     prior = tracking.client().get_run(summary["prior_run_id"])
     assert prior.data.tags[tracking.TOKENIZER_RUN_TAG] == summary["vqvae_run_id"]
     metrics = summary["metrics"]
-    for key in ("vqvae/val/psnr", "prior/val/bits_per_dim", "quality/fd_ratio", "quality/nn_ratio",
-                "quality/classes_present", "quality/precision", "quality/real_recall",
-                "ceiling/psnr", "ceiling/fd_ratio", "ceiling/recall"):
+    for key in ("vqvae/val/psnr_db", "prior/val/bits_per_dim", "quality/fd_ratio",
+                "quality/nn_ratio", "quality/classes_present", "quality/precision",
+                "quality/real_recall", "ceiling/psnr", "ceiling/fd_ratio", "ceiling/recall"):
         assert key in metrics, key
     assert summary["feature_space"] == "classifier+random"  # the CSV has labels
     # the tokenizer's ceiling is also on the VQ-VAE run, at its checkpoint's step
@@ -49,6 +49,13 @@ def test_end_to_end_then_reuse(store, digits_like, tmp_path):
     assert logged.step in (15, 30)  # best.pt's step (the tiny preset evaluates at 15 and 30)
     assert tracking.client().get_run(parent).data.metrics["quality/fd_ratio"] == pytest.approx(
         metrics["quality/fd_ratio"])
+    run = tracking.client().get_run(parent)  # what the UI shows of the parent run
+    assert run.info.run_name == f"pipeline tiny {digits_like.parent.name}/train"
+    note = run.data.tags["mlflow.note.content"]
+    assert "python -m pipeline --path_to_data" in note and summary["prior_run_id"] in note
+    assert [(i.dataset.name, i.tags[0].value) for i in run.inputs.dataset_inputs] == \
+        [(f"{digits_like.parent.name}/train.csv", "training")]
+    assert "None" not in run.data.params.values()  # e.g. sample.top_k is left out
 
     again = pipeline(digits_like, out, "pipe-e2e")
     second = json.loads((out / "summary.json").read_text())
@@ -88,7 +95,7 @@ def test_an_interrupted_stage_resumes_in_the_same_run(store, digits_like, tmp_pa
     assert summary["stages"]["vqvae"] == "resume"
     assert summary["vqvae_run_id"] == interrupted[0].info.run_id
     steps = [m.step for m in tracking.client().get_metric_history(summary["vqvae_run_id"],
-                                                                  "train/loss")]
+                                                                  "train/vq_loss")]
     assert steps[-1] == 30 and 10 in steps
 
 

@@ -107,8 +107,8 @@ def test_training_survives_a_server_outage_and_a_resume_uploads_everything(
     assert run_main(train_vqvae.main, ["--resume_run_id", run_id]) == run_id
     assert tracking.client().get_run(run_id).info.status == "FINISHED"
     with_steps = lambda key: [m.step for m in tracking.client().get_metric_history(run_id, key)]
-    assert {20, 30, 40} <= set(with_steps("train/loss"))  # logged while the server was down
-    assert 40 in with_steps("val/psnr")
+    assert {20, 30, 40} <= set(with_steps("train/vq_loss"))  # logged while the server was down
+    assert 40 in with_steps("val/psnr_db")
     assert not (local / runs.UNSENT_METRICS).exists()
     uploaded = tracking.download_artifact(run_id, "checkpoints/last.pt", tmp_path / "dl")
     assert load_checkpoint(uploaded, "vqvae")["step"] == 40

@@ -27,13 +27,13 @@ def test_short_vqvae_training_lowers_the_loss_and_logs_everything(chain):
     assert run.data.tags[tracking.STAGE_TAG] == "tokenizer"
     assert run.data.tags[tracking.TOKENIZER_TAG] == "vqvae"
     assert run.data.params["codebook_size"] == "16" and run.data.params["in_channels"] == "1"
-    losses = [v for _, v in metric_history(run_id, "train/loss")]
+    losses = [v for _, v in metric_history(run_id, "train/vq_loss")]
     assert losses[-1] < 0.8 * losses[0]  # the first value is logged at step 10
-    for key in ("val/mse", "val/psnr", "val/codebook_usage", "val/perplexity",
+    for key in ("val/pixel_mse", "val/psnr_db", "val/codebook_usage", "val/codebook_perplexity",
                 "train/images_per_sec"):
         history = metric_history(run_id, key)
         assert history, key
-    assert [s for s, _ in metric_history(run_id, "val/psnr")] == [40, 80]
+    assert [s for s, _ in metric_history(run_id, "val/psnr_db")] == [40, 80]
     usage = metric_history(run_id, "val/codebook_usage")[-1][1]
     assert 0 < usage <= 1
     artifacts = tracking.list_artifacts(run_id) + tracking.list_artifacts(run_id, "checkpoints")
@@ -70,6 +70,6 @@ def test_resume_continues_the_same_run_with_its_settings(store, image_csv):
     assert resumed == run_id
     checkpoint = download_checkpoint(run_id, "last.pt")
     assert checkpoint["step"] == 30 and checkpoint["train"]["batch_size"] == 16
-    steps = [s for s, _ in metric_history(run_id, "train/loss")]
+    steps = [s for s, _ in metric_history(run_id, "train/vq_loss")]
     assert steps == sorted(steps) and steps[-1] == 30 and 20 in steps
     assert tracking.client().get_run(run_id).info.status == "FINISHED"

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from pipeline import distributed, tracking
+from pipeline import describe, distributed, tracking
 from pipeline.config import build, field
 from pipeline.device import autocast, needs_grad_scaler
 from pipeline.errors import UserError
@@ -17,12 +17,33 @@ from pipeline.images import ImageData, detect_channels, file_sha256, read_table,
 from pipeline.runs import TrainingRun, recorded_config, resume
 from pipeline.schedule import learning_rate_at
 from pipeline.training import apply_gradients, check_finite, check_settings
-from pipeline.visual import side_by_side
+from pipeline.visual import reconstruction_grid
 from vqvae.discriminator import (DiscriminatorConfig, PatchDiscriminator, adaptive_weight,
                                  discriminator_loss, generator_loss)
 from vqvae.model import VQVAE, VQVAEConfig
 
 STAGE, KIND = "tokenizer", "vqvae"
+# Metric names say their stage's quantity and unit, so that runs of several stages can share a
+# chart (the prior logs train/ and val/nats_per_token, val/bits_per_dim).
+METRICS = {
+    "train/vq_loss": "training objective per batch: reconstruction MSE on the [-1, 1] pixel "
+                     "scale + commitment x beta (no unit)",
+    "train/lr": "learning rate",
+    "train/images_per_sec": "training throughput, images/s over all processes",
+    "val/vq_loss": "the training objective on the validation split; its minimum picks "
+                   "checkpoints/best.pt",
+    "val/pixel_mse": "mean squared error per pixel, pixels in [0, 1]",
+    "val/psnr_db": "peak signal-to-noise ratio, 10 log10(1 / pixel_mse), in dB (higher is better)",
+    "val/codebook_usage": "fraction of the K codes used on the validation split",
+    "val/codebook_perplexity": "exp(entropy of code use) on the validation split: the effective "
+                               "number of codes, at most K",
+    "ceiling/*": "the tokenizer's ceiling, logged by the pipeline: quality figures of best.pt's "
+                 "reconstructions of training images (what a perfect prior would reach)",
+    "train/generator_loss, train/adaptive_weight": "with --adversarial_weight: the decoder's "
+                 "adversarial term and its adaptive weight",
+    "train/discriminator_loss, train/logits_real, train/logits_fake": "with "
+                 "--adversarial_weight: the patch discriminator's hinge loss and mean logits",
+}
 
 
 @dataclass
@@ -129,7 +150,7 @@ def train_step(model, ddp_model, optimizer, scaler, images, train, ctx, run_id, 
         with distributed.no_sync(ctx, ddp_model, sync=i == len(micro_batches) - 1):
             with autocast(ctx.device):
                 recon, loss, _ = ddp_model(x)
-                objective, values = loss, {"train/loss": loss}  # train/loss: MSE + commitment
+                objective, values = loss, {"train/vq_loss": loss}  # MSE + commitment
                 if adversarial:
                     term, values_adv = adversary.generator_term(loss, recon,
                                                                 model.decoder.last_layer)
@@ -168,10 +189,44 @@ def evaluate(model, data, indices, device, batch_size=256):
     mse = squared_error / pixels
     probs = counts / counts.sum()
     entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum().item()
-    return {"val/loss": loss_sum / batches, "val/mse": mse,
-            "val/psnr": 10 * math.log10(1 / max(mse, 1e-12)),
+    return {"val/vq_loss": loss_sum / batches, "val/pixel_mse": mse,
+            "val/psnr_db": 10 * math.log10(1 / max(mse, 1e-12)),
             "val/codebook_usage": (counts > 0).float().mean().item(),
-            "val/perplexity": math.exp(entropy)}
+            "val/codebook_perplexity": math.exp(entropy)}
+
+
+def run_description(model, train, flags, csv_sha256, num_train, num_val):
+    """The run's description: what it is, the command that reproduces it, data, metrics."""
+    size, grid = model.image_size, model.grid_size
+    kind = "grayscale" if model.in_channels == 1 else "RGB"
+    return describe.description(
+        f"VQ-VAE tokenizer: {size}x{size} {kind} images -> {grid}x{grid} grids of codes from "
+        f"a codebook of {model.codebook_size}",
+        command=describe.script_command("train_vqvae.py", flags),
+        started_by=describe.process_command(),
+        data=f"`{train.path_to_data}` (SHA-256 `{csv_sha256[:12]}...`): {num_train:,} images "
+             f"for training, {num_val:,} held out for validation (val_fraction "
+             f"{train.val_fraction}, seed {train.seed}); both under *Datasets*",
+        metrics=METRICS,
+        artifacts={
+            "reconstructions": "Model metrics tab: 8 validation images (left) and their "
+                               "reconstructions (right) at each evaluation; step 0 is before "
+                               "training. Files under images/",
+            "config.json": "every setting, and the CSV's SHA-256",
+            "checkpoints/last.pt, best.pt": "weights-only checkpoints (model config, weights, "
+                                            "optimizer, step)",
+            "codes/<name>.npy, .json": "code grids (N, h, w), added by quantize_dataset.py or "
+                                       "the pipeline"},
+        notes=["Resume: `python train_vqvae.py --resume_run_id <this run's ID>`"])
+
+
+@torch.no_grad()
+def log_reconstructions(run, model, preview, step):
+    """Queue the `reconstructions` image: the preview images and the model's reconstructions."""
+    model.eval()
+    recon = model(preview)[0]
+    model.train()
+    run.log_image(reconstruction_grid(preview, recon), "reconstructions", step)
 
 
 def train_vqvae(model_flags=None, train_flags=None, resume_run_id=None, parent_run_id=None,
@@ -239,7 +294,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     generator = torch.Generator().manual_seed(train.seed)  # batch order, identical on all ranks
     step, best_val_loss = 0, float("inf")
     # read before the run opens, so an unreadable image cannot leave a run stuck at RUNNING
-    preview = next(data.ordered(val_idx[:16], 16)).to(device).float() / 255
+    preview = next(data.ordered(val_idx[:8], 8)).to(device).float() / 255
 
     if resume_run_id:
         run, checkpoint = resume(ctx, STAGE, KIND, resume_run_id, train.checkpoint_dir, model,
@@ -254,9 +309,17 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                            "num_train": len(train_idx), "num_val": len(val_idx)}}
         params = {**asdict(train), **asdict(model_config), "num_images": len(data),
                   "world_size": ctx.world_size}  # resolved model values win
+        name = describe.run_name(KIND, f"f{model_config.downsample}",
+                                 f"K{model_config.codebook_size}", f"{model_config.image_size}px")
+        note = run_description(model_config, train, {**train_flags, **(model_flags or {})},
+                               config["data"]["csv_sha256"], len(train_idx), len(val_idx))
+        datasets = describe.csv_inputs(table.csv_path, config["data"]["csv_sha256"],
+                                       {"training": train_idx, "validation": val_idx},
+                                       ["image_path"] + (["label"] if table.labels else []))
         run = distributed.on_main(ctx, lambda: TrainingRun.start(
-            STAGE, config, params, train.checkpoint_dir, train.experiment,
-            tags={tracking.TOKENIZER_TAG: KIND, **(tags or {})}, parent_run_id=parent_run_id))
+            STAGE, config, params, train.checkpoint_dir, train.experiment, run_name=name,
+            tags={tracking.TOKENIZER_TAG: KIND, **(tags or {})}, parent_run_id=parent_run_id,
+            description=note, datasets=datasets))
     run_id = distributed.broadcast_str(ctx, run.run_id if ctx.is_main else None)
     ddp_model = distributed.wrap(ctx, model)
 
@@ -273,6 +336,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     window_start, window_images = time.perf_counter(), 0
     status = "FAILED"
     try:
+        if ctx.is_main and not resume_run_id:  # the slider's step 0: before any training
+            log_reconstructions(run, model, preview, 0)
         model.train()
         while step < train.max_steps:
             lr = learning_rate_at(step, train.learning_rate, train.max_steps)
@@ -293,23 +358,19 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                 window_start, window_images = time.perf_counter(), 0
                 run.log_metrics({**{k: v.item() for k, v in logs.items()}, "train/lr": lr,
                                  "train/images_per_sec": speed}, step)
-                bar.set_postfix(loss=f"{logs['train/loss'].item():.4f}", img_s=f"{speed:.0f}")
+                bar.set_postfix(loss=f"{logs['train/vq_loss'].item():.4f}", img_s=f"{speed:.0f}")
             if step % train.eval_every == 0 or step == train.max_steps:
                 metrics = evaluate(model, data, val_idx, device)
                 run.log_metrics(metrics, step)
-                model.eval()
-                with torch.no_grad():
-                    recon = model(preview)[0]
-                model.train()
-                run.log_image(side_by_side(preview, recon), "reconstructions", step)
-                bar.write(f"step {step}: val/psnr {metrics['val/psnr']:.2f} dB, "
+                log_reconstructions(run, model, preview, step)
+                bar.write(f"step {step}: val/psnr_db {metrics['val/psnr_db']:.2f}, "
                           f"val/codebook_usage {metrics['val/codebook_usage']:.3f}, "
-                          f"val/perplexity {metrics['val/perplexity']:.1f}")
+                          f"val/codebook_perplexity {metrics['val/codebook_perplexity']:.1f}")
                 if adversary and step - train.eval_every < train.adversarial_start <= step:
                     # the objective changed at the start: best.pt is the best since then
                     best_val_loss = float("inf")
-                if metrics["val/loss"] < best_val_loss:
-                    best_val_loss = metrics["val/loss"]
+                if metrics["val/vq_loss"] < best_val_loss:
+                    best_val_loss = metrics["val/vq_loss"]
                     run.save("best.pt", checkpoint_dict())
                 window_start = time.perf_counter()  # keep evaluation out of the throughput
             if step % train.checkpoint_every == 0 or step == train.max_steps:
