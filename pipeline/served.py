@@ -183,7 +183,6 @@ def log_generator(prior_run_id, register=None):
     if not tokenizer_run_id:
         raise UserError(f"run {prior_run_id}: a prior trained from a local file has no "
                         f"tokenizer to serve images with; no model logged")
-    mlflow.set_tracking_uri(tracking.tracking_uri())
     with tempfile.TemporaryDirectory() as tmp:
         prior = _download_checkpoint(prior_run_id, Path(tmp) / "prior")
         tokenizer = _download_checkpoint(tokenizer_run_id, Path(tmp) / "tokenizer")
@@ -228,8 +227,7 @@ def register_prior(prior_run_id, name, alias="champion"):
         filter_string=f"source_run_id = '{prior_run_id}'",
         order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1)
     if logged:
-        mlflow.set_tracking_uri(tracking.tracking_uri())
-        version = mlflow.register_model(f"models:/{logged[0].model_id}", name).version
+            version = mlflow.register_model(f"models:/{logged[0].model_id}", name).version
     else:
         version = log_generator(prior_run_id, name)[1]
     client.set_registered_model_alias(name, alias, str(version))

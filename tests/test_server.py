@@ -61,7 +61,7 @@ def test_the_whole_chain_against_a_server(server, image_csv, tmp_path):
     for run_id in (vq, prior):
         run = tracking.client().get_run(run_id)
         assert run.info.status == "FINISHED"
-        assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:"), (run_id, run.info.artifact_uri)
     # The checkpoints live in the server's artifact destination, and are whole.
     stored = {p.relative_to(server.artifacts).as_posix(): p for p in server.artifacts.rglob("*.pt")}
     for run_id, kind in ((vq, "vqvae"), (prior, "prior")):
