@@ -53,14 +53,21 @@ def load_codes_file(path, codebook_size, grid=None):
     return check_codes(read_npy(path), codebook_size, str(path), grid)
 
 
-def pick_artifact(run_id, folder, name, suffix, flag):
-    """The artifact folder/<name><suffix>; with name None, the only (or latest-named) one."""
+def pick_artifact(run_id, folder, name, suffix, flag, default="train"):
+    """The artifact folder/<name><suffix>. With name None: the only one, else `default` when
+    present (the pipeline names the training CSV's codes `train`); several others are an error
+    that lists them, rather than a silent pick."""
     available = sorted(Path(p).name[:-len(suffix)] for p in tracking.list_artifacts(run_id, folder)
                        if p.endswith(suffix))
     if not available:
         raise UserError(f"{flag} {run_id}: has no {folder}/*{suffix} artifacts")
     if name is None:
-        return available[-1]
+        if len(available) == 1:
+            return available[0]
+        if default in available:
+            return default
+        raise UserError(f"{flag} {run_id}: has several {folder}/*{suffix} artifacts "
+                        f"({', '.join(available)}); name one")
     if name not in available:
         raise UserError(f"{flag} {run_id}: has no {folder}/{name}{suffix} "
                         f"(available: {', '.join(available)})")

@@ -106,7 +106,10 @@ def decode_and_log(tokenizer, codes, log_run_id, name, out_dir=None, where=""):
                         f"{tuple(tokenizer.grid)} (it may be larger, with whole pixels, not smaller)")
     images = tokenizer.decode(codes)
     grid = image_grid(images[:64], ncol=8)
-    tracking.log_image(log_run_id, grid, "samples", step=0)
+    # the run page's card: 16 large enough to judge; all of them are under samples/<name>/
+    shown = min(16, len(images))
+    tracking.log_image(log_run_id, image_grid(images[:shown], ncol=4, title=(
+        f"{name}: {shown} of {len(images)} samples")), "samples", step=0)
     with tempfile.TemporaryDirectory() as tmp:
         save_pngs(images, Path(tmp) / name)
         tracking.log_artifacts(log_run_id, Path(tmp) / name, f"samples/{name}")

@@ -173,7 +173,9 @@ def log_artifacts(run_id, local_dir, artifact_dir):
 
 def log_image(run_id, image, key, step):
     """A PIL image under `key` at `step`, so the MLflow UI's step slider shows progress."""
-    _with_retries(lambda: client().log_image(run_id, image, key=key, step=step),
+    from pipeline.visual import log_step_image, step_image_name
+    name = step_image_name(key, step)  # fixed here, so that a retry rewrites the same files
+    _with_retries(lambda: log_step_image(run_id, image, key, step, name),
                   f"log image '{key}' to run {run_id}", required=False)
 
 

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 import priors
-from pipeline import distributed, tracking
+from pipeline import describe, distributed, tracking
 from pipeline.codes import load_codes_file, load_run_codes
 from pipeline.config import build, field
 from pipeline.device import autocast, needs_grad_scaler
@@ -30,6 +30,18 @@ from pipeline.schedule import learning_rate_at
 from pipeline.training import check_finite, check_settings
 
 STAGE = "prior"
+# Named like the VQ-VAE's: quantity and unit, so the stages never share a chart by accident.
+METRICS = {
+    "train/nats_per_token": "training objective per batch: mean negative log-likelihood of a "
+                            "token, in nats (absorbing: its weighted masked-token loss)",
+    "train/lr": "learning rate",
+    "train/tokens_per_sec": "training throughput, tokens/s over all processes",
+    "val/nats_per_token": "negative log-likelihood of the validation split per token, in nats "
+                          "(absorbing: the ELBO bound); its minimum picks checkpoints/best.pt",
+    "val/bits_per_dim": "the same per image dimension (pixels x channels), in bits: comparable "
+                        "across tokenizers and priors",
+    "heldout/<name>/bits_per_dim": "added by `python -m pipeline evaluate` on another CSV",
+}
 
 
 @dataclass
@@ -133,6 +145,41 @@ def load_tokens(train):
         return codes, {"codebook_size": train.codebook_size, "values_per_pixel": 1,
                        "ordered": False, "labels": None}
     raise UserError("give --run_id <tokenizer run> or --path_to_data codes.npy --codebook_size K")
+
+
+def run_name(family, config):
+    """'prior gpt 4L 128d K64 4x4': family, depth and width where it has them, vocabulary, grid
+    (and 'cond' for a class-conditional prior)."""
+    depth = getattr(config, "n_layer", None) or getattr(config, "n_layers", None)
+    width = getattr(config, "n_embd", None) or getattr(config, "filters", None)
+    return describe.run_name(STAGE, family, depth and f"{depth}L", width and f"{width}d",
+                             f"K{config.vocab_size}", f"{config.grid_h}x{config.grid_w}",
+                             "cond" if config.num_classes else None)
+
+
+def run_description(family, config, train, flags, where, num_train, num_val, classes):
+    """The run's description: what it is, the command that reproduces it, data, metrics."""
+    grid = f"{config.grid_h}x{config.grid_w}"
+    conditional = f", conditional on {len(classes)} classes" if classes else ""
+    return describe.description(
+        f"Prior `{family}` over {grid} grids of {config.vocab_size} token values{conditional}",
+        command=describe.script_command("train.py", flags),
+        started_by=describe.process_command(),
+        data=f"`{where}`: {num_train:,} grids for training, {num_val:,} for validation "
+             f"(val_fraction {train.val_fraction}, seed {train.seed}); both under *Datasets*",
+        metrics=METRICS,
+        artifacts={
+            "config.json": "every setting and the codes' lineage",
+            "checkpoints/last.pt, best.pt": "weights-only checkpoints (config, weights, EMA "
+                                            "weights when --ema_decay, optimizer, step)",
+            "generator": "the MLflow Model: this prior and its tokenizer, served by `mlflow "
+                         "models serve` (absent with --no-log_model)",
+            "generated/<name>.npy, samples": "added by transformer_generation.py: token grids "
+                                             "and their decoded images",
+            "completions": "added by transformer_generation.py --complete"},
+        notes=["Generate: `python transformer_generation.py --run_id <this run's ID> "
+               "--num_samples 16`", "",
+               "Resume: `python train.py --resume_run_id <this run's ID>`"])
 
 
 def finish_model(run_id, train, has_tokenizer):
@@ -244,9 +291,17 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         config = {"model": asdict(model_config), "train": asdict(train), "data": lineage}
         params = {**asdict(train), **asdict(model_config), "num_sequences": n,
                   "world_size": ctx.world_size}
+        splits = {"training": train_idx.tolist(), "validation": val_idx.tolist()}
+        datasets = (describe.codes_inputs(lineage["tokenizer_run_id"], meta["codes_name"], meta,
+                                          tokens, splits) if train.run_id else
+                    describe.npy_inputs(train.path_to_data, tokens, splits))
+        note = run_description(module.Model.family, model_config, train,
+                               {**train_flags, **model_flags}, where, len(train_idx),
+                               len(val_idx), classes)
         run = distributed.on_main(ctx, lambda: TrainingRun.start(
-            STAGE, config, params, train.checkpoint_dir, train.experiment, tags=run_tags,
-            parent_run_id=parent_run_id))
+            STAGE, config, params, train.checkpoint_dir, train.experiment,
+            run_name=run_name(module.Model.family, model_config), tags=run_tags,
+            parent_run_id=parent_run_id, description=note, datasets=datasets))
     run_id = distributed.broadcast_str(ctx, run.run_id if ctx.is_main else None)
     ddp_model = distributed.wrap(ctx, model)
     if ctx.enabled:

@@ -28,7 +28,7 @@ HEADER_HEIGHT = 16  # PIL's bitmap font is 11 pixels tall
 
 
 def to_uint8(images):
-    """(B, C, S, S) floats in [0, 1] -> uint8 numpy (B, S, S) or (B, S, S, 3)."""
+    """(B, C, H, W) floats in [0, 1] -> uint8 numpy (B, H, W) or (B, H, W, 3)."""
     array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return array[:, 0] if array.shape[1] == 1 else array.transpose(0, 2, 3, 1)
 
@@ -36,9 +36,10 @@ def to_uint8(images):
 # helpers
 
 def _cells(images, min_cell):
-    """(B, C, S, S) in [0, 1] -> uint8 RGB (B, T, T, 3), enlarged by the integer factor that
-    makes T = S * factor at least min_cell."""
-    scale = max(1, -(-min_cell // images.shape[-1]))
+    """(B, C, H, W) in [0, 1] -> uint8 RGB (B, H', W', 3), enlarged by the integer factor that
+    makes the shorter side at least min_cell (images larger than the training size are wider
+    or taller)."""
+    scale = max(1, -(-min_cell // min(images.shape[-2:])))
     big = torch.nn.functional.interpolate(images.float().cpu().clamp(0, 1), scale_factor=scale,
                                           mode="nearest")
     cells = to_uint8(big)
@@ -46,14 +47,14 @@ def _cells(images, min_cell):
 
 
 def _block(cells, ncol, pad):
-    """Cells (B, T, T, 3) in rows of ncol, pad pixels apart -> one uint8 array (H, W, 3)."""
-    n, t = len(cells), cells.shape[1]
+    """Cells (B, H, W, 3) in rows of ncol, pad pixels apart -> one uint8 array."""
+    n, h, w = cells.shape[:3]
     rows = -(-n // ncol)
-    block = np.empty((rows * t + (rows - 1) * pad, ncol * t + (ncol - 1) * pad, 3), np.uint8)
+    block = np.empty((rows * h + (rows - 1) * pad, ncol * w + (ncol - 1) * pad, 3), np.uint8)
     block[:] = GAP
     for i, cell in enumerate(cells):
         r, c = divmod(i, ncol)
-        block[r * (t + pad):r * (t + pad) + t, c * (t + pad):c * (t + pad) + t] = cell
+        block[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = cell
     return block
 
 

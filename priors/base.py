@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from pipeline.config import field
 from pipeline.errors import UserError
 from priors.heads import make_head
 
@@ -29,15 +30,20 @@ DATA_FIELDS = ("vocab_size", "grid_h", "grid_w", "channels", "ordered", "num_cla
 
 @dataclass
 class PriorConfig:
-    vocab_size: int = 512      # K token values (VQ codes, pixel levels, palette entries)
-    grid_h: int = 16           # token grid rows
-    grid_w: int = 16           # token grid columns (for RGB levels: 3 values per pixel)
-    channels: int = 1          # values per pixel along a row: 3 for RGB levels, else 1
-    ordered: bool = False      # token values are ordered intensities (`pixels` levels)
-    head: str = "softmax"      # softmax over the vocabulary | mixture (ordered tokens only)
-    mixtures: int = 10         # logistic components of the mixture head
-    num_classes: int = 0       # 0: unconditional; else labels 0..num_classes-1, null = num_classes
-    label_dropout: float = 0.1  # share of training examples seen without their label (guidance)
+    # set from the tokens (DATA_FIELDS), never by a flag
+    vocab_size: int = field(512, "K token values (VQ codes, pixel levels, palette entries)")
+    grid_h: int = field(16, "token grid rows")
+    grid_w: int = field(16, "token grid columns (for RGB levels: 3 values per pixel)")
+    channels: int = field(1, "values per pixel along a row: 3 for RGB levels, else 1")
+    ordered: bool = field(False, "token values are ordered intensities (pixels levels)")
+    num_classes: int = field(0, "0: unconditional; else labels 0..num_classes-1, and the null "
+                                "label num_classes")
+    # the user's
+    head: str = field("softmax", "output head: softmax over the vocabulary, or mixture (a "
+                                 "discretized logistic mixture; ordered tokens only)")
+    mixtures: int = field(10, "logistic components of the mixture head")
+    label_dropout: float = field(0.1, "with --conditional: share of training examples seen "
+                                      "without their label (what guidance pushes away from)")
 
     @property
     def block_size(self):

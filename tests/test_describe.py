@@ -105,3 +105,20 @@ def test_codes_inputs_name_the_tokenizer_run_and_follow_the_contents(store):
     local = describe.npy_inputs("/data/codes.npy", codes, {"training": [0, 1, 2, 3]})
     assert json.loads(local[0].dataset.source) == {"uri": "/data/codes.npy"}
     assert local[0].dataset.digest == first[0].dataset.digest  # the same codes, wherever kept
+
+
+def test_a_prior_run_says_what_it_is_and_names_its_codes(chain):
+    from pipeline.train_prior import METRICS as PRIOR_METRICS
+    run = tracking.client().get_run(chain["prior"])
+    assert run.info.run_name == "prior gpt 2L 32d K16 4x4"
+    note = run.data.tags[describe.NOTE_TAG]
+    assert "\n    python train.py --run_id" in note
+    for name in PRIOR_METRICS:  # heldout/* comes later, from `python -m pipeline evaluate`
+        assert f"`{name}`" in note
+        assert name.startswith("heldout/") or name in run.data.metrics, name
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    for dataset in inputs.values():  # the codes artifact of the tokenizer run, with its CSV
+        codes = f"runs:/{chain['vqvae']}/codes/{chain['csv'].stem}.npy"
+        assert json.loads(dataset.source)["uri"] == codes
+        assert json.loads(dataset.profile)["csv_sha256"] == file_sha256(chain["csv"])

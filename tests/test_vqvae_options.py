@@ -45,7 +45,7 @@ def test_two_micro_batches_take_the_same_steps_as_one_batch():
     whole, halves = copy.deepcopy(model), copy.deepcopy(model)
     logs_whole = steps_with(whole, 1, batches)
     logs_halves = steps_with(halves, 2, batches)
-    torch.testing.assert_close(logs_halves["train/loss"], logs_whole["train/loss"])
+    torch.testing.assert_close(logs_halves["train/vq_loss"], logs_whole["train/vq_loss"])
     moved = 0
     for (name, a), b, start in zip(whole.state_dict().items(), halves.state_dict().values(),
                                    model.state_dict().values()):
@@ -111,7 +111,7 @@ def test_adversarial_training_logs_saves_and_resumes_its_discriminator(store, im
     for key in ("train/discriminator_loss", "train/generator_loss", "train/adaptive_weight",
                 "train/logits_real", "train/logits_fake"):
         assert history(key) == [20], key  # logged once the discriminator has started
-    assert history("train/loss") == [10, 20]
+    assert history("train/vq_loss") == [10, 20]
     checkpoint = download_checkpoint(run_id)
     state = checkpoint["discriminator"]
     assert state["config"] == {"in_channels": 1, "channels": 8, "n_layers": 2}
@@ -129,7 +129,7 @@ def test_without_the_option_nothing_adversarial_happens(chain):
     checkpoint = download_checkpoint(chain["vqvae"])
     assert "discriminator" not in checkpoint
     metrics = tracking.client().get_run(chain["vqvae"]).data.metrics
-    assert "train/loss" in metrics and "train/discriminator_loss" not in metrics
+    assert "train/vq_loss" in metrics and "train/discriminator_loss" not in metrics
 
 
 @pytest.mark.parametrize("flags, match", [

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.config import field
 from pipeline.errors import UserError
 from priors.base import PriorConfig, RasterPrior
 from transformer.attention import LinearAttention, RecurrentState
@@ -31,15 +32,17 @@ ATTENTION_KINDS = ("softmax", "linear", "momentum")
 
 @dataclass
 class GPTConfig(PriorConfig):
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.1
-    window_size: Optional[int] = None  # local 2-D causal window radius in cells; None = full
-    attention: str = "softmax"  # softmax | linear (elu+1 features) | momentum (linear + momentum)
-    mu: float = 0.6             # momentum attention: the momentum, in [0, 1)
-    stepsize: float = 0.4       # momentum attention: step size s; a key d positions back
-                                # weighs s (1 - mu^(d+1)) / (1 - mu), from s up to s / (1 - mu)
+    n_layer: int = field(4, "transformer blocks")
+    n_head: int = field(4, "attention heads")
+    n_embd: int = field(128, "width of the transformer")
+    dropout: float = field(0.1, "dropout on embeddings, attention and MLP outputs")
+    window_size: Optional[int] = field(None, "attend only to earlier tokens within this many "
+                                             "rows and columns (default: full causal attention)")
+    attention: str = field("softmax", "softmax | linear (elu+1 features) | momentum (linear "
+                                      "attention with momentum)")
+    mu: float = field(0.6, "momentum attention: the momentum, in [0, 1)")
+    # a key d positions back weighs s (1 - mu^(d+1)) / (1 - mu), from s up to s / (1 - mu)
+    stepsize: float = field(0.4, "momentum attention: the step size s")
 
     def validate(self):
         super().validate()

@@ -37,12 +37,15 @@ METRICS = {
     "val/codebook_usage": "fraction of the K codes used on the validation split",
     "val/codebook_perplexity": "exp(entropy of code use) on the validation split: the effective "
                                "number of codes, at most K",
-    "ceiling/*": "the tokenizer's ceiling, logged by the pipeline: quality figures of best.pt's "
-                 "reconstructions of training images (what a perfect prior would reach)",
-    "train/generator_loss, train/adaptive_weight": "with --adversarial_weight: the decoder's "
-                 "adversarial term and its adaptive weight",
-    "train/discriminator_loss, train/logits_real, train/logits_fake": "with "
-                 "--adversarial_weight: the patch discriminator's hinge loss and mean logits",
+}
+ADVERSARIAL_METRICS = {
+    "train/generator_loss": "the decoder's adversarial (hinge) loss; the objective adds "
+                            "--adversarial_weight x train/adaptive_weight x this",
+    "train/adaptive_weight": "the ratio of the reconstruction and adversarial gradient norms at "
+                             "the decoder's last layer (Esser et al. 2021)",
+    "train/discriminator_loss": "the patch discriminator's hinge loss",
+    "train/logits_real": "the discriminator's mean logit on real images",
+    "train/logits_fake": "its mean logit on reconstructions",
 }
 
 
@@ -207,7 +210,7 @@ def run_description(model, train, flags, csv_sha256, num_train, num_val):
         data=f"`{train.path_to_data}` (SHA-256 `{csv_sha256[:12]}...`): {num_train:,} images "
              f"for training, {num_val:,} held out for validation (val_fraction "
              f"{train.val_fraction}, seed {train.seed}); both under *Datasets*",
-        metrics=METRICS,
+        metrics={**METRICS, **(ADVERSARIAL_METRICS if train.adversarial_weight else {})},
         artifacts={
             "reconstructions": "Model metrics tab: 8 validation images (left) and their "
                                "reconstructions (right) at each evaluation; step 0 is before "
@@ -217,7 +220,9 @@ def run_description(model, train, flags, csv_sha256, num_train, num_val):
                                             "optimizer, step)",
             "codes/<name>.npy, .json": "code grids (N, h, w), added by quantize_dataset.py or "
                                        "the pipeline"},
-        notes=["Resume: `python train_vqvae.py --resume_run_id <this run's ID>`"])
+        notes=["`ceiling/*`, when present, is logged by the pipeline: the quality figures of "
+               "best.pt's reconstructions of training images, what a perfect prior could reach.",
+               "", "Resume: `python train_vqvae.py --resume_run_id <this run's ID>`"])
 
 
 @torch.no_grad()
