@@ -29,7 +29,6 @@ and compare rows within one run.
 import argparse
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from pipeline.demo_data import write_digits  # noqa: E402
 from pipeline.evaluate import image_nll  # noqa: E402
 from pipeline.generate import LoadedPrior  # noqa: E402
 from pipeline.images import ImageData, read_table, split_indices  # noqa: E402
-from pipeline.quality import quality_report  # noqa: E402
+from pipeline.quality import QualityReference  # noqa: E402
 from pipeline.visual import image_grid, save_png  # noqa: E402
 
 # The small preset's VQ-VAE (pipeline/run.py), and the same at 32x32 with 2x downsampling.
@@ -57,29 +56,6 @@ DROPOUT = {"gpt": 0.3, "absorbing": 0.1}
 TABLE_KEYS = ("fd_ratio", "precision", "recall", "classifier_confidence", "classes_present")
 
 
-class LogisticClassifier:
-    """The project's digit classifier: today pipeline.quality's logistic regression on pixels.
-    When pipeline.quality gains its small CNN (`ImageClassifier`, same fit/predict), replace
-    `Classifier = LogisticClassifier` below by `from pipeline.quality import ImageClassifier
-    as Classifier`."""
-
-    def __init__(self, model):
-        self.model = model
-
-    @classmethod
-    def fit(cls, images, labels):
-        from sklearn.linear_model import LogisticRegression
-        model = LogisticRegression(max_iter=2000, C=0.1)  # as pipeline.quality fits it
-        model.fit(images.flatten(1).numpy(), np.asarray([str(v) for v in labels]))
-        return cls(model)
-
-    def predict(self, images):
-        """-> (predicted labels (N,) str, confidence (N,))."""
-        probs = self.model.predict_proba(images.flatten(1).numpy())
-        return self.model.classes_[probs.argmax(1)], probs.max(1)
-
-
-Classifier = LogisticClassifier
 
 
 # helpers
@@ -189,7 +165,11 @@ def evaluate_grid(grid, prior_runs, args, out_dir):
                                              (train_config["val_fraction"], train_config["seed"]))
     heldout, heldout_labels = load_images(tokenizer, args.heldout_csv)
     heldout_tokens = tokenizer.encode(heldout)
-    classifier = Classifier.fit(train_images, train_labels)
+    # one reference for every row: the held-out features, the real-image figures and the
+    # project's CNN classifier (pipeline.quality), fitted once on the training images
+    reference = QualityReference(heldout, train_images, train_labels, heldout_labels,
+                                 seed=args.seed)
+    classifier = reference.classifier
     classes = priors["gpt"].classes
     num_samples = args.num_samples if grid == "small" else args.large_num_samples
     grid_args = argparse.Namespace(**{**vars(args), "num_samples": num_samples})
@@ -210,7 +190,7 @@ def evaluate_grid(grid, prior_runs, args, out_dir):
             peak = matmul_peak_flops(torch.device("cpu"), seconds=0.5)
             images, labels, figures = measure_row(prior, settings, tokenizer, len(classes),
                                                   grid_args, generator)
-            quality = quality_report(images, heldout, train_images, train_labels, seed=args.seed)
+            quality = reference.report(images)
             row = {"grid": f"{tokenizer.grid[0]}x{tokenizer.grid[1]}", "prior": family,
                    "sampler": sampler, "steps": steps or prior.model.config.block_size,
                    "bits_per_dim": bits, "bits_kind": kind,
@@ -337,7 +317,7 @@ def main():
             pick = large[(large.sampler == sampler) & (large.steps == 8)]
             if len(pick):
                 headline[f"speedup_b1_256codes_{sampler}8"] = gpt / pick.s_per_image_b1.iloc[0]
-        print(f"\n256 codes, batch 1: GPT with KV cache over absorbing at 8 steps: "
+        print("\n256 codes, batch 1: GPT with KV cache over absorbing at 8 steps: "
               + ", ".join(f"{k}: {v:.1f}x" for k, v in headline.items()))
     total = time.perf_counter() - started
     print(f"total {total / 60:.1f} min (timings on a shared machine are noisy)", file=sys.stderr)

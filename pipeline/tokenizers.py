@@ -18,7 +18,6 @@ import torch
 from pipeline import tracking
 from pipeline.codes import codes_dtype
 from pipeline.device import autocast, pick_device
-from pipeline.errors import UserError
 from pipeline.images import ImageData, detect_channels, file_sha256, read_table, split_indices
 from pipeline.runs import load_run_checkpoint
 

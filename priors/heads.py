@@ -155,6 +155,6 @@ def make_head(config, channels=1):
             raise UserError("--head mixture needs ordered tokens (a `pixels` tokenizer in "
                             "`levels` mode); VQ codes and palette entries have no order")
         if config.vocab_size < 2 or config.mixtures < 1:
-            raise UserError(f"--head mixture needs at least 2 values and 1 mixture component")
+            raise UserError("--head mixture needs at least 2 values and 1 mixture component")
         return MixtureHead(config.vocab_size, config.mixtures, channels)
     raise UserError(f"--head must be softmax or mixture, got '{config.head}'")

@@ -2,7 +2,6 @@
 with labels and guidance, completion figures, held-out likelihood, and a prior run made before
 the families still generating."""
 
-import json
 import math
 import tempfile
 

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.train_prior import WeightAverage, evaluate
-from priors.heads import MixtureHead, SoftmaxHead
+from priors.heads import MixtureHead
 from transformer.gpt import GPT, GPTConfig
 
 
