@@ -47,6 +47,11 @@ def process_group(device_flag=None):
     ctx = init(device_flag)
     try:
         yield ctx
+        if ctx.enabled:
+            # Leave together: a rank that tears gloo down while rank 0 is still logging can
+            # abort at exit ("terminate called without an active exception"). Not after an
+            # error, where the other ranks may be gone.
+            dist.barrier()
     finally:
         if ctx.enabled and dist.is_initialized():
             dist.destroy_process_group()
