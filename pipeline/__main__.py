@@ -21,11 +21,25 @@ from pipeline.errors import UserError, run_cli
 from pipeline.tracking import resolve_run_id
 
 
+SAMPLE_FLAGS = (
+    ("num_samples", int, "images to draw"),
+    ("batch_size", int, "images per sampling batch (default: all at once)"),
+    ("temperature", float, "divides the logits (lower: likelier tokens, less variety)"),
+    ("top_k", int, "draw among the k likeliest tokens only"),
+    ("top_p", float, "draw among the likeliest tokens holding this much probability"),
+    ("labels", str, "conditional prior: '3,3,7' (one sample each) or 'all' (each class in turn)"),
+    ("guidance", float, "classifier-free guidance weight (1 = plain conditional)"),
+    ("steps", int, "absorbing prior: network evaluations per sample"),
+    ("sampler", str, "absorbing prior: absorbing | maskgit"),
+    ("choice_temperature", float, "absorbing prior, maskgit sampler: confidence noise scale"),
+)
+
+
 def sample_flags(parser):
-    group = parser.add_argument_group("sampling (--sample.<flag>)")
-    for flag, kind in (("num_samples", int), ("batch_size", int), ("temperature", float),
-                       ("top_k", int), ("top_p", float)):
-        group.add_argument(f"--sample.{flag}", type=kind, default=argparse.SUPPRESS)
+    group = parser.add_argument_group("sampling (--sample.<flag>, transformer_generation.py's)")
+    for flag, kind, help_text in SAMPLE_FLAGS:
+        group.add_argument(f"--sample.{flag}", type=kind, default=argparse.SUPPRESS,
+                           help=help_text)
 
 
 def main(argv=None):
@@ -38,9 +52,13 @@ def main(argv=None):
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])
     demo = bool(argv) and argv[0] == "demo"
+    # the family's own flags depend on --prior.prior, or else the preset's family
     first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--prior.prior", dest="family", default="gpt")
-    family = priors.family(first.parse_known_args(argv)[0].family)
+    first.add_argument("--preset", default="small")
+    first.add_argument("--prior.prior", dest="family")
+    known = first.parse_known_args(argv)[0]
+    family = priors.family(known.family or PRESETS.get(known.preset, {}).get("prior", {})
+                           .get("prior", "gpt"))
     parser = argparse.ArgumentParser(prog="python -m pipeline" + (" demo" if demo else ""),
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,7 +195,9 @@ def report(summary):
                      f"{int(m['quality/num_classes'])}, classifier confidence "
                      f"{m['quality/classifier_confidence']:.2f}" + (
                          f" (the classifier's held-out accuracy {accuracy:.3f})"
-                         if accuracy is not None else ""))
+                         if accuracy is not None else "") + (
+                         f", drawn class recognised in {m['quality/label_agreement']:.2f}"
+                         if "quality/label_agreement" in m else ""))
     if "ceiling/fd_ratio" in m:
         lines.append(
             f"tokenizer ceiling (a perfect prior: VQ-VAE reconstructions of training images; "

@@ -25,15 +25,19 @@ KEY_TAG = "pipeline.key"
 PRESETS = {
     # 1,500 16x16 images end to end in a few minutes on 2 CPU cores. K=64 rather than 128: a
     # smaller vocabulary is easier for the prior to learn from 1,350 sequences (FD ratio 1.72
-    # vs 1.92, PSNR 28.3 vs 29.3 dB on the demo digits).
+    # vs 1.92, PSNR 28.3 vs 29.3 dB on the demo digits). With labels the prior is
+    # class-conditional and draws each class in turn (unlabelled CSVs: fit_label_settings);
+    # 2,400 steps and the sampling settings were picked on the validation split with
+    # benchmarks/sweep_sampling.py (README, *Quality figures*).
     "small": {
         "vqvae": {"image_size": 16, "channels": 64, "downsample": 4, "codebook_size": 64,
                   "batch_size": 64, "max_steps": 600, "learning_rate": 1e-3,
                   "eval_every": 200, "checkpoint_every": 200},
         "prior": {"n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.3, "batch_size": 64,
-                  "max_steps": 800, "learning_rate": 6e-4, "weight_decay": 0.1,
-                  "eval_every": 100, "checkpoint_every": 200},
-        "sample": {"num_samples": 300, "temperature": 1.0, "top_k": None, "top_p": None},
+                  "max_steps": 2400, "learning_rate": 6e-4, "weight_decay": 0.1,
+                  "eval_every": 100, "checkpoint_every": 200, "conditional": True},
+        "sample": {"num_samples": 300, "temperature": 1.1, "top_k": 48, "top_p": None,
+                   "labels": "all", "guidance": 1.05},
     },
     # a GPU: larger images, codebook and prior
     "base": {
@@ -55,20 +59,29 @@ PRESETS = {
         "sample": {"num_samples": 64, "temperature": 1.0, "top_k": None, "top_p": None},
     },
 }
-SAMPLE_KEYS = ("num_samples", "batch_size", "temperature", "top_k", "top_p", "seed")
+# what reaches generate(): labels ('3,3,7' or 'all') and guidance need a conditional prior;
+# steps, sampler and choice_temperature are the absorbing prior's (others refuse them)
+SAMPLE_KEYS = ("num_samples", "batch_size", "temperature", "top_k", "top_p", "seed", "labels",
+               "guidance", "steps", "sampler", "choice_temperature")
 # The parent run's metrics; the stages' own names keep their units (val/psnr_db, ...).
 METRICS = {
     "vqvae/val/*": "the VQ-VAE run's last validation figures, under that run's names "
                    "(val/psnr_db in dB, val/codebook_usage as a fraction, ...)",
     "prior/val/*": "the prior run's last validation figures, under that run's names",
     "quality/fd_ratio": "Frechet distance of the samples to held-out images over that of real "
-                        "training images (random-conv features; 1 = as close as real data)",
+                        "training images (in the space of tag quality.feature_space; 1 = as "
+                        "close as real data)",
+    "quality/precision, recall": "share of samples on the held-out images' manifold, share of "
+                                 "held-out images on the samples' (k = 3; real_precision and "
+                                 "real_recall: the same for real training images)",
     "quality/nn_ratio": "median pixel distance of a sample to its nearest training image over "
                         "the same for held-out images (far below 1 = copies)",
     "quality/copy_fraction": "fraction of samples closer to the training set than 95% of "
                              "held-out images",
-    "quality/classes_present, classifier_confidence": "with labels: classes a logistic "
-        "regression finds among the samples, and its mean top probability",
+    "quality/classes_present, classifier_confidence": "with labels: classes a small CNN "
+        "classifier finds among the samples, and its mean top probability",
+    "quality/label_agreement": "class-conditional samples: share the classifier assigns to the "
+                               "class they were drawn for",
     "time/*_s": "wall time of each stage in seconds (time/sampling_codes_per_s: codes/s)",
 }
 
@@ -102,6 +115,25 @@ def run_stage(name, key, experiment, train_fn, model_flags, train_flags, parent_
     run_id = train_fn(model_flags, train_flags, parent_run_id=parent_run_id,
                       tags={KEY_TAG: key})
     return run_id, action
+
+
+def fit_label_settings(settings, overrides, has_labels):
+    """Fit the preset's class-conditional settings to the data: without a label column the
+    prior is unconditional, and an unconditional prior samples without labels or guidance.
+    Settings the user gave are kept (and fail with their own error). -> the names dropped."""
+    def given(stage, key):
+        return key in overrides.get(stage, {})
+    dropped = []
+    prior = settings["prior"]
+    if not has_labels and prior.get("conditional") and not given("prior", "conditional"):
+        prior["conditional"] = False
+        dropped.append("prior.conditional")
+    if not prior.get("conditional"):
+        for key in ("labels", "guidance"):
+            if settings["sample"].get(key) is not None and not given("sample", key):
+                settings["sample"][key] = None
+                dropped.append(f"sample.{key}")
+    return dropped
 
 
 def split_flags(flags, *config_classes):
@@ -155,7 +187,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     from pipeline.train_prior import TrainConfig as PriorTrainConfig, train_prior
     from vqvae.model import VQVAEConfig
     from vqvae.train import TrainConfig as VQTrainConfig, train_vqvae
-    from pipeline.quality import QualityReference, vqvae_ceiling
+    from pipeline.quality import QualityReference, label_agreement, vqvae_ceiling
 
     if preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got '{preset}'")
@@ -164,6 +196,11 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     overrides = overrides or {}
     settings = {stage: {"seed": seed, **PRESETS[preset][stage], **overrides.get(stage, {})}
                 for stage in ("vqvae", "prior", "sample")}
+    dropped = fit_label_settings(settings, overrides, table.labels is not None)
+    if dropped:
+        print(f"left out the preset's {', '.join(dropped)}: " + (
+            f"{path_to_data} has no label column" if table.labels is None else
+            "the prior is unconditional"), file=sys.stderr)
     csv_hash = file_sha256(table.csv_path)
     timings, started = {}, time.perf_counter()
 
@@ -240,13 +277,17 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
             for old in samples_dir.glob("sample_*.png"):
                 old.unlink()
         save_pngs(images, samples_dir)
-        save_png(image_grid(images[:64], ncol=8), out_dir / "grid.png")
+        requested = tracking.load_json_artifact(prior_run, f"generated/{name}.json")["labels"]
+        save_png(sample_grid(images, requested, sample.get("labels")), out_dir / "grid.png")
         timings["generate_s"] = time.perf_counter() - t0
         timings["sampling_codes_per_s"] = codes.numel() / sampling_s
 
         # 5. quality, against held-out real images
         t0 = time.perf_counter()
         quality = reference.report(images)
+        if requested is not None and reference.classifier is not None:
+            quality["label_agreement"] = label_agreement(reference.classifier, images,
+                                                         requested)["agreement"]
         timings["quality_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
 
@@ -281,6 +322,14 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         return summary
     finally:
         tracking.end_run(parent, status)
+
+
+def sample_grid(images, requested=None, labels_spec=None, rows=8):
+    """The first samples, 8 to a row; with --sample.labels all (classes in turn), one column
+    per class, so each column shows one class's variety."""
+    classes = sorted(set(requested)) if requested else []
+    ncol = len(classes) if labels_spec == "all" and 1 < len(classes) <= 16 else 8
+    return image_grid(images[:ncol * rows], ncol=ncol)
 
 
 def _write_json(path, obj):

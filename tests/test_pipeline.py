@@ -107,3 +107,54 @@ def test_bad_csv_fails_before_any_run(store, tmp_path, capsys):
                                 str(tmp_path / "o"), "--experiment", "pipe-bad"])
     assert "nope.png' does not exist" in capsys.readouterr().err
     assert tracking.client().get_experiment_by_name("pipe-bad") is None
+
+
+def test_conditional_and_sampler_flags_reach_training_and_sampling(store, digits_like, tmp_path):
+    out = tmp_path / "out"
+    run_main(pipeline_main, ["--path_to_data", str(digits_like), "--out_dir", str(out),
+                             "--preset", "tiny", "--experiment", "pipe-flags",
+                             "--prior.conditional", "--no-prior.log_model",
+                             "--sample.labels", "all", "--sample.guidance", "2",
+                             "--sample.num_samples", "20", "--sample.top_k", "8"])
+    summary = json.loads((out / "summary.json").read_text())
+    prior = tracking.client().get_run(summary["prior_run_id"])
+    assert prior.data.params["conditional"] == "True" and prior.data.params["num_classes"] == "2"
+    record = tracking.load_json_artifact(summary["prior_run_id"],
+                                         summary["generated"].replace(".npy", ".json"))
+    assert record["labels"] == ["0", "1"] * 10  # each class in turn
+    assert (record["guidance"], record["top_k"], record["num_samples"]) == (2.0, 8, 20)
+    assert 0 <= summary["metrics"]["quality/label_agreement"] <= 1
+    from PIL import Image
+    width, height = Image.open(out / "grid.png").size
+    assert height > 3 * width  # one column per class: 2 columns of 8 samples
+
+    # the absorbing prior's sampler settings reach its sampler
+    run_main(pipeline_main, ["--path_to_data", str(digits_like), "--out_dir", str(out),
+                             "--preset", "tiny", "--experiment", "pipe-flags",
+                             "--prior.prior", "absorbing", "--no-prior.log_model",
+                             "--sample.sampler", "maskgit", "--sample.steps", "3"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"]["vqvae"] == "reuse"
+    assert tracking.client().get_run(summary["prior_run_id"]).data.tags["pipeline.prior"] == \
+        "absorbing"
+    record = tracking.load_json_artifact(summary["prior_run_id"],
+                                         summary["generated"].replace(".npy", ".json"))
+    assert (record["sampler"], record["steps"], record["labels"]) == ("maskgit", 3, None)
+
+
+def test_label_settings_of_a_preset_are_left_out_without_labels():
+    from pipeline.run import fit_label_settings
+    preset = {"prior": {"conditional": True}, "sample": {"labels": "all", "guidance": 2.0}}
+    settings = json.loads(json.dumps(preset))
+    assert fit_label_settings(settings, {}, has_labels=True) == [] and settings == preset
+    dropped = fit_label_settings(settings, {}, has_labels=False)
+    assert dropped == ["prior.conditional", "sample.labels", "sample.guidance"]
+    assert settings == {"prior": {"conditional": False},
+                        "sample": {"labels": None, "guidance": None}}
+    # the user's own flags stay (train_prior then names the missing label column)
+    settings = json.loads(json.dumps(preset))
+    assert fit_label_settings(settings, {"prior": {"conditional": True}}, False) == []
+    # --no-prior.conditional on labelled data: sample without the preset's labels
+    settings = {"prior": {"conditional": False}, "sample": {"labels": "all", "guidance": 2.0}}
+    assert fit_label_settings(settings, {"prior": {"conditional": False}}, True) == \
+        ["sample.labels", "sample.guidance"]

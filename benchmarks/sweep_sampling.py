@@ -1,0 +1,129 @@
+"""Pick sampling settings on the VALIDATION split: the quality figures of a prior's samples for
+every combination of temperature / top-k / top-p / guidance, judged against the rows of the
+training CSV that the VQ-VAE and the prior held out (their shared `val_fraction` split), never
+against a held-out CSV.
+
+    python benchmarks/sweep_sampling.py --run_id <prior> --path_to_data demo_data/train.csv \
+        --temperature 0.8 1.0 --top_k 0 32 --guidance 1 2 3 --seeds 0 1
+
+A conditional prior samples each class in turn (`--labels all`); top_k 0 means no top-k, top_p
+1 no top-p, guidance 1 plain conditional sampling. Each row is the mean over the seeds; `ok`
+marks the settings that reach issue 12's targets on this split (confidence >= 0.90, every class,
+precision and recall >= 0.9 x the real reference's, FD ratio <= 1.3, nn ratio >= 0.9). The first
+row is the tokenizer's ceiling on the same split (a perfect prior over its codes).
+"""
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.generate import LoadedPrior, sample_tokens  # noqa: E402
+from pipeline.quality import QualityReference, label_agreement, tokenizer_ceiling  # noqa: E402
+from pipeline.run import load_split_images  # noqa: E402
+
+COLUMNS = ("conf", "classes", "P", "R", "P/real", "R/real", "FD ratio", "nn ratio", "agree")
+
+
+def meets_targets(row):
+    return (row["classifier_confidence"] >= 0.90 and row["classes_present"] == row["num_classes"]
+            and row["precision"] >= 0.9 * row["real_precision"]
+            and row["recall"] >= 0.9 * row["real_recall"]
+            and row["fd_ratio"] <= 1.3 and row["nn_ratio"] >= 0.9)
+
+
+def format_row(name, row):
+    cells = [f"{row['classifier_confidence']:.3f}", f"{row['classes_present']:.0f}",
+             f"{row['precision']:.3f}", f"{row['recall']:.3f}",
+             f"{row['precision'] / row['real_precision']:.2f}",
+             f"{row['recall'] / row['real_recall']:.2f}", f"{row['fd_ratio']:.2f}",
+             f"{row['nn_ratio']:.2f}",
+             f"{row['label_agreement']:.2f}" if "label_agreement" in row else "-"]
+    return f"| {name} | " + " | ".join(cells) + f" | {'ok' if meets_targets(row) else ''} |"
+
+
+def mean_rows(rows):
+    """The mean of each numeric figure over the seeds' reports."""
+    return {k: float(np.mean([r[k] for r in rows])) for k, v in rows[0].items()
+            if isinstance(v, (int, float))}
+
+
+def sweep(prior, tokenizer, reference, settings, num_samples, seeds, extra):
+    """-> [(setting dict, mean report, seconds sampling per seed)] for every setting."""
+    classes = prior.classes
+    label_ids = (torch.arange(num_samples) % len(classes)) if classes else None
+    requested = [classes[i] for i in label_ids.tolist()] if classes else None
+    results = []
+    for setting in settings:
+        rows, seconds = [], 0.0
+        for seed in seeds:
+            generator = torch.Generator(device=prior.device).manual_seed(seed)
+            start = time.perf_counter()
+            codes = sample_tokens(prior.model, num_samples, num_samples, label_ids, generator,
+                                  **setting, **extra)
+            seconds += time.perf_counter() - start
+            images = tokenizer.decode(codes)
+            row = reference.report(images)
+            if requested is not None:
+                row["label_agreement"] = label_agreement(reference.classifier, images,
+                                                         requested)["agreement"]
+            rows.append(row)
+        results.append((setting, mean_rows(rows), seconds / len(seeds)))
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run_id", nargs="+", required=True, help="prior run(s)")
+    parser.add_argument("--path_to_data", required=True,
+                        help="the training CSV (its validation rows are the reference)")
+    parser.add_argument("--temperature", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--top_k", type=int, nargs="+", default=[0], help="0 = off")
+    parser.add_argument("--top_p", type=float, nargs="+", default=[1.0], help="1 = off")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0],
+                        help="conditional priors only; 1 = plain conditional")
+    parser.add_argument("--steps", type=int, help="absorbing prior: network evaluations")
+    parser.add_argument("--sampler", help="absorbing prior: absorbing | maskgit")
+    parser.add_argument("--num_samples", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    extra = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v is not None}
+    reference, ceiling_done = None, set()
+    print("| setting | " + " | ".join(COLUMNS) + " | targets |")
+    print("|---" * (len(COLUMNS) + 2) + "|")
+    for run_id in args.run_id:
+        prior = LoadedPrior(run_id, torch.device("cpu"))
+        tokenizer = prior.tokenizer()
+        if reference is None or tokenizer.run_id not in ceiling_done:
+            train, val, train_labels, val_labels = load_split_images(tokenizer.run_id,
+                                                                     args.path_to_data)
+            reference = QualityReference(val, train, train_labels, val_labels)
+            ceiling = tokenizer_ceiling(lambda x: tokenizer.decode(tokenizer.encode(x)),
+                                        reference)
+            print(format_row(f"ceiling of {tokenizer.run_id[:8]} ({len(val)} val images, "
+                             f"PSNR {ceiling['psnr']:.1f} dB)", ceiling))
+            ceiling_done.add(tokenizer.run_id)
+        guidances = args.guidance if prior.classes else [1.0]
+        settings = [{"temperature": t, "top_k": k or None, "top_p": None if p >= 1 else p,
+                     "guidance": None if g == 1 else g}
+                    for t, k, p, g in itertools.product(args.temperature, args.top_k,
+                                                        args.top_p, guidances)]
+        for setting, row, seconds in sweep(prior, tokenizer, reference, settings,
+                                           args.num_samples, args.seeds, extra):
+            name = f"{run_id[:8]} " + " ".join(f"{k}={v}" for k, v in setting.items()
+                                               if v is not None)
+            print(format_row(f"{name} ({seconds:.1f} s)", row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
