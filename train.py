@@ -14,6 +14,7 @@ import sys
 import priors
 from pipeline.config import add_flags, given
 from pipeline.errors import run_cli
+from pipeline.tracking import resolve_run_id
 from pipeline.train_prior import TrainConfig, train_prior
 from priors.base import DATA_FIELDS
 
@@ -31,7 +32,7 @@ def main(argv=None):
     parser.add_argument("--resume_run_id", help="continue this run from its checkpoints/last.pt")
     args = parser.parse_args(argv)
     run_id = train_prior(given(args, family.Config), given(args, TrainConfig),
-                         resume_run_id=args.resume_run_id)
+                         resume_run_id=resolve_run_id(args.resume_run_id, "--resume_run_id"))
     if run_id is not None:  # under torchrun only rank 0 has it
         print(f"run_id={run_id}")
 

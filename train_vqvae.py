@@ -10,6 +10,7 @@ import argparse
 
 from pipeline.config import add_flags, given
 from pipeline.errors import run_cli
+from pipeline.tracking import resolve_run_id
 from vqvae.model import VQVAEConfig
 from vqvae.train import TrainConfig, train_vqvae
 
@@ -22,7 +23,7 @@ def main(argv=None):
     parser.add_argument("--resume_run_id", help="continue this run from its checkpoints/last.pt")
     args = parser.parse_args(argv)
     run_id = train_vqvae(given(args, VQVAEConfig), given(args, TrainConfig),
-                         resume_run_id=args.resume_run_id)
+                         resume_run_id=resolve_run_id(args.resume_run_id, "--resume_run_id"))
     if run_id is not None:  # under torchrun only rank 0 has it
         print(f"run_id={run_id}")
 

@@ -183,6 +183,7 @@ def probe(run_id, path_to_data, heldout=None, val_fraction=0.15, heldout_fractio
             raise UserError(f"{name} must be in (0, 1), got {value}")
     device = pick_device(device)
     prior = LoadedPrior(run_id, device)
+    run_id = prior.run_id  # a models:/ URI resolved to its run
     if not hasattr(prior.model, "hidden_states"):
         raise UserError(f"--run_id {run_id}: the {prior.family} prior has no per-layer "
                         f"features to probe (the gpt prior has)")
@@ -199,8 +200,11 @@ def probe(run_id, path_to_data, heldout=None, val_fraction=0.15, heldout_fractio
     if min(len(train), len(val), len(test)) == 0:
         raise UserError(f"{path_to_data}: too few images ({len(images)}) for a train, a "
                         f"validation and a held-out split")
-    tokens = tokenizer.encode(images)
     y = labels.numpy()
+    if len(np.unique(y[train])) < 2:
+        raise UserError(f"{path_to_data}: the probe's training split holds one class only "
+                        f"('{classes[y[train][0]]}'); a probe needs labels of two classes or more")
+    tokens = tokenizer.encode(images)
     started = time.perf_counter()
 
     features = pooled_features(prior.model, tokens, device)

@@ -45,6 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.errors import UserError
+
 K_NEIGHBOURS = 3
 FEATURE_SPACES = ("classifier+random", "classifier", "random")
 
@@ -247,6 +249,12 @@ def nearest_distances(queries, references, batch=512):
 # main class
 
 
+def _check_enough(images, what):
+    # the k-nearest-neighbour radii need k other points in each set
+    if len(images) <= K_NEIGHBOURS:
+        raise UserError(f"quality figures need more than {K_NEIGHBOURS} {what}, got {len(images)}")
+
+
 class QualityReference:
     """What every quality report compares against, computed once: the held-out set's features,
     the real-training-image reference figures, the classifier. `report(images)` then costs only
@@ -257,6 +265,8 @@ class QualityReference:
 
     def __init__(self, heldout, train, train_labels=None, heldout_labels=None, seed=0,
                  feature_space="auto"):
+        for name, images in (("held-out", heldout), ("training", train)):
+            _check_enough(images, f"{name} images")
         self.heldout, self.train, self.seed = heldout.float(), train.float(), seed
         if feature_space == "auto":
             feature_space = "random" if train_labels is None else "classifier+random"
@@ -309,6 +319,7 @@ class QualityReference:
 
     def report(self, images):
         """images (N, C, S, S) in [0, 1] -> a flat dict of figures (see the module doc)."""
+        _check_enough(images, "samples")
         images = images.float()
         features = self.embed(images)
         real = self.real_figures(min(len(images), len(self.train)))
@@ -339,11 +350,6 @@ class QualityReference:
             figures["classifier_heldout_accuracy"] = self.classifier.accuracy(
                 self.heldout, self.heldout_labels)
         return figures
-
-
-def quality_report(samples, heldout, train, train_labels=None, seed=0, heldout_labels=None):
-    """All images (N, C, S, S) in [0, 1]. Returns a flat dict of figures (see module doc)."""
-    return QualityReference(heldout, train, train_labels, heldout_labels, seed).report(samples)
 
 
 @torch.no_grad()

@@ -176,6 +176,26 @@ def describe_pipeline(preset, path_to_data, settings, command, stages=None):
         notes=["Child runs (expand this run in the runs list):", "", *notes] if notes else ())
 
 
+def check_quality_sizes(table, settings, heldout_csv):
+    """Fail before any training when the quality figures could not be computed: their
+    k-nearest-neighbour radii need more than K_NEIGHBOURS samples and held-out images."""
+    from pipeline.quality import K_NEIGHBOURS
+    from vqvae.train import TrainConfig as VQTrainConfig
+    if heldout_csv:
+        where, n_heldout = heldout_csv, len(read_table(heldout_csv).paths)
+    else:
+        fraction = settings["vqvae"].get("val_fraction", VQTrainConfig.val_fraction)
+        n_heldout = len(split_indices(len(table.paths), fraction, settings["vqvae"]["seed"])[1])
+        where = f"the validation split of {table.csv_path} (--vqvae.val_fraction {fraction})"
+    if n_heldout <= K_NEIGHBOURS:
+        raise UserError(f"{where}: {n_heldout} held-out images; the quality figures need more "
+                        f"than {K_NEIGHBOURS}")
+    n_samples = settings["sample"]["num_samples"]
+    if n_samples <= K_NEIGHBOURS:
+        raise UserError(f"--sample.num_samples {n_samples}: the quality figures need more "
+                        f"than {K_NEIGHBOURS} samples")
+
+
 def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experiment=None,
                  heldout_csv=None, seed=0, register=None, data_name=None, command=None):
     """Run (or reuse) every stage; writes out_dir/samples/*.png, grid.png, summary.json.
@@ -197,6 +217,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     settings = {stage: {"seed": seed, **PRESETS[preset][stage], **overrides.get(stage, {})}
                 for stage in ("vqvae", "prior", "sample")}
     dropped = fit_label_settings(settings, overrides, table.labels is not None)
+    check_quality_sizes(table, settings, heldout_csv)
     if dropped:
         print(f"left out the preset's {', '.join(dropped)}: " + (
             f"{path_to_data} has no label column" if table.labels is None else

@@ -2,7 +2,7 @@
 
 `log_generator(prior_run_id)` logs an MLflow Model (pyfunc, models-from-code:
 pipeline/served_model.py) holding the prior's and the tokenizer's checkpoints, this toolkit's
-code, a signature and the prior's lineage; `--register NAME` adds it to the Model Registry.
+code, an output signature and the prior's lineage; `--register NAME` adds it to the Model Registry.
 `mlflow models serve -m models:/NAME@alias --env-manager local` then answers /invocations.
 
 A request is a table, one row per request:
@@ -12,6 +12,10 @@ and the answer one row per image: request (its row), sample, label, seed,
 image_png_base64 (a PNG, base64) and codes_json (the token grid as JSON). Each request row
 draws with its own generator seeded by `seed`, so the same request gives the same images,
 whatever else is in the batch. A bad request raises a 400-style error naming the problem.
+
+The signature describes the answer only. With an input schema MLflow drops request columns it
+does not know, silently: a misspelt `lable` would give unconditional images. Without one the
+columns reach `_check`, which refuses unknown ones and checks every value itself.
 """
 
 import base64
@@ -30,12 +34,10 @@ PACKAGES = ("pipeline", "priors", "transformer", "pixelcnn", "vqvae", "pixels")
 MAX_SAMPLES = 64          # images per request row
 MAX_TOTAL_SAMPLES = 256   # images per call (all rows)
 MODEL_NAME = "generator"  # the logged model's name within the run
-# numbers are doubles in the schema: a request table with a missing integer holds NaN, which an
-# integer column cannot; _check turns them into ints and refuses fractions
-REQUEST_COLUMNS = {"num_samples": "double", "label": "string", "temperature": "double",
-                   "top_k": "double", "top_p": "double", "guidance": "double", "steps": "double",
-                   "seed": "double"}
-INTEGERS = ("num_samples", "top_k", "steps", "seed")
+REQUEST_COLUMNS = {"num_samples": "whole number", "label": "string", "temperature": "number",
+                   "top_k": "whole number", "top_p": "number", "guidance": "number",
+                   "steps": "whole number", "seed": "whole number"}
+MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 RESPONSE_COLUMNS = {"request": "long", "sample": "long", "label": "string", "seed": "long",
                     "image_png_base64": "string", "codes_json": "string"}
 
@@ -45,14 +47,22 @@ class RequestError(ValueError):
 
 
 def _value(row, key, default=None, where=""):
-    value = row.get(key, default)
+    """One field of a request row: `default` when absent (a gap in a table is NaN), a label as
+    a string, a number checked for its kind (REQUEST_COLUMNS)."""
+    value = row.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return default
-    if key in INTEGERS:
-        if isinstance(value, str) or float(value) != int(float(value)):
+    if key == "label":  # a column of labels with gaps holds floats: 3.0 is label '3'
+        return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    kind = REQUEST_COLUMNS[key]
+    if isinstance(value, (str, bool)) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value):
+        raise RequestError(f"{where}: {key} must be a {kind}, got {value!r}")
+    if kind == "whole number":
+        if value != int(value):
             raise RequestError(f"{where}: {key} must be a whole number, got {value!r}")
-        return int(float(value))
-    return value
+        return int(value)
+    return float(value)
 
 
 class ServedGenerator:
@@ -81,7 +91,7 @@ class ServedGenerator:
         from pipeline.errors import UserError
         rows = requests.to_dict("records") if hasattr(requests, "to_dict") else list(requests)
         try:
-            if not rows or not any(rows):  # MLflow drops columns the signature does not know
+            if not rows or not any(rows):
                 raise RequestError(f"no requests: send rows with any of the fields "
                                    f"{', '.join(REQUEST_COLUMNS)}")
             settings = [self._check(i, row) for i, row in enumerate(rows)]
@@ -105,33 +115,34 @@ class ServedGenerator:
         n = _value(row, "num_samples", 1, where)
         if not 1 <= n <= MAX_SAMPLES:
             raise RequestError(f"{where}: num_samples must be in 1..{MAX_SAMPLES}, got {n}")
-        temperature = float(_value(row, "temperature", 1.0))
+        temperature = _value(row, "temperature", 1.0, where)
         if temperature < 0:
             raise RequestError(f"{where}: temperature must be >= 0, got {temperature}")
-        top_k, top_p = _value(row, "top_k", None, where), _value(row, "top_p")
-        if top_k is not None and int(top_k) < 1:
+        top_k, top_p = _value(row, "top_k", None, where), _value(row, "top_p", None, where)
+        if top_k is not None and top_k < 1:
             raise RequestError(f"{where}: top_k must be at least 1, got {top_k}")
-        if top_p is not None and not 0 < float(top_p) <= 1:
+        if top_p is not None and not 0 < top_p <= 1:
             raise RequestError(f"{where}: top_p must be in (0, 1], got {top_p}")
-        guidance, steps = _value(row, "guidance"), _value(row, "steps", None, where)
-        if guidance is not None and float(guidance) < 0:
+        guidance, steps = _value(row, "guidance", None, where), _value(row, "steps", None, where)
+        if guidance is not None and guidance < 0:
             raise RequestError(f"{where}: guidance must be >= 0, got {guidance}")
+        if steps is not None and steps < 1:
+            raise RequestError(f"{where}: steps must be at least 1, got {steps}")
+        seed = _value(row, "seed", 0, where)
+        if not 0 <= seed <= MAX_SEED:
+            raise RequestError(f"{where}: seed must be in 0..{MAX_SEED}, got {seed}")
         label = _value(row, "label")
         label_id = None
         if label is not None:
             if not self.classes:
                 raise RequestError(f"{where}: this model was trained without labels")
-            if str(label) not in self.classes:
+            if label not in self.classes:
                 raise RequestError(f"{where}: unknown label '{label}'; known labels: "
                                    f"{', '.join(self.classes)}")
-            label_id = self.classes.index(str(label))
-        return {"num_samples": n, "label": None if label is None else str(label),
-                "label_id": label_id, "temperature": temperature,
-                "top_k": None if top_k is None else int(top_k),
-                "top_p": None if top_p is None else float(top_p),
-                "guidance": None if guidance is None else float(guidance),
-                "steps": None if steps is None else int(steps),
-                "seed": _value(row, "seed", 0, where)}
+            label_id = self.classes.index(label)
+        return {"num_samples": n, "label": label, "label_id": label_id,
+                "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                "guidance": guidance, "steps": steps, "seed": seed}
 
     @torch.no_grad()
     def _answer(self, i, s):
@@ -156,11 +167,12 @@ class ServedGenerator:
 
 
 def signature():
+    """The answer's columns; no input schema (see the module doc): the request's columns are
+    in the model's metadata, `request_columns`."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
-    inputs = Schema([ColSpec(kind, name, required=False) for name, kind in REQUEST_COLUMNS.items()])
     outputs = Schema([ColSpec(kind, name) for name, kind in RESPONSE_COLUMNS.items()])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    return ModelSignature(inputs=None, outputs=outputs)
 
 
 def requirements():
@@ -193,7 +205,8 @@ def log_generator(prior_run_id, register=None):
                              code_paths=[str(ROOT / p) for p in PACKAGES if (ROOT / p).is_dir()],
                              pip_requirements=requirements(), signature=signature(),
                              registered_model_name=register,
-                             metadata={"prior_run_id": prior_run_id,
+                             metadata={"request_columns": REQUEST_COLUMNS,
+                                       "prior_run_id": prior_run_id,
                                        "tokenizer_run_id": tokenizer_run_id,
                                        "prior": tracking.stage_of(run)[1]})
     version = getattr(info, "registered_model_version", None)
@@ -226,7 +239,7 @@ def register_prior(prior_run_id, name, alias="champion"):
         filter_string=f"source_run_id = '{prior_run_id}'",
         order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1)
     if logged:
-            version = mlflow.register_model(f"models:/{logged[0].model_id}", name).version
+        version = mlflow.register_model(f"models:/{logged[0].model_id}", name).version
     else:
         version = log_generator(prior_run_id, name)[1]
     client.set_registered_model_alias(name, alias, str(version))

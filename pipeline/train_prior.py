@@ -27,7 +27,7 @@ from pipeline.errors import UserError
 from pipeline.images import split_indices
 from pipeline.runs import TrainingRun, recorded_config, resume
 from pipeline.schedule import learning_rate_at
-from pipeline.training import check_finite, check_settings
+from pipeline.training import apply_gradients, check_finite, check_settings
 
 STAGE = "prior"
 # Named like the VQ-VAE's: quantity and unit, so the stages never share a chart by accident.
@@ -57,9 +57,9 @@ class TrainConfig:
     accumulate: int = field(1, "split each batch into this many micro-batches (less memory, "
                                "same update)")
     max_steps: int = field(5000, "optimizer steps")
-    max_minutes: Optional[float] = field(None, "also stop after this many minutes of training "
-                                               "(for equal-time comparisons); the learning-rate "
-                                               "schedule then runs on the clock")
+    max_minutes: Optional[float] = field(None, "also stop after this many minutes (wall time, "
+                                               "validation included: equal-time comparisons); "
+                                               "the learning-rate schedule then runs on the clock")
     learning_rate: float = field(6e-4, "peak AdamW learning rate (warmup, then cosine)")
     weight_decay: float = field(0.1, "AdamW weight decay on matrices (not on norms/biases)")
     grad_clip: float = field(1.0, "clip the gradient norm to this")
@@ -76,7 +76,7 @@ class TrainConfig:
     log_model: bool = field(True, "at the end, log an MLflow Model (the prior and its tokenizer, "
                                   "served by `mlflow models serve`)")
     register: Optional[str] = field(None, "also register that model under this name in the "
-                                          "Model Registry")
+                                          "Model Registry (a new version, alias @champion)")
 
 
 RESUME_OVERRIDES = ("max_steps", "max_minutes", "device", "eval_every", "checkpoint_every",
@@ -185,9 +185,13 @@ def run_description(family, config, train, flags, where, num_train, num_val, cla
 def finish_model(run_id, train, has_tokenizer):
     """The MLflow Model at the end of a training (pipeline/served.py); a prior trained from a
     local file has no tokenizer to decode with, so it gets none."""
-    if (train.log_model or train.register) and has_tokenizer:
-        from pipeline.served import log_generator
-        log_generator(run_id, train.register)
+    if not has_tokenizer:
+        return
+    from pipeline.served import log_generator, register_prior
+    if train.log_model:
+        log_generator(run_id)
+    if train.register:  # the model just logged (or a new one), as a version with @champion
+        register_prior(run_id, train.register)
 
 
 def train_prior(model_flags=None, train_flags=None, resume_run_id=None, parent_run_id=None,
@@ -352,10 +356,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                 loss_sum = loss_sum + loss.detach() / train.accumulate
             mean_loss = distributed.mean(ctx, loss_sum)  # every rank stops on a NaN anywhere
             check_finite(mean_loss, run_id, step)
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            apply_gradients(model, optimizer, scaler, train.grad_clip)
             if average is not None:
                 average.update(model)
             step += 1

@@ -23,13 +23,6 @@ def check_finite(loss, run_id, step):
                         f"(try a lower --learning_rate)")
 
 
-def optimizer_step(loss, model, optimizer, scaler, grad_clip):
-    """Backward, unscale (fp16), clip the gradient norm, step."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    apply_gradients(model, optimizer, scaler, grad_clip)
-
-
 def apply_gradients(model, optimizer, scaler, grad_clip):
     """Unscale (fp16), clip the gradient norm, step: the end of a step whose gradients were
     accumulated by one or more backward passes."""

@@ -35,7 +35,7 @@ def step_images(run_id):
 
 def test_step_images_are_named_as_mlflow_names_them_with_png_card_images(store, tmp_path):
     image = Image.fromarray((np.arange(300 * 200) % 256).astype(np.uint8).reshape(200, 300))
-    ours, theirs = tracking.create_run("vqvae"), tracking.create_run("vqvae")
+    ours, theirs = tracking.create_run("tokenizer"), tracking.create_run("tokenizer")
     log_step_image(ours, image, "a/b", 3)
     tracking.client().log_image(theirs, image, key="a/b", step=3)
     for run_id, thumb_ext in ((theirs, "webp"), (ours, "png")):  # the pattern is MLflow's own

@@ -109,6 +109,20 @@ def test_bad_csv_fails_before_any_run(store, tmp_path, capsys):
     assert tracking.client().get_experiment_by_name("pipe-bad") is None
 
 
+def test_too_few_heldout_images_or_samples_fail_before_any_run(store, image_csv, tmp_path,
+                                                                capsys):
+    from pipeline.errors import run_cli
+    for flags, message in (
+            (["--vqvae.val_fraction", "0.05"], "2 held-out images; the quality figures need"),
+            (["--sample.num_samples", "3"], "--sample.num_samples 3: the quality figures need")):
+        with pytest.raises(SystemExit):
+            run_cli(pipeline_main, ["--path_to_data", str(image_csv), "--out_dir",
+                                    str(tmp_path / "o"), "--preset", "tiny",
+                                    "--experiment", "pipe-few", *flags])
+        assert message in capsys.readouterr().err
+    assert tracking.client().get_experiment_by_name("pipe-few") is None
+
+
 def test_conditional_and_sampler_flags_reach_training_and_sampling(store, digits_like, tmp_path):
     out = tmp_path / "out"
     run_main(pipeline_main, ["--path_to_data", str(digits_like), "--out_dir", str(out),

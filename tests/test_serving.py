@@ -4,6 +4,7 @@ in every script, and served by a real `mlflow models serve` on loopback."""
 import base64
 import io
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -27,7 +28,6 @@ def registered(chain):
     run_id = run_main(train_prior_script.main, ["--run_id", chain["vqvae"], "--conditional",
                                                 "--max_steps", "6", "--eval_every", "6",
                                                 "--register", NAME, *TINY_PRIOR])
-    tracking.client().set_registered_model_alias(NAME, "champion", "1")
     return run_id
 
 
@@ -71,8 +71,11 @@ def test_pyfunc_predict_gives_pngs_the_same_seed_the_same_image(registered):
     for bad, match in (({"num_samples": 1000.0}, "num_samples must be in 1..64"),
                        ({"label": "7"}, "unknown label '7'; known labels: 0, 1, 2"),
                        ({"temperature": -1.0}, "temperature must be >= 0"),
-                       ({"num_samples": 1.5}, "num_samples must be a whole number")):
-        with pytest.raises(MlflowException, match=match) as error:
+                       ({"num_samples": 1.5}, "num_samples must be a whole number"),
+                       ({"lable": "1"}, "unknown field(s) lable"),  # not dropped silently
+                       ({"seed": 2.0 ** 64}, "seed must be in 0..9223372036854775807"),
+                       ({"temperature": "hot"}, "temperature must be a number")):
+        with pytest.raises(MlflowException, match=re.escape(match)) as error:
             model.predict(pd.DataFrame([bad]))
         assert error.value.error_code == "INVALID_PARAMETER_VALUE"
 
@@ -93,7 +96,8 @@ def test_mlflow_models_serve_answers_invocations_with_images(registered, store):
         for body, match in (({"dataframe_records": [{"num_samples": 100000}]}, "num_samples"),
                             ({"dataframe_records": [{"label": "x"}]}, "unknown label"),
                             ({"dataframe_records": [{"temperature": -2}]}, "temperature"),
-                            ({"dataframe_records": [{"foo": 1}]}, "no requests"),
+                            ({"dataframe_records": [{"foo": 1}]}, "unknown field(s) foo"),
+                            ({"dataframe_records": [{}]}, "no requests"),
                             (b"{not json", "JSON")):
             status, error = server.invoke(body)
             assert 400 <= status < 500 and match in json.dumps(error), (status, error)

@@ -54,8 +54,8 @@ class GPTConfig(PriorConfig):
             raise UserError(f"--attention must be one of {', '.join(ATTENTION_KINDS)}, got "
                             f"'{self.attention}'")
         if self.attention != "softmax" and self.window_size is not None:
-            raise UserError(f"--window_size works with --attention softmax only (a running sum "
-                            f"cannot drop the keys that leave a window)")
+            raise UserError("--window_size works with --attention softmax only (a running sum "
+                            "cannot drop the keys that leave a window)")
         if not 0 <= self.mu < 1 or self.stepsize <= 0:
             raise UserError(f"--mu must be in [0, 1) and --stepsize positive, got {self.mu} and "
                             f"{self.stepsize}")
