@@ -70,6 +70,7 @@ from pipeline.config import field
 from pipeline.errors import UserError
 from priors.base import Prior, PriorConfig
 from priors.sampling import filter_logits, guided
+from transformer.init import init_gpt2
 
 LOSSES = ("elbo", "reweighted_elbo", "mlm")
 SAMPLERS = ("absorbing", "maskgit")
@@ -190,17 +191,7 @@ class Absorbing(Prior):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.head_proj = nn.Linear(config.n_embd, self.head.out_dim, bias=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        init_gpt2(self, config.n_layer)
 
     # the network
 

@@ -14,7 +14,6 @@ step per new token on a cache of the kind's own: keys and values for softmax (KV
 running sums for the linear kinds (RecurrentState).
 """
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,6 +25,7 @@ from pipeline.config import field
 from pipeline.errors import UserError
 from priors.base import PriorConfig, RasterPrior
 from transformer.attention import LinearAttention, RecurrentState
+from transformer.init import init_gpt2
 
 ATTENTION_KINDS = ("softmax", "linear", "momentum")
 
@@ -158,17 +158,7 @@ class GPT(RasterPrior):
         self.register_buffer("mask", attention_mask(config.grid_h, config.grid_w,
                                                     config.window_size) if windowed else None,
                              persistent=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        init_gpt2(self, config.n_layer)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before the prior family called the output projection `head`
