@@ -97,8 +97,8 @@ class SelfAttention(nn.Module):
         self.proj_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, mask, cache=None, layer=0, start=0):
-        """x (B, L, C) at positions start..start+L-1; mask (L, start+L) bool, or None for
-        plain causal attention over a full sequence."""
+        """x (B, L, C) at positions start..start+L-1; mask (L, start+L) bool, or None: causal
+        attention for L > 1, and for one query (a sampling step) every key up to it."""
         b, length, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         q, k, v = (z.view(b, length, self.n_head, c // self.n_head).transpose(1, 2)
@@ -109,10 +109,10 @@ class SelfAttention(nn.Module):
             k = cache.k[layer, :, :, :start + length]  # (B, nh, start+L, hs)
             v = cache.v[layer, :, :, :start + length]
         dropout = self.dropout if self.training else 0.0
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        # is_causal aligns the queries with the first keys, so a lone query (the newest
+        # position) takes no mask at all: it reads the whole cache
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                           is_causal=mask is None and length > 1)
         y = y.transpose(1, 2).contiguous().view(b, length, c)
         return self.proj_dropout(self.proj(y))
 
@@ -172,8 +172,7 @@ class GPT(RasterPrior):
         a list `hidden`, append the residual stream (B, L, n_embd) at the input and after each
         block."""
         length = tokens.shape[1]
-        positions = torch.arange(start, start + length, device=tokens.device)
-        x = self.token_embedding(tokens) + self.position_embedding(positions)
+        x = self.token_embedding(tokens) + self.position_embedding.weight[start:start + length]
         if labels is not None:
             x = x + self.label_embedding(labels)[:, None]
         x = self.dropout(x)
@@ -181,7 +180,7 @@ class GPT(RasterPrior):
             mask = self.mask[start:start + length, :start + length]
         elif self.config.attention != "softmax":
             mask = None  # the linear kinds are causal by construction
-        elif cache is not None and (start > 0 or length > 1):
+        elif cache is not None and start > 0 and length > 1:
             # queries at start.. see every key up to themselves: a shifted causal mask
             mask = torch.ones(length, start + length, dtype=torch.bool,
                               device=tokens.device).tril(diagonal=start)
