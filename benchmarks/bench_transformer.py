@@ -3,6 +3,16 @@ FLOPs per token and the fraction of this machine's measured matmul peak.
 
     python benchmarks/bench_transformer.py                      # the issue's size: 16x16 grid,
     python benchmarks/bench_transformer.py --batch_sizes 1 64 256   # d=256, 8 heads, 4 layers, 512 codes
+
+FLOPs counted per sampled code (one cached step of one image), 2 per multiply-add, matmuls only:
+per layer the fused qkv (3 d^2), the output projection (d^2) and the MLP (8 d^2) weights, plus
+the attention scores and weighted sum over the keys cached so far (2 * context * d); then the
+head (d * vocab). The step at position t attends over t + 1 keys, so a whole image averages
+(T + 1) / 2. Layer norms, GELU, softmaxes, biases and the draw itself are not counted.
+
+The attention reads every cached key and value once per step: n_layer * 2 * context * d fp32
+numbers per code (about 1 MB at the default size), so at large batches the cached sampler is
+bound by memory bandwidth as much as by the matmul peak; the script prints that figure too.
 """
 
 import argparse
@@ -25,6 +35,11 @@ def flops_per_token(config, context):
     return 2 * weights + layers * 4 * context * d
 
 
+def cache_bytes_per_token(config, context):
+    """Bytes of cached keys and values one step reads for one image (fp32)."""
+    return config.n_layer * 2 * context * config.n_embd * 4
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +53,12 @@ def main():
     parser.add_argument("--uncached_codes", type=int, default=64,
                         help="time the uncached sampler over this many codes (it is slow)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); on a machine shared "
+                             "with other jobs, 1 avoids threads waiting on each other every op")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=args.vocab, grid_h=args.grid, grid_w=args.grid,
@@ -46,11 +66,14 @@ def main():
     model = GPT(config).to(device).eval()
     T = config.block_size
     peak = matmul_peak_flops(device)
-    sample_flops = flops_per_token(config, T / 2)  # mean context while sampling a sequence
+    context = (T + 1) / 2  # mean number of keys a step attends over (1 at t = 0 .. T)
+    sample_flops = flops_per_token(config, context)
     print(f"device {device}, torch threads {torch.get_num_threads()}, measured fp32 matmul "
           f"peak {peak / 1e9:.1f} GFLOP/s")
     print(f"model: {args.n_layer} layers, d={args.n_embd}, {args.n_head} heads, {args.vocab} "
-          f"codes, {T} codes per image; {sample_flops / 1e6:.2f} MFLOP per sampled code")
+          f"codes, {T} codes per image; {sample_flops / 1e6:.2f} MFLOP and "
+          f"{cache_bytes_per_token(config, context) / 1e6:.2f} MB of cached keys and values "
+          f"read per sampled code")
 
     print("\nsampling with KV cache (one forward step per code):")
     cached = {}
@@ -78,7 +101,7 @@ def main():
     print("\ntraining (forward + backward + AdamW step):")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
-    train_flops = 3 * flops_per_token(config, T / 2)  # backward ~ 2x forward
+    train_flops = 3 * flops_per_token(config, context)  # backward ~ 2x forward
     for b in [bs for bs in args.batch_sizes if bs >= 16] or [16]:
         codes = torch.randint(args.vocab, (b, T), device=device)
 
