@@ -97,7 +97,7 @@ def find_runs(tracking_uri, experiment):
     found = client.get_experiment_by_name(experiment)
     if found is None:
         sys.exit(f"error: no experiment '{experiment}' in {tracking_uri}")
-    runs = client.search_runs([found.experiment_id], "tags.`pipeline.stage` = 'vqvae'",
+    runs = client.search_runs([found.experiment_id], "tags.`pipeline.stage` = 'tokenizer' AND tags.`pipeline.tokenizer` = 'vqvae'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         sys.exit(f"error: experiment '{experiment}' has no VQ-VAE run")
@@ -174,7 +174,7 @@ def shoot_reconstructions(browser, experiment_id, run, key="reconstructions"):
     the README says) at the last step, side by side in one PNG."""
     page = browser.page
     browser.open(f"/experiments/{experiment_id}/runs/{run.info.run_id}/model-metrics", key,
-                 height=2600)
+                 height=6000)  # below 25 metric charts
     card = page.locator('[data-testid="experiment-view-compare-runs-card"]',
                         has=page.get_by_text(key, exact=True)).first
     as_opened = card.screenshot()
@@ -203,7 +203,9 @@ def shoot_reconstructions(browser, experiment_id, run, key="reconstructions"):
 
 def shoot_registered_model(browser, name):
     browser.open(f"/models/{name}", name, height=900)
-    browser.save("registered_model.png", clip=main_panel(browser.page, 800))
+    browser.page.get_by_text("Description", exact=True).first.click()  # collapsed at first
+    browser.page.wait_for_timeout(SETTLE_MS)
+    browser.save("registered_model.png", clip=main_panel(browser.page, 560))
 
 
 def main(argv=None):

@@ -243,5 +243,21 @@ def register_prior(prior_run_id, name, alias="champion"):
     else:
         version = log_generator(prior_run_id, name)[1]
     client.set_registered_model_alias(name, alias, str(version))
+    describe_version(client, name, version, run)
     print(f"registered models:/{name}/{version} (alias @{alias})", file=sys.stderr)
     return version
+
+
+def describe_version(client, name, version, run):
+    """What the registry page shows: how to call the model (once, on the registered model) and,
+    on the version, which run it came from and its validation figures."""
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=(
+            "Images from a prior over a tokenizer's codes (this toolkit's `generator` pyfunc). "
+            "Serve: `mlflow models serve -m models:/" + name + "@champion --env-manager local`. "
+            "Request rows: " + ", ".join(f"{k} ({v})" for k, v in REQUEST_COLUMNS.items())
+            + "; answer rows: " + ", ".join(RESPONSE_COLUMNS) + "."))
+    figures = ", ".join(f"{k} {v:.3f}" for k, v in sorted(run.data.metrics.items())
+                        if k.startswith("val/"))
+    client.update_model_version(name, str(version), description=(
+        f"Run '{run.info.run_name}' ({run.info.run_id}); {figures or 'no validation figures'}."))

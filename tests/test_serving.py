@@ -38,7 +38,10 @@ def png(answer):
 def test_the_registered_model_names_its_run_and_scripts_take_models_uris(chain, registered,
                                                                           tmp_path):
     version = tracking.client().get_model_version(NAME, "1")
-    assert version.run_id == registered
+    assert version.run_id == registered and registered in version.description
+    assert "val/bits_per_dim" in version.description
+    assert "label (string)" in tracking.client().get_registered_model(NAME).description
+    assert str(tracking.client().get_model_version_by_alias(NAME, "champion").version) == "1"
     for uri in (f"models:/{NAME}/1", f"models:/{NAME}@champion"):
         printed = run_main(transformer_generation.main, ["--run_id", uri, "--labels", "1,2",
                                                          "--out_dir", str(tmp_path / "s")])
