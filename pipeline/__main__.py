@@ -183,7 +183,7 @@ def report(summary):
         f"val/codebook_usage {m.get('vqvae/val/codebook_usage', float('nan')):.3f}",
         f"prior {summary['prior_run_id']} ({summary['stages']['prior']}): {prior_val}",
         f"quality vs held-out ({summary.get('feature_space', 'random')} features; real "
-        f"training images score FD ratio 1): FD ratio {m['quality/fd_ratio']:.2f}, precision "
+        f"training images score FD ratio 1): FD ratio {m['quality/fd_ratio']:.3f}, precision "
         f"{m['quality/precision']:.2f} (real {m['quality/real_precision']:.2f}), recall "
         f"{m['quality/recall']:.2f} (real {m['quality/real_recall']:.2f}), nearest-train ratio "
         f"{m['quality/nn_ratio']:.2f} (<<1 = copies), copy fraction "
@@ -191,13 +191,13 @@ def report(summary):
     ]
     if "quality/classes_present" in m:
         accuracy = m.get("quality/classifier_heldout_accuracy")
+        held_out = f"; the classifier's held-out accuracy {accuracy:.3f}" if accuracy else ""
+        agreement = (f", drawn class recognised in {m['quality/label_agreement']:.2f}"
+                     if "quality/label_agreement" in m else "")
         lines.append(f"classes present {int(m['quality/classes_present'])}/"
                      f"{int(m['quality/num_classes'])}, classifier confidence "
-                     f"{m['quality/classifier_confidence']:.2f}" + (
-                         f" (the classifier's held-out accuracy {accuracy:.3f})"
-                         if accuracy is not None else "") + (
-                         f", drawn class recognised in {m['quality/label_agreement']:.2f}"
-                         if "quality/label_agreement" in m else ""))
+                     f"{m['quality/classifier_confidence']:.3f} (real training images "
+                     f"{m['quality/real_classifier_confidence']:.3f}{held_out}){agreement}")
     if "ceiling/fd_ratio" in m:
         lines.append(
             f"tokenizer ceiling (a perfect prior: VQ-VAE reconstructions of training images; "
