@@ -13,9 +13,9 @@ both trained class-conditionally (label dropout, so either can also sample witho
     large  32x32 digits, `--downsample 2` (16x16 = 256 codes), where parallel decoding matters
 Rows: the GPT, and absorbing with each sampler at each of --steps. Per row: held-out bits per
 image dimension (the GPT's exact; absorbing's the Monte-Carlo ELBO, an upper bound, the same
-for both of its samplers), the quality figures (pipeline/quality.py) against the held-out digits (samples drawn
-for the classes in turn, no guidance), the share of samples the classifier assigns to the class
-they were drawn for, network evaluations per image, seconds per image at batch 1 and batch 64
+for both of its samplers), the quality figures (pipeline/quality.py) against the held-out
+digits (samples drawn for the classes in turn, no guidance), the share of samples the
+classifier assigns to the class they were drawn for, network evaluations per image, seconds per image at batch 1 and batch 64
 and the share of the fp32 matmul peak (measured just before each row's timings, so a busy
 machine's peak matches its timings) that the sampler's FLOPs reach.
 Then the class-conditional figure: that share with and without --guidance, on the small grid.

@@ -97,7 +97,8 @@ def find_runs(tracking_uri, experiment):
     found = client.get_experiment_by_name(experiment)
     if found is None:
         sys.exit(f"error: no experiment '{experiment}' in {tracking_uri}")
-    runs = client.search_runs([found.experiment_id], "tags.`pipeline.stage` = 'tokenizer' AND tags.`pipeline.tokenizer` = 'vqvae'",
+    runs = client.search_runs([found.experiment_id], "tags.`pipeline.stage` = 'tokenizer' AND "
+                                                     "tags.`pipeline.tokenizer` = 'vqvae'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         sys.exit(f"error: experiment '{experiment}' has no VQ-VAE run")

@@ -6,6 +6,7 @@ are checked against the tokenizer's. Nothing here knows the prior's family: it c
 interface of priors/base.py.
 """
 
+import math
 import sys
 import tempfile
 import time
@@ -82,15 +83,20 @@ def check_prior_matches(prior_config, tokenizer, run_id):
                         f"{tuple(tokenizer.grid)}")
 
 
+MAX_GUIDANCE = 100.0  # far past any useful weight; beyond fp32's range it turns into inf * 0
+
+
 def check_sampling_settings(temperature, top_k, top_p, guidance):
-    if temperature is not None and temperature < 0:
+    # `not x >= 0` rather than `x < 0`: NaN fails every comparison and must be refused too
+    if temperature is not None and not 0 <= temperature < math.inf:
         raise UserError(f"--temperature must be >= 0 (0 = always the likeliest), got {temperature}")
     if top_k is not None and top_k < 1:
         raise UserError(f"--top_k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1], got {top_p}")
-    if guidance is not None and guidance < 0:
-        raise UserError(f"--guidance must be >= 0 (1 = plain conditional), got {guidance}")
+    if guidance is not None and not 0 <= guidance <= MAX_GUIDANCE:
+        raise UserError(f"--guidance must be in 0..{MAX_GUIDANCE:g} (1 = plain conditional), "
+                        f"got {guidance}")
 
 
 def decode_and_log(tokenizer, codes, log_run_id, name, out_dir=None, where=""):

@@ -22,9 +22,9 @@ images, the value a perfect generator would reach.
   recall = share of held-out images inside the images' manifold (is the data's variety covered?).
   `real_precision` / `real_recall` are the reference figures of real training images.
 - With labels: `classifier_confidence` (mean top softmax probability; the real reference's is
-  `real_classifier_confidence`, as the classifier is trained with mixup, ~0.91), `classes_present`,
-  `class_counts`, and the classifier's accuracy on the held-out images when their labels are
-  known (`classifier_heldout_accuracy`: how far to trust the space).
+  `real_classifier_confidence`: trained with mixup, it gives real digits 0.89-0.91),
+  `classes_present`, `class_counts`, and the classifier's accuracy on the held-out images
+  when their labels are known (`classifier_heldout_accuracy`: how far to trust the space).
 - Memorisation (pixel space): `nn_ratio`, the median distance from an image to its nearest
   training image over the same for held-out images (~1: as novel as new real data; << 1:
   copies); `copy_fraction`, the share closer to a training image than 95% of held-out images.

@@ -121,9 +121,15 @@ def run_stage(name, key, experiment, train_fn, model_flags, train_flags, parent_
 def fit_label_settings(settings, overrides, has_labels):
     """Fit the preset's class-conditional settings to the data: without a label column the
     prior is unconditional, and an unconditional prior samples without labels or guidance.
-    Settings the user gave are kept (and fail with their own error). -> the names dropped."""
+    Label settings the user gave for data without labels are an error. -> the names dropped."""
     def given(stage, key):
         return key in overrides.get(stage, {})
+    if not has_labels:
+        asked = [f"--{stage}.{key}" for stage, key in (("prior", "conditional"),
+                 ("sample", "labels"), ("sample", "guidance"))
+                 if given(stage, key) and overrides[stage][key] not in (None, False)]
+        if asked:
+            raise UserError(f"{', '.join(asked)}: the CSV has no label column")
     dropped = []
     prior = settings["prior"]
     if not has_labels and prior.get("conditional") and not given("prior", "conditional"):
@@ -182,19 +188,25 @@ def check_quality_sizes(table, settings, heldout_csv):
     k-nearest-neighbour radii need more than K_NEIGHBOURS samples and held-out images."""
     from pipeline.quality import K_NEIGHBOURS
     from vqvae.train import TrainConfig as VQTrainConfig
+    fraction = settings["vqvae"].get("val_fraction", VQTrainConfig.val_fraction)
+    train_rows, val_rows = split_indices(len(table.paths), fraction, settings["vqvae"]["seed"])
+    split = f"split of {table.csv_path} (--vqvae.val_fraction {fraction})"
     if heldout_csv:
-        where, n_heldout = heldout_csv, len(read_table(heldout_csv).paths)
+        counts = {f"the training {split}": len(train_rows),
+                  str(heldout_csv): len(read_table(heldout_csv).paths)}
     else:
-        fraction = settings["vqvae"].get("val_fraction", VQTrainConfig.val_fraction)
-        n_heldout = len(split_indices(len(table.paths), fraction, settings["vqvae"]["seed"])[1])
-        where = f"the validation split of {table.csv_path} (--vqvae.val_fraction {fraction})"
-    if n_heldout <= K_NEIGHBOURS:
-        raise UserError(f"{where}: {n_heldout} held-out images; the quality figures need more "
-                        f"than {K_NEIGHBOURS}")
-    n_samples = settings["sample"]["num_samples"]
+        counts = {f"the training {split}": len(train_rows),
+                  f"the validation {split}": len(val_rows)}
+    for where, n in counts.items():  # (rows --vqvae.skip_bad_images drops are still counted)
+        if n <= K_NEIGHBOURS:
+            raise UserError(f"{where}: {n} images; the quality figures need more than "
+                            f"{K_NEIGHBOURS}")
+    labels = settings["sample"].get("labels")
+    n_samples = (len(str(labels).split(",")) if labels not in (None, "all")
+                 else settings["sample"]["num_samples"])  # a list of labels is one sample each
     if n_samples <= K_NEIGHBOURS:
-        raise UserError(f"--sample.num_samples {n_samples}: the quality figures need more "
-                        f"than {K_NEIGHBOURS} samples")
+        raise UserError(f"{n_samples} samples (--sample.num_samples or --sample.labels): the "
+                        f"quality figures need more than {K_NEIGHBOURS}")
 
 
 def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experiment=None,

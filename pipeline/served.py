@@ -37,7 +37,9 @@ MODEL_NAME = "generator"  # the logged model's name within the run
 REQUEST_COLUMNS = {"num_samples": "whole number", "label": "string", "temperature": "number",
                    "top_k": "whole number", "top_p": "number", "guidance": "number",
                    "steps": "whole number", "seed": "whole number"}
-MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+MAX_SEED = 2 ** 63 - 1  # the answer's seed column is a signed 64-bit integer
+EXACT_FLOAT = 2 ** 53   # whole numbers a float holds exactly (a column with gaps is float)
+MAX_GUIDANCE = 100.0    # as transformer_generation.py's --guidance (pipeline/generate.py)
 RESPONSE_COLUMNS = {"request": "long", "sample": "long", "label": "string", "seed": "long",
                     "image_png_base64": "string", "codes_json": "string"}
 
@@ -50,19 +52,45 @@ def _value(row, key, default=None, where=""):
     """One field of a request row: `default` when absent (a gap in a table is NaN), a label as
     a string, a number checked for its kind (REQUEST_COLUMNS)."""
     value = row.get(key)
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()  # a numpy scalar (pandas, a Python caller's arrays)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return default
     if key == "label":  # a column of labels with gaps holds floats: 3.0 is label '3'
         return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
     kind = REQUEST_COLUMNS[key]
     if isinstance(value, (str, bool)) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value):
+            or (isinstance(value, float) and not math.isfinite(value)):
         raise RequestError(f"{where}: {key} must be a {kind}, got {value!r}")
     if kind == "whole number":
         if value != int(value):
             raise RequestError(f"{where}: {key} must be a whole number, got {value!r}")
+        if isinstance(value, float) and abs(value) > EXACT_FLOAT:
+            raise RequestError(f"{where}: {key} {value!r} is past what a float holds exactly "
+                               f"(a column with gaps is sent as floats); give it in every row")
         return int(value)
     return float(value)
+
+
+def _rows(requests):
+    """The request rows as dicts, from a DataFrame (`dataframe_records`, `dataframe_split`) or a
+    list of dicts; MLflow hands other formats (`inputs`, `instances`) over as dicts of
+    columns, which are read as a table when they are one."""
+    import pandas as pd
+    if isinstance(requests, dict):
+        try:
+            requests = pd.DataFrame({k: [v] if getattr(v, "ndim", 1) == 0 or isinstance(
+                v, (str, int, float)) else list(v) for k, v in requests.items()})
+        except (TypeError, ValueError) as e:
+            raise RequestError(f"could not read the request as a table ({e}); send "
+                               f"dataframe_records or dataframe_split") from None
+    if hasattr(requests, "to_dict"):
+        return requests.to_dict("records")
+    rows = list(requests)
+    if not all(isinstance(row, dict) for row in rows):
+        raise RequestError("each request must be a row of named fields; send dataframe_records "
+                           "or dataframe_split")
+    return rows
 
 
 class ServedGenerator:
@@ -89,8 +117,8 @@ class ServedGenerator:
         import pandas as pd
         from mlflow.exceptions import MlflowException
         from pipeline.errors import UserError
-        rows = requests.to_dict("records") if hasattr(requests, "to_dict") else list(requests)
         try:
+            rows = _rows(requests)
             if not rows or not any(rows):
                 raise RequestError(f"no requests: send rows with any of the fields "
                                    f"{', '.join(REQUEST_COLUMNS)}")
@@ -124,8 +152,8 @@ class ServedGenerator:
         if top_p is not None and not 0 < top_p <= 1:
             raise RequestError(f"{where}: top_p must be in (0, 1], got {top_p}")
         guidance, steps = _value(row, "guidance", None, where), _value(row, "steps", None, where)
-        if guidance is not None and guidance < 0:
-            raise RequestError(f"{where}: guidance must be >= 0, got {guidance}")
+        if guidance is not None and not 0 <= guidance <= MAX_GUIDANCE:
+            raise RequestError(f"{where}: guidance must be in 0..{MAX_GUIDANCE:g}, got {guidance}")
         if steps is not None and steps < 1:
             raise RequestError(f"{where}: steps must be at least 1, got {steps}")
         seed = _value(row, "seed", 0, where)

@@ -24,6 +24,7 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # drop a token when the tokens ranked above it already cover top_p of the mass
         drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
+        drop_sorted[..., 0] = False  # the likeliest token always stays (a tiny top_p in fp32)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

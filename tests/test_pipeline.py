@@ -7,6 +7,7 @@ import pytest
 from conftest import make_images, run_main, write_csv
 from pipeline import tracking
 from pipeline.__main__ import main as pipeline_main
+from pipeline.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +114,11 @@ def test_too_few_heldout_images_or_samples_fail_before_any_run(store, image_csv,
                                                                 capsys):
     from pipeline.errors import run_cli
     for flags, message in (
-            (["--vqvae.val_fraction", "0.05"], "2 held-out images; the quality figures need"),
-            (["--sample.num_samples", "3"], "--sample.num_samples 3: the quality figures need")):
+            (["--vqvae.val_fraction", "0.05"], "(--vqvae.val_fraction 0.05): 2 images; the "
+                                               "quality figures need more than 3"),
+            (["--vqvae.val_fraction", "0.95"], "the training split of"),
+            (["--sample.num_samples", "3"], "3 samples (--sample.num_samples or"),
+            (["--sample.labels", "0,1"], "2 samples (--sample.num_samples or")):
         with pytest.raises(SystemExit):
             run_cli(pipeline_main, ["--path_to_data", str(image_csv), "--out_dir",
                                     str(tmp_path / "o"), "--preset", "tiny",
@@ -165,9 +169,11 @@ def test_label_settings_of_a_preset_are_left_out_without_labels():
     assert dropped == ["prior.conditional", "sample.labels", "sample.guidance"]
     assert settings == {"prior": {"conditional": False},
                         "sample": {"labels": None, "guidance": None}}
-    # the user's own flags stay (train_prior then names the missing label column)
-    settings = json.loads(json.dumps(preset))
-    assert fit_label_settings(settings, {"prior": {"conditional": True}}, False) == []
+    # the user's own label flags on data without labels: an error before any training
+    for stage, key, value in (("prior", "conditional", True), ("sample", "labels", "all"),
+                              ("sample", "guidance", 2.0)):
+        with pytest.raises(UserError, match=f"--{stage}.{key}: the CSV has no label column"):
+            fit_label_settings(json.loads(json.dumps(preset)), {stage: {key: value}}, False)
     # --no-prior.conditional on labelled data: sample without the preset's labels
     settings = {"prior": {"conditional": False}, "sample": {"labels": "all", "guidance": 2.0}}
     assert fit_label_settings(settings, {"prior": {"conditional": False}}, True) == \

@@ -71,13 +71,18 @@ def test_pyfunc_predict_gives_pngs_the_same_seed_the_same_image(registered):
     assert np.array_equal(images[0], images[2]) and np.array_equal(images[1], images[3])
     assert not np.array_equal(images[0], images[1])
     assert np.array(json.loads(answer["codes_json"][0])).shape == (4, 4)
+    # a top_p below fp32's smallest number keeps the likeliest code, every draw the same
+    tiny = model.predict(pd.DataFrame([{"num_samples": 2.0, "top_p": 1e-46, "seed": 1.0}]))
+    assert tiny["codes_json"][0] == tiny["codes_json"][1]
     for bad, match in (({"num_samples": 1000.0}, "num_samples must be in 1..64"),
                        ({"label": "7"}, "unknown label '7'; known labels: 0, 1, 2"),
                        ({"temperature": -1.0}, "temperature must be >= 0"),
                        ({"num_samples": 1.5}, "num_samples must be a whole number"),
                        ({"lable": "1"}, "unknown field(s) lable"),  # not dropped silently
-                       ({"seed": 2.0 ** 64}, "seed must be in 0..9223372036854775807"),
-                       ({"temperature": "hot"}, "temperature must be a number")):
+                       ({"seed": 2 ** 64}, "seed must be in 0..9223372036854775807"),
+                       ({"temperature": "hot"}, "temperature must be a number"),
+                       ({"guidance": 1e300, "label": "1"}, "guidance must be in 0..100"),
+                       ({"seed": 2.0 ** 60}, "is past what a float holds exactly")):
         with pytest.raises(MlflowException, match=re.escape(match)) as error:
             model.predict(pd.DataFrame([bad]))
         assert error.value.error_code == "INVALID_PARAMETER_VALUE"
@@ -96,7 +101,14 @@ def test_mlflow_models_serve_answers_invocations_with_images(registered, store):
                                                                "label": "2"}]})
         assert [row["image_png_base64"] for row in again["predictions"]] == \
             [row["image_png_base64"] for row in first["predictions"]]
+        # MLflow's other formats reach the model as a dict of columns: read as the same table
+        status, columns = server.invoke({"inputs": {"num_samples": [2], "seed": [7],
+                                                    "label": ["2"]}})
+        assert status == 200 and [row["image_png_base64"] for row in columns["predictions"]] \
+            == [row["image_png_base64"] for row in first["predictions"]]
         for body, match in (({"dataframe_records": [{"num_samples": 100000}]}, "num_samples"),
+                            ({"dataframe_records": [{"seed": 2 ** 64}]}, "seed must be in"),
+                            ({"dataframe_records": [{"top_k": "many"}]}, "top_k must be a"),
                             ({"dataframe_records": [{"label": "x"}]}, "unknown label"),
                             ({"dataframe_records": [{"temperature": -2}]}, "temperature"),
                             ({"dataframe_records": [{"foo": 1}]}, "unknown field(s) foo"),

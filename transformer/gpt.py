@@ -172,6 +172,9 @@ class GPT(RasterPrior):
         a list `hidden`, append the residual stream (B, L, n_embd) at the input and after each
         block."""
         length = tokens.shape[1]
+        if start + length > self.config.block_size:  # a slice would silently come up short
+            raise ValueError(f"positions {start}..{start + length - 1} are past the grid's "
+                             f"{self.config.block_size}")
         x = self.token_embedding(tokens) + self.position_embedding.weight[start:start + length]
         if labels is not None:
             x = x + self.label_embedding(labels)[:, None]
