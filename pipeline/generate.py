@@ -23,6 +23,7 @@ from pipeline.errors import UserError
 from pipeline.runs import load_run_checkpoint
 from pipeline.tokenizers import load_tokenizer
 from pipeline.visual import image_grid, save_png, save_pngs
+from priors.sampling import MAX_GUIDANCE
 
 LATEST_TAG = "pipeline.latest_generated"
 
@@ -81,9 +82,6 @@ def check_prior_matches(prior_config, tokenizer, run_id):
         raise UserError(f"--run_id {run_id}: the prior's grid ({prior_config.grid_h}, "
                         f"{prior_config.grid_w}) does not match its tokenizer's "
                         f"{tuple(tokenizer.grid)}")
-
-
-MAX_GUIDANCE = 100.0  # far past any useful weight; beyond fp32's range it turns into inf * 0
 
 
 def check_sampling_settings(temperature, top_k, top_p, guidance):

@@ -39,7 +39,6 @@ REQUEST_COLUMNS = {"num_samples": "whole number", "label": "string", "temperatur
                    "steps": "whole number", "seed": "whole number"}
 MAX_SEED = 2 ** 63 - 1  # the answer's seed column is a signed 64-bit integer
 EXACT_FLOAT = 2 ** 53   # whole numbers a float holds exactly (a column with gaps is float)
-MAX_GUIDANCE = 100.0    # as transformer_generation.py's --guidance (pipeline/generate.py)
 RESPONSE_COLUMNS = {"request": "long", "sample": "long", "label": "string", "seed": "long",
                     "image_png_base64": "string", "codes_json": "string"}
 
@@ -152,6 +151,7 @@ class ServedGenerator:
         if top_p is not None and not 0 < top_p <= 1:
             raise RequestError(f"{where}: top_p must be in (0, 1], got {top_p}")
         guidance, steps = _value(row, "guidance", None, where), _value(row, "steps", None, where)
+        from priors.sampling import MAX_GUIDANCE
         if guidance is not None and not 0 <= guidance <= MAX_GUIDANCE:
             raise RequestError(f"{where}: guidance must be in 0..{MAX_GUIDANCE:g}, got {guidance}")
         if steps is not None and steps < 1:

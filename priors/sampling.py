@@ -36,6 +36,9 @@ def draw(log_probs, temperature=1.0, top_k=None, top_p=None, generator=None):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+MAX_GUIDANCE = 100.0  # far past any useful weight; beyond fp32's range it turns into inf * 0
+
+
 def guided(log_p, log_p_uncond, guidance):
     return (log_p_uncond + guidance * (log_p - log_p_uncond)).log_softmax(-1)
 
