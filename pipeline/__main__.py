@@ -191,7 +191,8 @@ def report(summary):
     ]
     if "quality/classes_present" in m:
         accuracy = m.get("quality/classifier_heldout_accuracy")
-        held_out = f"; the classifier's held-out accuracy {accuracy:.3f}" if accuracy else ""
+        held_out = (f"; the classifier's held-out accuracy {accuracy:.3f}"
+                    if accuracy is not None else "")
         agreement = (f", drawn class recognised in {m['quality/label_agreement']:.2f}"
                      if "quality/label_agreement" in m else "")
         lines.append(f"classes present {int(m['quality/classes_present'])}/"

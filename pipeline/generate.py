@@ -84,17 +84,20 @@ def check_prior_matches(prior_config, tokenizer, run_id):
                         f"{tuple(tokenizer.grid)}")
 
 
-def check_sampling_settings(temperature, top_k, top_p, guidance):
-    # `not x >= 0` rather than `x < 0`: NaN fails every comparison and must be refused too
+def check_sampling_settings(temperature, top_k, top_p, guidance, name="--{}"):
+    """The sampling settings every sampler takes; `name` formats a setting's name in the error
+    (a flag here, 'request 3: temperature' for the served model)."""
+    # ranges written as `lo <= x <= hi`, which NaN fails too (`x < 0` would let it through)
     if temperature is not None and not 0 <= temperature < math.inf:
-        raise UserError(f"--temperature must be >= 0 (0 = always the likeliest), got {temperature}")
+        raise UserError(f"{name.format('temperature')} must be >= 0 (0 = always the likeliest), "
+                        f"got {temperature}")
     if top_k is not None and top_k < 1:
-        raise UserError(f"--top_k must be at least 1, got {top_k}")
+        raise UserError(f"{name.format('top_k')} must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
+        raise UserError(f"{name.format('top_p')} must be in (0, 1], got {top_p}")
     if guidance is not None and not 0 <= guidance <= MAX_GUIDANCE:
-        raise UserError(f"--guidance must be in 0..{MAX_GUIDANCE:g} (1 = plain conditional), "
-                        f"got {guidance}")
+        raise UserError(f"{name.format('guidance')} must be in 0..{MAX_GUIDANCE:g} (1 = plain "
+                        f"conditional), got {guidance}")
 
 
 def decode_and_log(tokenizer, codes, log_run_id, name, out_dir=None, where=""):

@@ -142,18 +142,11 @@ class ServedGenerator:
         n = _value(row, "num_samples", 1, where)
         if not 1 <= n <= MAX_SAMPLES:
             raise RequestError(f"{where}: num_samples must be in 1..{MAX_SAMPLES}, got {n}")
+        from pipeline.generate import check_sampling_settings
         temperature = _value(row, "temperature", 1.0, where)
-        if temperature < 0:
-            raise RequestError(f"{where}: temperature must be >= 0, got {temperature}")
         top_k, top_p = _value(row, "top_k", None, where), _value(row, "top_p", None, where)
-        if top_k is not None and top_k < 1:
-            raise RequestError(f"{where}: top_k must be at least 1, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise RequestError(f"{where}: top_p must be in (0, 1], got {top_p}")
         guidance, steps = _value(row, "guidance", None, where), _value(row, "steps", None, where)
-        from priors.sampling import MAX_GUIDANCE
-        if guidance is not None and not 0 <= guidance <= MAX_GUIDANCE:
-            raise RequestError(f"{where}: guidance must be in 0..{MAX_GUIDANCE:g}, got {guidance}")
+        check_sampling_settings(temperature, top_k, top_p, guidance, name=f"{where}: {{}}")
         if steps is not None and steps < 1:
             raise RequestError(f"{where}: steps must be at least 1, got {steps}")
         seed = _value(row, "seed", 0, where)
