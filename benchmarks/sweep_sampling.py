@@ -7,7 +7,9 @@ against a held-out CSV.
         --temperature 0.8 1.0 --top_k 0 32 --guidance 1 2 3 --seeds 0 1
 
 A conditional prior samples each class in turn (`--labels all`); top_k 0 means no top-k, top_p
-1 no top-p, guidance 1 plain conditional sampling. Each row is the mean over the seeds; `ok`
+1 no top-p, guidance 1 plain conditional sampling. Each row is the mean over the seeds (FD
+ratio and confidence also give the seeds' standard deviation: how far one seed's figure, such
+as the demo's, may fall from the mean); `ok`
 marks the settings that reach issue 12's targets on this split (confidence >= 0.90, every class,
 precision and recall >= 0.9 x the real reference's, FD ratio <= 1.3, nn ratio >= 0.9). The first
 row is the tokenizer's ceiling on the same split (a perfect prior over its codes).
@@ -37,20 +39,31 @@ def meets_targets(row):
             and row["fd_ratio"] <= 1.3 and row["nn_ratio"] >= 0.9)
 
 
+def with_spread(row, key, digits):
+    spread = row.get(f"{key}_sd")
+    return f"{row[key]:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread else "")
+
+
 def format_row(name, row):
-    cells = [f"{row['classifier_confidence']:.3f}", f"{row['classes_present']:.0f}",
+    cells = [with_spread(row, "classifier_confidence", 3), f"{row['classes_present']:.0f}",
              f"{row['precision']:.3f}", f"{row['recall']:.3f}",
              f"{row['precision'] / row['real_precision']:.2f}",
-             f"{row['recall'] / row['real_recall']:.2f}", f"{row['fd_ratio']:.2f}",
+             f"{row['recall'] / row['real_recall']:.2f}", with_spread(row, "fd_ratio", 2),
              f"{row['nn_ratio']:.2f}",
              f"{row['label_agreement']:.2f}" if "label_agreement" in row else "-"]
     return f"| {name} | " + " | ".join(cells) + f" | {'ok' if meets_targets(row) else ''} |"
 
 
 def mean_rows(rows):
-    """The mean of each numeric figure over the seeds' reports."""
-    return {k: float(np.mean([r[k] for r in rows])) for k, v in rows[0].items()
+    """The mean of each numeric figure over the seeds' reports, and with several seeds the
+    standard deviation of FD ratio and confidence (`<name>_sd`)."""
+    mean = {k: float(np.mean([r[k] for r in rows])) for k, v in rows[0].items()
             if isinstance(v, (int, float))}
+    if len(rows) > 1:
+        for key in ("fd_ratio", "classifier_confidence"):
+            if key in mean:
+                mean[f"{key}_sd"] = float(np.std([r[key] for r in rows], ddof=1))
+    return mean
 
 
 def sweep(prior, tokenizer, reference, settings, num_samples, seeds, extra):

@@ -76,6 +76,10 @@ def main(argv=None):
                              "@champion), ready for `mlflow models serve`"
                              + (" (default: demo-digits)" if demo else ""))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quality_draws", type=int, default=4,
+                        help="average the quality figures over this many draws of the samples' "
+                             "size (the first is the saved samples); one draw's figures move "
+                             "with the seed")
     parser.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME)")
     vq = parser.add_argument_group("VQ-VAE stage (--vqvae.<flag>)")
     add_flags(vq, VQTrainConfig, skip=("path_to_data", "experiment", "seed"), prefix="vqvae.")
@@ -103,7 +107,8 @@ def main(argv=None):
     summary = run_pipeline(path_to_data, args.out_dir, args.preset, overrides, args.experiment,
                            heldout, args.seed, args.register,
                            data_name="digits" if demo else None,
-                           command=shlex.join(["python", "-m", "pipeline", *argv]))
+                           command=shlex.join(["python", "-m", "pipeline", *argv]),
+                           quality_draws=args.quality_draws)
     report(summary)
     print(f"run_id={summary['pipeline_run_id']}")
 
@@ -171,8 +176,18 @@ def probe_command(argv):
 COMMANDS = {"evaluate": evaluate_command, "probe": probe_command}
 
 
+def spread(metrics, name, digits):
+    """'0.907 ± 0.008' (a mean over draws and their standard deviation), or '0.907'."""
+    sd = metrics.get(f"quality/{name}_sd")
+    text = f"{metrics[f'quality/{name}']:.{digits}f}"
+    return text + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
 def report(summary):
     m, t = summary["metrics"], summary["timings"]
+    count = int(m.get("quality/draws", 1))
+    draws = (f"; mean ± sd over {count} draws of {int(m['quality/num_samples'])}"
+             if count > 1 else "")
     prior_val = ", ".join(f"{k[len('prior/'):]} {v:.3f}" for k, v in sorted(m.items())
                           if k.startswith("prior/val/"))
     lines = [
@@ -183,21 +198,21 @@ def report(summary):
         f"val/codebook_usage {m.get('vqvae/val/codebook_usage', float('nan')):.3f}",
         f"prior {summary['prior_run_id']} ({summary['stages']['prior']}): {prior_val}",
         f"quality vs held-out ({summary.get('feature_space', 'random')} features; real "
-        f"training images score FD ratio 1): FD ratio {m['quality/fd_ratio']:.3f}, precision "
-        f"{m['quality/precision']:.2f} (real {m['quality/real_precision']:.2f}), recall "
-        f"{m['quality/recall']:.2f} (real {m['quality/real_recall']:.2f}), nearest-train ratio "
-        f"{m['quality/nn_ratio']:.2f} (<<1 = copies), copy fraction "
+        f"training images score FD ratio 1{draws}): FD ratio {spread(m, 'fd_ratio', 3)}, "
+        f"precision {spread(m, 'precision', 2)} (real {m['quality/real_precision']:.2f}), "
+        f"recall {spread(m, 'recall', 2)} (real {m['quality/real_recall']:.2f}), "
+        f"nearest-train ratio {m['quality/nn_ratio']:.2f} (<<1 = copies), copy fraction "
         f"{m['quality/copy_fraction']:.3f}",
     ]
     if "quality/classes_present" in m:
         accuracy = m.get("quality/classifier_heldout_accuracy")
         held_out = (f"; the classifier's held-out accuracy {accuracy:.3f}"
                     if accuracy is not None else "")
-        agreement = (f", drawn class recognised in {m['quality/label_agreement']:.2f}"
+        agreement = (f", drawn class recognised in {spread(m, 'label_agreement', 3)}"
                      if "quality/label_agreement" in m else "")
-        lines.append(f"classes present {int(m['quality/classes_present'])}/"
+        lines.append(f"classes present {m['quality/classes_present']:g}/"
                      f"{int(m['quality/num_classes'])}, classifier confidence "
-                     f"{m['quality/classifier_confidence']:.3f} (real training images "
+                     f"{spread(m, 'classifier_confidence', 3)} (real training images "
                      f"{m['quality/real_classifier_confidence']:.3f}{held_out}){agreement}")
     if "ceiling/fd_ratio" in m:
         lines.append(

@@ -185,6 +185,23 @@ def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=Non
     return codes, name, seconds, images
 
 
+def more_draws(run_id, seeds, num_samples=64, batch_size=None, labels=None, device=None,
+               **settings):
+    """Decoded images of the same sampling settings under each of `seeds`, nothing logged:
+    further draws for quality figures averaged over draws. -> [(N, C, S, S) floats]"""
+    device = pick_device(device)
+    prior = LoadedPrior(run_id, device)
+    label_ids, num_samples = prior.label_ids(labels, num_samples)
+    tokenizer = prior.tokenizer()
+    draws = []
+    for seed in seeds:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        codes = sample_tokens(prior.model, num_samples, batch_size or num_samples, label_ids,
+                              generator, **settings)
+        draws.append(tokenizer.decode(codes))
+    return draws
+
+
 def images_from_indexes(run_id=None, indexes=None, tokenizer_run_id=None, indexes_path=None,
                         out_dir=None, device=None):
     """Decode a prior run's generated/<indexes>.npy, or any local file with a tokenizer run."""

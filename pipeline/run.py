@@ -16,7 +16,7 @@ import torch
 from pipeline import describe, tracking
 from pipeline.tokenizers import quantize
 from pipeline.errors import UserError
-from pipeline.generate import generate
+from pipeline.generate import generate, more_draws
 from pipeline.images import ImageData, file_sha256, read_table, split_indices
 from pipeline.visual import image_grid, save_png, save_pngs
 
@@ -69,6 +69,9 @@ METRICS = {
     "vqvae/val/*": "the VQ-VAE run's last validation figures, under that run's names "
                    "(val/psnr_db in dB, val/codebook_usage as a fraction, ...)",
     "prior/val/*": "the prior run's last validation figures, under that run's names",
+    "quality/*": "means over `quality/draws` draws of the samples' size (the saved samples, "
+                 "then the same settings under the next seeds); quality/<figure>_sd: the "
+                 "draws' standard deviation",
     "quality/fd_ratio": "Frechet distance of the samples to held-out images over that of real "
                         "training images (in the space of tag quality.feature_space; 1 = as "
                         "close as real data)",
@@ -210,8 +213,11 @@ def check_quality_sizes(table, settings, heldout_csv):
 
 
 def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experiment=None,
-                 heldout_csv=None, seed=0, register=None, data_name=None, command=None):
+                 heldout_csv=None, seed=0, register=None, data_name=None, command=None,
+                 quality_draws=4):
     """Run (or reuse) every stage; writes out_dir/samples/*.png, grid.png, summary.json.
+    The quality figures are means over `quality_draws` draws of the samples' size (the first
+    draw is the saved samples).
     With `register`, the prior's MLflow Model becomes a new version of that registered model
     (alias @champion). data_name names the data in the parent run's name (default: the CSV's
     folder/stem); command is the command line recorded in its description (default: this
@@ -220,10 +226,13 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     from pipeline.train_prior import TrainConfig as PriorTrainConfig, train_prior
     from vqvae.model import VQVAEConfig
     from vqvae.train import TrainConfig as VQTrainConfig, train_vqvae
-    from pipeline.quality import QualityReference, label_agreement, vqvae_ceiling
+    from pipeline.quality import (QualityReference, label_agreement, mean_reports,
+                                  vqvae_ceiling)
 
     if preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got '{preset}'")
+    if quality_draws < 1:
+        raise UserError(f"--quality_draws must be at least 1, got {quality_draws}")
     table = read_table(path_to_data)  # fail on a bad CSV before any run is created
     out_dir = Path(out_dir)
     overrides = overrides or {}
@@ -316,12 +325,25 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         timings["generate_s"] = time.perf_counter() - t0
         timings["sampling_codes_per_s"] = codes.numel() / sampling_s
 
-        # 5. quality, against held-out real images
+        # 5. quality, against held-out real images: the mean over `quality_draws` draws (the
+        # saved samples, then the same settings under seeds seed+1, ...), with their spread
         t0 = time.perf_counter()
-        quality = reference.report(images)
-        if requested is not None and reference.classifier is not None:
-            quality["label_agreement"] = label_agreement(reference.classifier, images,
-                                                         requested)["agreement"]
+        draws = [images]
+        if quality_draws > 1:
+            first_seed = sample.get("seed", 0)
+            settings_only = {k: v for k, v in sample.items() if k not in ("seed", "num_samples",
+                                                                         "batch_size", "labels")}
+            draws += more_draws(prior_run, range(first_seed + 1, first_seed + quality_draws),
+                                sample.get("num_samples", 64), sample.get("batch_size"),
+                                sample.get("labels"), **settings_only)
+        reports = []
+        for drawn in draws:
+            report = reference.report(drawn)
+            if requested is not None and reference.classifier is not None:
+                report["label_agreement"] = label_agreement(reference.classifier, drawn,
+                                                            requested)["agreement"]
+            reports.append(report)
+        quality = mean_reports(reports)
         timings["quality_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
 

@@ -9,7 +9,7 @@ import torch
 from pipeline.demo_data import write_digits
 from pipeline.images import ImageData, read_table
 from pipeline.quality import (DEGRADATIONS, ImageClassifier, QualityReference, degrade,
-                              label_agreement, precision_recall, ranking_ladder,
+                              label_agreement, mean_reports, precision_recall, ranking_ladder,
                               tokenizer_ceiling)
 
 # figure -> +1 when higher is better, -1 when lower is better
@@ -116,3 +116,16 @@ def test_tokenizer_ceiling_takes_any_reconstruction(digits):
     assert perfect["psnr"] > 100 and blurry["psnr"] < 30
     assert blurry["fd_ratio"] > 2 and blurry["recall"] < blurry["real_recall"] - 0.2
     assert perfect["num_samples"] == len(digits["heldout"])
+
+
+def test_mean_reports_averages_draws_and_gives_their_spread():
+    reports = [{"fd_ratio": 1.2, "recall": 0.8, "num_samples": 300, "feature_space": "random",
+                "class_counts": {"0": 3}},
+               {"fd_ratio": 1.4, "recall": 0.9, "num_samples": 300, "feature_space": "random",
+                "class_counts": {"0": 5}}]
+    merged = mean_reports(reports)
+    assert merged["fd_ratio"] == pytest.approx(1.3) and merged["recall"] == pytest.approx(0.85)
+    assert merged["fd_ratio_sd"] == pytest.approx(np.std([1.2, 1.4], ddof=1))
+    assert merged["num_samples"] == 300 and "num_samples_sd" not in merged
+    assert merged["class_counts"] == {"0": 3} and merged["draws"] == 2
+    assert "fd_ratio_sd" not in mean_reports(reports[:1])
