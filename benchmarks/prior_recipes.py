@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.generate import sample_tokens  # noqa: E402
-from pipeline.quality import QualityReference, label_agreement, mean_reports  # noqa: E402
+from pipeline.quality import QualityReference, report_draws  # noqa: E402
 from pipeline.run import load_split_images  # noqa: E402
 from pipeline.schedule import learning_rate_at  # noqa: E402
 from pipeline.tokenizers import load_tokenizer  # noqa: E402
@@ -136,17 +136,13 @@ def main():
     print("| temperature | guidance | conf | P (real) | R (real) | FD ratio | nn ratio | agree |")
     print("|---|---|---|---|---|---|---|---|")
     for temperature, guidance in itertools.product(args.temperature, args.guidance):
-        reports = []
+        draws = []
         for seed in args.seeds:
             generator = torch.Generator().manual_seed(seed)
-            images = tokenizer.decode(sample_tokens(
+            draws.append(tokenizer.decode(sample_tokens(
                 model, 300, 300, drawn, generator, temperature=temperature,
-                guidance=None if guidance == 1 else guidance))
-            report = reference.report(images)
-            report["label_agreement"] = label_agreement(reference.classifier, images,
-                                                        requested)["agreement"]
-            reports.append(report)
-        r = mean_reports(reports)
+                guidance=None if guidance == 1 else guidance)))
+        r = report_draws(reference, draws, requested)
         print(f"| {temperature} | {guidance} | {r['classifier_confidence']:.3f} | "
               f"{r['precision']:.3f} ({r['real_precision']:.3f}) | {r['recall']:.3f} "
               f"({r['real_recall']:.3f}) | {r['fd_ratio']:.3f} ± {r.get('fd_ratio_sd', 0):.3f} | "

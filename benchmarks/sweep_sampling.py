@@ -25,12 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.generate import LoadedPrior, sample_tokens  # noqa: E402
-from pipeline.quality import QualityReference, label_agreement, tokenizer_ceiling  # noqa: E402
+from pipeline.quality import QualityReference, report_draws, tokenizer_ceiling  # noqa: E402
 from pipeline.run import load_split_images  # noqa: E402
 
 COLUMNS = ("conf", "classes", "P", "R", "P/real", "R/real", "FD ratio", "nn ratio", "agree")
@@ -58,18 +57,6 @@ def format_row(name, row):
     return f"| {name} | " + " | ".join(cells) + f" | {'ok' if meets_targets(row) else ''} |"
 
 
-def mean_rows(rows):
-    """The mean of each numeric figure over the seeds' reports, and with several seeds the
-    standard deviation of FD ratio and confidence (`<name>_sd`)."""
-    mean = {k: float(np.mean([r[k] for r in rows])) for k, v in rows[0].items()
-            if isinstance(v, (int, float))}
-    if len(rows) > 1:
-        for key in ("fd_ratio", "classifier_confidence"):
-            if key in mean:
-                mean[f"{key}_sd"] = float(np.std([r[key] for r in rows], ddof=1))
-    return mean
-
-
 def sweep(prior, tokenizer, reference, settings, num_samples, seeds, extra):
     """-> [(setting dict, mean report, seconds sampling per seed)] for every setting."""
     classes = prior.classes
@@ -77,20 +64,16 @@ def sweep(prior, tokenizer, reference, settings, num_samples, seeds, extra):
     requested = [classes[i] for i in label_ids.tolist()] if classes else None
     results = []
     for setting in settings:
-        rows, seconds = [], 0.0
+        draws, seconds = [], 0.0
         for seed in seeds:
             generator = torch.Generator(device=prior.device).manual_seed(seed)
             start = time.perf_counter()
             codes = sample_tokens(prior.model, num_samples, num_samples, label_ids, generator,
                                   **setting, **extra)
             seconds += time.perf_counter() - start
-            images = tokenizer.decode(codes)
-            row = reference.report(images)
-            if requested is not None:
-                row["label_agreement"] = label_agreement(reference.classifier, images,
-                                                         requested)["agreement"]
-            rows.append(row)
-        results.append((setting, mean_rows(rows), seconds / len(seeds)))
+            draws.append(tokenizer.decode(codes))
+        results.append((setting, report_draws(reference, draws, requested),
+                        seconds / len(seeds)))
     return results
 
 

@@ -371,6 +371,19 @@ def mean_reports(reports):
     return merged
 
 
+def report_draws(reference, draws, requested=None):
+    """reference.report() of each draw of samples (with `label_agreement` when `requested`
+    labels are given and the reference has a classifier), merged by mean_reports."""
+    reports = []
+    for images in draws:
+        report = reference.report(images)
+        if requested is not None and reference.classifier is not None:
+            report["label_agreement"] = label_agreement(reference.classifier, images,
+                                                        requested)["agreement"]
+        reports.append(report)
+    return mean_reports(reports)
+
+
 @torch.no_grad()
 def tokenizer_ceiling(reconstruct, reference, batch_size=256):
     """The best figures a prior over a tokenizer's codes can reach.

@@ -226,8 +226,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     from pipeline.train_prior import TrainConfig as PriorTrainConfig, train_prior
     from vqvae.model import VQVAEConfig
     from vqvae.train import TrainConfig as VQTrainConfig, train_vqvae
-    from pipeline.quality import (QualityReference, label_agreement, mean_reports,
-                                  vqvae_ceiling)
+    from pipeline.quality import QualityReference, report_draws, vqvae_ceiling
 
     if preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got '{preset}'")
@@ -336,14 +335,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
             draws += more_draws(prior_run, range(first_seed + 1, first_seed + quality_draws),
                                 sample.get("num_samples", 64), sample.get("batch_size"),
                                 sample.get("labels"), **settings_only)
-        reports = []
-        for drawn in draws:
-            report = reference.report(drawn)
-            if requested is not None and reference.classifier is not None:
-                report["label_agreement"] = label_agreement(reference.classifier, drawn,
-                                                            requested)["agreement"]
-            reports.append(report)
-        quality = mean_reports(reports)
+        quality = report_draws(reference, draws, requested)
         timings["quality_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
 
