@@ -120,7 +120,8 @@ def test_too_few_heldout_images_or_samples_fail_before_any_run(store, image_csv,
                                                "quality figures need more than 3"),
             (["--vqvae.val_fraction", "0.95"], "the training split of"),
             (["--sample.num_samples", "3"], "3 samples (--sample.num_samples or"),
-            (["--sample.labels", "0,1"], "2 samples (--sample.num_samples or")):
+            (["--sample.labels", "0,1"], "2 samples (--sample.num_samples or"),
+            (["--quality_draws", "0"], "--quality_draws must be at least 1, got 0")):
         with pytest.raises(SystemExit):
             run_cli(pipeline_main, ["--path_to_data", str(image_csv), "--out_dir",
                                     str(tmp_path / "o"), "--preset", "tiny",
