@@ -76,7 +76,7 @@ def main(argv=None):
                              "@champion), ready for `mlflow models serve`"
                              + (" (default: demo-digits)" if demo else ""))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quality_draws", type=int, default=4,
+    parser.add_argument("--quality_draws", type=int, default=8,
                         help="average the quality figures over this many draws of the samples' "
                              "size (the first is the saved samples); one draw's figures move "
                              "with the seed")

@@ -215,7 +215,7 @@ def check_quality_sizes(table, settings, heldout_csv):
 
 def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experiment=None,
                  heldout_csv=None, seed=0, register=None, data_name=None, command=None,
-                 quality_draws=4):
+                 quality_draws=8):
     """Run (or reuse) every stage; writes out_dir/samples/*.png, grid.png, summary.json.
     The quality figures are means over `quality_draws` draws of the samples' size (the first
     draw is the saved samples).
