@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.generate import LoadedPrior, sample_tokens  # noqa: E402
-from pipeline.quality import QualityReference, report_draws, tokenizer_ceiling  # noqa: E402
+from pipeline.quality import (QualityReference, report_draws, tokenizer_ceiling,  # noqa: E402
+                              with_spread)
 from pipeline.run import load_split_images  # noqa: E402
 
 COLUMNS = ("conf", "classes", "P", "R", "P/real", "R/real", "FD ratio", "nn ratio", "agree")
@@ -40,11 +41,6 @@ def meets_targets(row):
             and row["precision"] >= 0.9 * row["real_precision"]
             and row["recall"] >= 0.9 * row["real_recall"]
             and row["fd_ratio"] <= 1.3 and row["nn_ratio"] >= 0.9)
-
-
-def with_spread(row, key, digits):
-    spread = row.get(f"{key}_sd")
-    return f"{row[key]:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread else "")
 
 
 def format_row(name, row):

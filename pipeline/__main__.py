@@ -176,15 +176,16 @@ def probe_command(argv):
 COMMANDS = {"evaluate": evaluate_command, "probe": probe_command}
 
 
-def spread(metrics, name, digits):
-    """'0.907 ± 0.008' (a mean over draws and their standard deviation), or '0.907'."""
-    sd = metrics.get(f"quality/{name}_sd")
-    text = f"{metrics[f'quality/{name}']:.{digits}f}"
-    return text + (f" ± {sd:.{digits}f}" if sd is not None else "")
+def versus_real(metrics, name):
+    """'real 0.911: 0.90x', the real reference's figure and the samples' share of it."""
+    real = metrics[f"quality/real_{name}"]
+    return f"real {real:.3f}: {metrics[f'quality/{name}'] / max(real, 1e-12):.2f}x"
 
 
 def report(summary):
+    from pipeline.quality import with_spread
     m, t = summary["metrics"], summary["timings"]
+    mean = lambda name, digits: with_spread(m, f"quality/{name}", digits)
     count = int(m.get("quality/draws", 1))
     draws = (f"; mean ± sd over {count} draws of {int(m['quality/num_samples'])}"
              if count > 1 else "")
@@ -198,9 +199,9 @@ def report(summary):
         f"val/codebook_usage {m.get('vqvae/val/codebook_usage', float('nan')):.3f}",
         f"prior {summary['prior_run_id']} ({summary['stages']['prior']}): {prior_val}",
         f"quality vs held-out ({summary.get('feature_space', 'random')} features; real "
-        f"training images score FD ratio 1{draws}): FD ratio {spread(m, 'fd_ratio', 3)}, "
-        f"precision {spread(m, 'precision', 2)} (real {m['quality/real_precision']:.2f}), "
-        f"recall {spread(m, 'recall', 2)} (real {m['quality/real_recall']:.2f}), "
+        f"training images score FD ratio 1{draws}): FD ratio {mean('fd_ratio', 3)}, "
+        f"precision {mean('precision', 2)} ({versus_real(m, 'precision')}), "
+        f"recall {mean('recall', 2)} ({versus_real(m, 'recall')}), "
         f"nearest-train ratio {m['quality/nn_ratio']:.2f} (<<1 = copies), copy fraction "
         f"{m['quality/copy_fraction']:.3f}",
     ]
@@ -208,11 +209,11 @@ def report(summary):
         accuracy = m.get("quality/classifier_heldout_accuracy")
         held_out = (f"; the classifier's held-out accuracy {accuracy:.3f}"
                     if accuracy is not None else "")
-        agreement = (f", drawn class recognised in {spread(m, 'label_agreement', 3)}"
+        agreement = (f", drawn class recognised in {mean('label_agreement', 3)}"
                      if "quality/label_agreement" in m else "")
         lines.append(f"classes present {m['quality/classes_present']:g}/"
                      f"{int(m['quality/num_classes'])}, classifier confidence "
-                     f"{spread(m, 'classifier_confidence', 3)} (real training images "
+                     f"{mean('classifier_confidence', 3)} (real training images "
                      f"{m['quality/real_classifier_confidence']:.3f}{held_out}){agreement}")
     if "ceiling/fd_ratio" in m:
         lines.append(

@@ -14,13 +14,15 @@ images, the value a perfect generator would reach.
   (benchmarks/bench_quality.py). Without labels, "random" alone (random conv features still
   separate image distributions, cf. Naeem et al. 2020); "classifier" alone on request.
 - `fd`: Fréchet distance between Gaussians fit to the features of the images and of the held-out
-  set; `fd_real` the same for real training images; `fd_ratio` = fd / fd_real (~1 is perfect,
-  lower is better).
+  set; `fd_real` the same for as many real training images, the mean over REAL_DRAWS random
+  choices of them (`fd_real_sd`: their spread); `fd_ratio` = fd / fd_real (~1 is perfect, lower
+  is better).
 - `precision` / `recall` (Kynkäänniemi et al. 2019, k = 3): each point of a set gets a ball
   reaching its k-th nearest neighbour in that set, and the union of the balls is the set's
   manifold. precision = share of the images inside the held-out manifold (are they realistic?),
   recall = share of held-out images inside the images' manifold (is the data's variety covered?).
-  `real_precision` / `real_recall` are the reference figures of real training images.
+  `real_precision` / `real_recall` are the reference figures of real training images (means
+  over the same choices).
 - With labels: `classifier_confidence` (mean top softmax probability; the real reference's is
   `real_classifier_confidence`: trained with mixup, it gives real digits 0.89-0.91),
   `classes_present`, `class_counts`, and the classifier's accuracy on the held-out images
@@ -48,6 +50,10 @@ import torch.nn.functional as F
 from pipeline.errors import UserError
 
 K_NEIGHBOURS = 3
+# The real reference's figures are means over this many random choices of training images: one
+# choice of 300 demo digits gave an fd_real 11% (one sd) above or below the mean of 40, and every
+# FD ratio moved with it; 32 choices bring that to 2%, for about a second.
+REAL_DRAWS = 32
 FEATURE_SPACES = ("classifier+random", "classifier", "random")
 
 # feature spaces
@@ -208,12 +214,18 @@ def _sqrtm_psd(matrix):
     return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
 
 
+def gaussian_stats(features):
+    """(N, d) -> (mean, covariance, its square root): what frechet_distance needs of a set it
+    meets many times (the held-out set), computed once."""
+    cov = np.cov(features, rowvar=False)
+    return features.mean(0), cov, _sqrtm_psd(cov)
+
+
 def frechet_distance(a, b):
-    """FD between Gaussians fit to feature sets a (N, d) and b (M, d)."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root_a = _sqrtm_psd(cov_a)
-    cross = _sqrtm_psd(root_a @ cov_b @ root_a)  # tr sqrt(A B) = tr sqrt(A^1/2 B A^1/2)
+    """FD between Gaussians fit to feature sets a (N, d) and b (M, d), or b's gaussian_stats."""
+    mu_a, cov_a = a.mean(0), np.cov(a, rowvar=False)
+    mu_b, cov_b, root_b = gaussian_stats(b) if isinstance(b, np.ndarray) else b
+    cross = _sqrtm_psd(root_b @ cov_a @ root_b)  # tr sqrt(A B) = tr sqrt(B^1/2 A B^1/2)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b)
                  - 2 * np.trace(cross))
 
@@ -289,6 +301,7 @@ class QualityReference:
                         for embed in blocks]
         self.heldout_labels = heldout_labels
         self.heldout_features = self.embed(self.heldout)
+        self.heldout_stats = gaussian_stats(self.heldout_features)
         self.heldout_nn = nearest_distances(self.heldout, self.train)
         self._real = {}  # n -> figures of n real training images (the reference)
 
@@ -299,22 +312,45 @@ class QualityReference:
         """(N, C, S, S) in [0, 1] -> (N, d) features in this reference's feature space."""
         return np.concatenate([embed(images) / scale for embed, scale in self._blocks], 1)
 
+    def real_subsets(self, n):
+        """REAL_DRAWS seeded random choices of n training-image indices (the first is
+        `real_images(n)`); one choice when n covers the whole training set."""
+        rng = np.random.default_rng(self.seed)
+        draws = 1 if n >= len(self.train) else REAL_DRAWS
+        return [rng.choice(len(self.train), n, replace=False) for _ in range(draws)]
+
     def real_images(self, n):
         """The n training images (a seeded random choice) that serve as the real reference."""
-        rng = np.random.default_rng(self.seed)
-        return self.train[torch.from_numpy(rng.choice(len(self.train), n, replace=False))]
+        return self.train[torch.from_numpy(self.real_subsets(n)[0])]
+
+    def subset_figures(self, features, confidence, n):
+        """fd, precision, recall (and confidence) of images aligned with the training set,
+        features (N_train, d) and confidence (N_train,) or None: the means over real_subsets(n),
+        with `fd_sd`, the subsets' standard deviation of fd. Rows outside every subset are
+        not read."""
+        figures = []
+        for subset in self.real_subsets(n):
+            precision, recall = precision_recall(features[subset], self.heldout_features)
+            figures.append({"fd": frechet_distance(features[subset], self.heldout_stats),
+                            "precision": precision, "recall": recall})
+            if confidence is not None:
+                figures[-1]["classifier_confidence"] = float(confidence[subset].mean())
+        means = {key: float(np.mean([f[key] for f in figures])) for key in figures[0]}
+        means["fd_sd"] = (float(np.std([f["fd"] for f in figures], ddof=1))
+                          if len(figures) > 1 else 0.0)
+        return means
 
     def real_figures(self, n):
-        """fd, precision and recall of n random real training images against the held-out set."""
+        """fd, precision, recall and confidence of n real training images against the held-out
+        set: the means over REAL_DRAWS random choices of n images (see REAL_DRAWS), with
+        `fd_real_sd`, the choices' standard deviation of fd."""
         if n not in self._real:
-            real = self.real_images(n)
-            features = self.embed(real)
-            precision, recall = precision_recall(features, self.heldout_features)
-            self._real[n] = {"fd_real": frechet_distance(features, self.heldout_features),
-                             "real_precision": precision, "real_recall": recall}
-            if self.classifier is not None:
-                self._real[n]["real_classifier_confidence"] = float(
-                    self.classifier.predict(real)[1].mean())
+            confidence = (self.classifier.predict(self.train)[1] if self.classifier is not None
+                          else None)
+            means = self.subset_figures(self.embed(self.train), confidence, n)
+            self._real[n] = {("fd_real_sd" if key == "fd_sd" else
+                              "fd_real" if key == "fd" else f"real_{key}"): value
+                             for key, value in means.items()}
         return self._real[n]
 
     def report(self, images):
@@ -323,11 +359,11 @@ class QualityReference:
         images = images.float()
         features = self.embed(images)
         real = self.real_figures(min(len(images), len(self.train)))
-        fd = frechet_distance(features, self.heldout_features)
+        fd = frechet_distance(features, self.heldout_stats)
         precision, recall = precision_recall(features, self.heldout_features)
         nn_images = nearest_distances(images, self.train)
         report = {"feature_space": self.feature_space,
-                  "fd": fd, "fd_real": real["fd_real"],
+                  "fd": fd, "fd_real": real["fd_real"], "fd_real_sd": real["fd_real_sd"],
                   "fd_ratio": fd / max(real["fd_real"], 1e-12),
                   "precision": precision, "recall": recall,
                   "real_precision": real["real_precision"], "real_recall": real["real_recall"],
@@ -372,6 +408,13 @@ def mean_reports(reports):
     return merged
 
 
+def with_spread(figures, key, digits):
+    """'0.907 ± 0.008' from figures[key] and figures[key + '_sd'] (a mean over draws and their
+    standard deviation), or '0.907' without the sd."""
+    sd = figures.get(f"{key}_sd")
+    return f"{figures[key]:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
 def report_draws(reference, draws, requested=None):
     """reference.report() of each draw of samples (with `label_agreement` when `requested`
     labels are given and the reference has a classifier), merged by mean_reports."""
@@ -390,21 +433,36 @@ def tokenizer_ceiling(reconstruct, reference, batch_size=256):
     """The best figures a prior over a tokenizer's codes can reach.
 
     A prior that learned the training codes perfectly would sample reconstructions of training
-    images, so the figures are those of the tokenizer's reconstructions of the reference's real
-    training images (as many as there are held-out images), judged against the held-out set like
-    samples: `fd_ratio` then isolates what the tokenizer loses (1 = nothing). `psnr` (dB, pixels
-    in [0, 1]) is measured on the held-out images, which the tokenizer never saw.
-    (Reconstructions of the held-out images themselves would each sit next to their own
-    original: precision and recall were both 1.000 for every VQ-VAE tried, telling nothing.)
+    images, so the figures are those of the tokenizer's reconstructions of real training images
+    (as many as there are held-out images), judged against the held-out set like samples, on
+    the same random choices of training images as the real reference's figures and averaged the
+    same way: `fd_ratio` then isolates what the tokenizer loses (1 = nothing). nn ratio and the
+    class figures are those of the first choice. `psnr` (dB, pixels in [0, 1]) is measured on
+    the held-out images, which the tokenizer never saw. (Reconstructions of the held-out images
+    themselves would each sit next to their own original: precision and recall were both 1.000
+    for every VQ-VAE tried, telling nothing.)
 
     reconstruct: (B, C, S, S) in [0, 1] -> (B, C, S, S) in [0, 1], e.g. decode(encode(x)).
     reference: a QualityReference."""
     def run(images):
         return torch.cat([reconstruct(images[i:i + batch_size]).float().cpu().clamp(0, 1)
                           for i in range(0, len(images), batch_size)])
-    real = reference.real_images(min(len(reference.heldout), len(reference.train)))
+    n = min(len(reference.heldout), len(reference.train))
+    subsets = reference.real_subsets(n)
+    used = np.unique(np.concatenate(subsets))  # reconstruct only the rows the choices read
+    recon = torch.zeros_like(reference.train)
+    recon[torch.from_numpy(used)] = run(reference.train[torch.from_numpy(used)])
+    report = reference.report(recon[torch.from_numpy(subsets[0])])
+    features = np.zeros((len(recon), reference.heldout_features.shape[1]))
+    features[used] = reference.embed(recon[torch.from_numpy(used)])
+    confidence = None
+    if reference.classifier is not None:
+        confidence = np.zeros(len(recon))
+        confidence[used] = reference.classifier.predict(recon[torch.from_numpy(used)])[1]
+    means = reference.subset_figures(features, confidence, n)
+    report.update(means, fd_ratio=means["fd"] / max(report["fd_real"], 1e-12))
     mse = (run(reference.heldout) - reference.heldout).pow(2).mean().item()
-    return {**reference.report(run(real)), "psnr": 10 * math.log10(1 / max(mse, 1e-12))}
+    return {**report, "psnr": 10 * math.log10(1 / max(mse, 1e-12))}
 
 
 def vqvae_ceiling(run_id, reference):

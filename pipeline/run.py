@@ -73,12 +73,13 @@ METRICS = {
     "quality/*": "means over `quality/draws` draws of the samples' size (the saved samples, "
                  "then the same settings under the next seeds); quality/<figure>_sd: the "
                  "draws' standard deviation",
-    "quality/fd_ratio": "Frechet distance of the samples to held-out images over that of real "
-                        "training images (in the space of tag quality.feature_space; 1 = as "
-                        "close as real data)",
+    "quality/fd_ratio": "Frechet distance of the samples to held-out images over that of as "
+                        "many real training images (the mean over 32 random choices of them; "
+                        "in the space of tag quality.feature_space; 1 = as close as real data)",
     "quality/precision, recall": "share of samples on the held-out images' manifold, share of "
                                  "held-out images on the samples' (k = 3; real_precision and "
-                                 "real_recall: the same for real training images)",
+                                 "real_recall: the same for real training images, means over "
+                                 "the same 32 choices)",
     "quality/nn_ratio": "median pixel distance of a sample to its nearest training image over "
                         "the same for held-out images (far below 1 = copies)",
     "quality/copy_fraction": "fraction of samples closer to the training set than 95% of "

@@ -8,9 +8,9 @@ import torch
 
 from pipeline.demo_data import write_digits
 from pipeline.images import ImageData, read_table
-from pipeline.quality import (DEGRADATIONS, ImageClassifier, QualityReference, degrade,
-                              label_agreement, mean_reports, precision_recall, ranking_ladder,
-                              tokenizer_ceiling)
+from pipeline.quality import (DEGRADATIONS, REAL_DRAWS, ImageClassifier, QualityReference,
+                              degrade, frechet_distance, label_agreement, mean_reports,
+                              precision_recall, ranking_ladder, tokenizer_ceiling)
 
 # figure -> +1 when higher is better, -1 when lower is better
 RANKED = {"fd_ratio": -1, "precision": +1, "recall": +1, "classifier_confidence": +1}
@@ -55,6 +55,25 @@ def test_every_figure_ranks_the_degradation_ladder(digits):
     assert rows["real"]["fd_ratio"] == pytest.approx(1, abs=0.3)
     assert rows["real"]["precision"] == pytest.approx(rows["real"]["real_precision"], abs=0.05)
     assert rows["real"]["recall"] == pytest.approx(rows["real"]["real_recall"], abs=0.05)
+
+
+def test_real_reference_is_the_mean_over_random_choices_of_training_images(digits):
+    reference, n = digits["reference"], len(digits["heldout"])
+    subsets = reference.real_subsets(n)
+    assert len(subsets) == REAL_DRAWS and len({tuple(s) for s in subsets}) == REAL_DRAWS
+    assert torch.equal(reference.real_images(n), digits["train"][torch.from_numpy(subsets[0])])
+    features = [reference.embed(digits["train"][torch.from_numpy(s)]) for s in subsets]
+    fds = [frechet_distance(f, reference.heldout_features) for f in features]
+    # one choice's fd_real moves by about a tenth: the reason for averaging
+    assert np.std(fds) > 0.03 * np.mean(fds)
+    real = reference.real_figures(n)
+    assert real["fd_real"] == pytest.approx(np.mean(fds), rel=1e-6)
+    assert real["fd_real_sd"] == pytest.approx(np.std(fds, ddof=1), rel=1e-6)
+    recalls = [precision_recall(f, reference.heldout_features)[1] for f in features]
+    assert real["real_recall"] == pytest.approx(np.mean(recalls))
+    # every training image: one choice, no spread
+    everything = reference.real_figures(len(digits["train"]))
+    assert everything["fd_real_sd"] == 0 and len(reference.real_subsets(len(digits["train"]))) == 1
 
 
 def test_random_features_without_labels_see_blur_but_not_layout(digits):
