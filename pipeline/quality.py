@@ -245,10 +245,13 @@ def manifold_share(queries, references, radii):
     return float((_pairwise(queries, references) <= radii[None, :]).any(1).mean())
 
 
-def precision_recall(features, real_features, k=K_NEIGHBOURS):
+def precision_recall(features, real_features, k=K_NEIGHBOURS, real_radii=None):
     """Improved precision and recall (Kynkäänniemi et al. 2019) of a feature set against real
-    features: (share of `features` on the real manifold, share of real ones on theirs)."""
-    return (manifold_share(features, real_features, knn_radii(real_features, k)),
+    features: (share of `features` on the real manifold, share of real ones on theirs).
+    real_radii: knn_radii(real_features, k), when already known."""
+    if real_radii is None:
+        real_radii = knn_radii(real_features, k)
+    return (manifold_share(features, real_features, real_radii),
             manifold_share(real_features, features, knn_radii(features, k)))
 
 
@@ -302,6 +305,7 @@ class QualityReference:
         self.heldout_labels = heldout_labels
         self.heldout_features = self.embed(self.heldout)
         self.heldout_stats = gaussian_stats(self.heldout_features)
+        self.heldout_radii = knn_radii(self.heldout_features)
         self.heldout_nn = nearest_distances(self.heldout, self.train)
         self._real = {}  # n -> figures of n real training images (the reference)
 
@@ -330,7 +334,8 @@ class QualityReference:
         not read."""
         figures = []
         for subset in self.real_subsets(n):
-            precision, recall = precision_recall(features[subset], self.heldout_features)
+            precision, recall = precision_recall(features[subset], self.heldout_features,
+                                                 real_radii=self.heldout_radii)
             figures.append({"fd": frechet_distance(features[subset], self.heldout_stats),
                             "precision": precision, "recall": recall})
             if confidence is not None:
@@ -360,7 +365,8 @@ class QualityReference:
         features = self.embed(images)
         real = self.real_figures(min(len(images), len(self.train)))
         fd = frechet_distance(features, self.heldout_stats)
-        precision, recall = precision_recall(features, self.heldout_features)
+        precision, recall = precision_recall(features, self.heldout_features,
+                                             real_radii=self.heldout_radii)
         nn_images = nearest_distances(images, self.train)
         report = {"feature_space": self.feature_space,
                   "fd": fd, "fd_real": real["fd_real"], "fd_real_sd": real["fd_real_sd"],
