@@ -10,7 +10,7 @@ images, the value a perfect generator would reach.
   a fixed, seeded random conv net, each part scaled to unit total variance on the held-out set.
   Each part alone failed the ranking check on the demo digits: the classifier's features are
   blind to a light blur (its precision rose from 0.93 to 0.94), the random ones judge a 0.8-px
-  blur worse than rows shuffled at random (FD ratio 12.8 vs 9.1); together they rank every step
+  blur worse than rows shuffled at random (FD ratio 13.8 vs 9.8); together they rank every step
   (benchmarks/bench_quality.py). Without labels, "random" alone (random conv features still
   separate image distributions, cf. Naeem et al. 2020); "classifier" alone on request.
 - `fd`: Fréchet distance between Gaussians fit to the features of the images and of the held-out
