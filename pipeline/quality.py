@@ -308,6 +308,7 @@ class QualityReference:
         self.heldout_radii = knn_radii(self.heldout_features)
         self.heldout_nn = nearest_distances(self.heldout, self.train)
         self._real = {}  # n -> figures of n real training images (the reference)
+        self._train_embedding = None
 
     def _random_features(self, images):
         return random_features(images, seed=self.seed)
@@ -327,11 +328,18 @@ class QualityReference:
         """The n training images (a seeded random choice) that serve as the real reference."""
         return self.train[torch.from_numpy(self.real_subsets(n)[0])]
 
-    def subset_figures(self, features, confidence, n):
-        """fd, precision, recall (and confidence) of images aligned with the training set,
-        features (N_train, d) and confidence (N_train,) or None: the means over real_subsets(n),
-        with `fd_sd`, the subsets' standard deviation of fd. Rows outside every subset are
-        not read."""
+    def subset_figures(self, images, n):
+        """fd, precision, recall (and confidence) of `images` (N_train, C, S, S), one per
+        training image (the images themselves, or a tokenizer's reconstructions of them): the
+        means over real_subsets(n), with `fd_sd`, the subsets' standard deviation of fd."""
+        return self._subset_means(*self._embedding(images), n)
+
+    def _embedding(self, images):
+        """-> (features (N, d), the classifier's confidence (N,) or None)."""
+        confidence = self.classifier.predict(images)[1] if self.classifier is not None else None
+        return self.embed(images), confidence
+
+    def _subset_means(self, features, confidence, n):
         figures = []
         for subset in self.real_subsets(n):
             precision, recall = precision_recall(features[subset], self.heldout_features,
@@ -350,9 +358,9 @@ class QualityReference:
         set: the means over REAL_DRAWS random choices of n images (see REAL_DRAWS), with
         `fd_real_sd`, the choices' standard deviation of fd."""
         if n not in self._real:
-            confidence = (self.classifier.predict(self.train)[1] if self.classifier is not None
-                          else None)
-            means = self.subset_figures(self.embed(self.train), confidence, n)
+            if self._train_embedding is None:  # shared by every n (samples, ceiling)
+                self._train_embedding = self._embedding(self.train)
+            means = self._subset_means(*self._train_embedding, n)
             self._real[n] = {("fd_real_sd" if key == "fd_sd" else
                               "fd_real" if key == "fd" else f"real_{key}"): value
                              for key, value in means.items()}
@@ -454,18 +462,9 @@ def tokenizer_ceiling(reconstruct, reference, batch_size=256):
         return torch.cat([reconstruct(images[i:i + batch_size]).float().cpu().clamp(0, 1)
                           for i in range(0, len(images), batch_size)])
     n = min(len(reference.heldout), len(reference.train))
-    subsets = reference.real_subsets(n)
-    used = np.unique(np.concatenate(subsets))  # reconstruct only the rows the choices read
-    recon = torch.zeros_like(reference.train)
-    recon[torch.from_numpy(used)] = run(reference.train[torch.from_numpy(used)])
-    report = reference.report(recon[torch.from_numpy(subsets[0])])
-    features = np.zeros((len(recon), reference.heldout_features.shape[1]))
-    features[used] = reference.embed(recon[torch.from_numpy(used)])
-    confidence = None
-    if reference.classifier is not None:
-        confidence = np.zeros(len(recon))
-        confidence[used] = reference.classifier.predict(recon[torch.from_numpy(used)])[1]
-    means = reference.subset_figures(features, confidence, n)
+    recon = run(reference.train)
+    report = reference.report(recon[torch.from_numpy(reference.real_subsets(n)[0])])
+    means = reference.subset_figures(recon, n)
     report.update(means, fd_ratio=means["fd"] / max(report["fd_real"], 1e-12))
     mse = (run(reference.heldout) - reference.heldout).pow(2).mean().item()
     return {**report, "psnr": 10 * math.log10(1 / max(mse, 1e-12))}
