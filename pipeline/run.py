@@ -76,6 +76,9 @@ METRICS = {
     "quality/fd_ratio": "Frechet distance of the samples to held-out images over that of as "
                         "many real training images (the mean over 32 random choices of them; "
                         "in the space of tag quality.feature_space; 1 = as close as real data)",
+    "quality/fd_real, fd_real_sd": "the real reference's Frechet distance to the held-out images "
+                                   "(mean over 32 choices of training images) and its spread "
+                                   "over those choices",
     "quality/precision, recall": "share of samples on the held-out images' manifold, share of "
                                  "held-out images on the samples' (k = 3; real_precision and "
                                  "real_recall: the same for real training images, means over "
