@@ -21,6 +21,7 @@ from pipeline.errors import UserError
 from pixelcnn.base import ConvConfig, ConvPrior
 from pixelcnn.layers import (DownRightShiftedConv2d, DownShiftedConv2d, down_shift, gate,
                              right_shift)
+from priors.dropout import Dropout
 
 
 @dataclass
@@ -49,7 +50,7 @@ class GatedLayer(nn.Module):
         # the first layer reads the input pixels: `reach` taps ending at j, shifted to end at j-1
         self.horizontal = DownRightShiftedConv2d(in_channels, 2 * filters,
                                                  (1, reach if first else reach + 1))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.horizontal_out = nn.Conv2d(filters, filters, 1)
         self.label = nn.Linear(label_dim, 4 * filters) if label_dim else None
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from priors.dropout import Dropout
+
 
 # shifts and nonlinearities
 
@@ -152,7 +154,7 @@ class GatedResnet(nn.Module):
         super().__init__()
         self.conv_in = conv(2 * filters, filters)
         self.skip = nn.Conv2d(2 * skip_channels, filters, 1) if skip_channels else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv_out = conv(2 * filters, 2 * filters)
         self.label = nn.Linear(label_dim, 2 * filters) if label_dim else None
 

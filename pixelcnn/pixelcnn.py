@@ -17,6 +17,7 @@ from pipeline.config import field
 from pipeline.errors import UserError
 from pixelcnn.base import ConvConfig, ConvPrior
 from pixelcnn.layers import MaskedConv2d
+from priors.dropout import Dropout
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ResidualBlock(nn.Module):
         self.reduce = nn.Conv2d(filters, half, 1)
         self.conv = MaskedConv2d(half, half, 3, "B")
         self.label = nn.Linear(label_dim, half) if label_dim else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.expand = nn.Conv2d(half, filters, 1)
 
     def forward(self, x, label=None, conv=None):

@@ -9,6 +9,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.train_prior import WeightAverage, evaluate
+from priors.dropout import Dropout
 from priors.heads import MixtureHead
 from transformer.gpt import GPT, GPTConfig
 
@@ -61,6 +62,21 @@ def test_gpt_nll_is_the_sum_of_its_one_token_at_a_time_log_probabilities():
     torch.testing.assert_close(model.nll(tokens), expected, atol=1e-4, rtol=1e-5)
     out, loss = model(tokens)
     torch.testing.assert_close(loss, expected.sum() / 24, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_dropout_keeps_one_minus_p_scaled_and_passes_gradient_through_the_mask():
+    torch.manual_seed(0)
+    layer = Dropout(0.3)
+    x = torch.full((200, 500), 2.0, requires_grad=True)
+    y = layer(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005  # 100,000 draws: sd 0.0015
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 2.0 / 0.7))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)
+    layer.eval()
+    assert torch.equal(layer(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
 
 
 def test_weight_average_starts_from_the_weights_not_from_zero():

@@ -47,6 +47,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from priors.dropout import Dropout
+
 CHUNK = 64   # positions per chunk of the parallel form
 EPS = 1e-6   # keeps the normaliser away from zero when every phi(q)^T phi(k) underflows
 
@@ -92,7 +94,7 @@ class LinearAttention(nn.Module):
         self.mu, self.stepsize = (config.mu, config.stepsize) if self.momentum else (0.0, 1.0)
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
-        self.proj_dropout = nn.Dropout(config.dropout)
+        self.proj_dropout = Dropout(config.dropout)
 
     def forward(self, x, mask=None, cache=None, layer=0, start=0):
         """x (B, L, C) at positions start..start+L-1 -> (B, L, C). `mask` is softmax

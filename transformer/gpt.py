@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pipeline.config import field
 from pipeline.errors import UserError
 from priors.base import PriorConfig, RasterPrior
+from priors.dropout import Dropout
 from transformer.attention import LinearAttention, RecurrentState
 from transformer.init import init_gpt2
 
@@ -94,7 +95,7 @@ class SelfAttention(nn.Module):
         self.n_head, self.dropout = config.n_head, config.dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
-        self.proj_dropout = nn.Dropout(config.dropout)
+        self.proj_dropout = Dropout(config.dropout)
 
     def forward(self, x, mask, cache=None, layer=0, start=0):
         """x (B, L, C) at positions start..start+L-1; mask (L, start+L) bool, or None: causal
@@ -133,7 +134,7 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
                                  nn.Linear(4 * config.n_embd, config.n_embd),
-                                 nn.Dropout(config.dropout))
+                                 Dropout(config.dropout))
 
     def forward(self, x, mask, cache=None, layer=0, start=0):
         x = x + self.attn(self.ln1(x), mask, cache, layer, start)
@@ -149,7 +150,7 @@ class GPT(RasterPrior):
         self.token_embedding = nn.Embedding(config.vocab_size + 1, config.n_embd)
         self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
         self.label_embedding = self.make_label_embedding(config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.head_proj = nn.Linear(config.n_embd, self.head.out_dim, bias=False)
