@@ -47,7 +47,8 @@ class PixelsConfig:
         if self.mode == "palette" and not 2 <= self.palette_size <= 4096:
             raise UserError(f"--palette_size must be in 2..4096, got {self.palette_size}")
         if self.image_size < 1 or self.in_channels not in (1, 3):
-            raise UserError(f"--image_size must be positive and channels 1 or 3")
+            raise UserError(f"--image_size must be positive and --in_channels 1 or 3, got "
+                            f"{self.image_size} and {self.in_channels}")
 
 
 def kmeans_palette(pixels, k, iters=20, seed=0):
