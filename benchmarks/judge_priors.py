@@ -57,8 +57,9 @@ def main():
     train_images, labels = load(args.path_to_data, args.image_size, train_rows)
     heldout, heldout_labels = load(args.heldout_csv, args.image_size)
     reference = QualityReference(heldout, train_images, labels, heldout_labels, seed=0)
-    print("| prior | FD ratio | precision (x real) | recall (x real) | confidence | nn ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| prior | FD ratio | precision (x real) | recall (x real) | confidence | classes | "
+          "nn ratio |")
+    print("|---|---|---|---|---|---|---|")
     for run_id in args.run_ids:
         prior = LoadedPrior(run_id, "cpu")
         ids, num_samples = prior.label_ids("all", args.num_samples)
@@ -67,9 +68,10 @@ def main():
                            temperature=args.temperature, guidance=args.guidance)
         r = report_draws(reference, draws, requested)
         print(f"| {run_id[:8]} | {with_spread(r, 'fd_ratio', 3)} | "
-              f"{r['precision']:.2f} ({r['precision'] / r['real_precision']:.2f}) | "
-              f"{r['recall']:.2f} ({r['recall'] / r['real_recall']:.2f}) | "
-              f"{with_spread(r, 'classifier_confidence', 3)} | {r['nn_ratio']:.2f} |",
+              f"{r['precision']:.2f} ({r['precision'] / r['real_precision']:.3f}) | "
+              f"{r['recall']:.2f} ({r['recall'] / r['real_recall']:.3f}) | "
+              f"{with_spread(r, 'classifier_confidence', 3)} | {r['classes_present']:.1f} | "
+              f"{r['nn_ratio']:.2f} |",
               flush=True)
 
 
