@@ -1,14 +1,12 @@
-"""Judge several priors by ONE quality reference: the spread of a recipe over training seeds.
+"""Judge several priors by the pipeline's quality reference: the spread of a recipe over seeds.
 
     python benchmarks/judge_priors.py --run_ids <prior> <prior> ... \
         --path_to_data demo_data/train.csv --heldout_csv demo_data/heldout.csv
 
-The pipeline builds its quality reference (the classifier, the random features, the choices of
-real training images) with its own --seed, so demos run with different seeds are judged by
-different judges, and the judge's seed alone moves one prior's FD ratio by up to 0.17 on the
-demo digits. Here every prior is judged by the reference of the split `--split_seed` (the
-training rows of that split, the judge's seed 0): what differs between the rows is the prior
-(and its tokenizer) alone. Each row is the mean over `--seeds` draws of `--num_samples` at the
+The same judge as `python -m pipeline` with a held-out CSV (every row of the training CSV as
+real data, the judge's seed 0), so priors from other stores, other code versions or runs that
+predate that judge are compared on one footing: what differs between the rows is the prior (and
+its tokenizer) alone. Each row is the mean over `--seeds` draws of `--num_samples` at the
 `small` preset's sampling settings (or `--temperature`, `--guidance`), each class in turn.
 Compare priors by it; choose nothing by it, since these are the held-out images.
 """
@@ -21,19 +19,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.generate import LoadedPrior, more_draws  # noqa: E402
-from pipeline.images import ImageData, read_table, split_indices  # noqa: E402
+from pipeline.images import ImageData, read_table  # noqa: E402
 from pipeline.quality import QualityReference, report_draws, with_spread  # noqa: E402
 from pipeline.run import PRESETS  # noqa: E402
 
 
-def load(csv_path, image_size, rows=None):
-    """(images (N, 1, S, S) floats in [0, 1], labels) of `rows` of a grayscale CSV (all rows
-    when None)."""
+def load(csv_path, image_size):
+    """(images (N, 1, S, S) floats in [0, 1], labels) of every row of a grayscale CSV."""
     data = ImageData(read_table(csv_path), 1, image_size)
-    rows = range(len(data)) if rows is None else rows
-    images = torch.cat(list(data.ordered(rows, 512))).float() / 255
-    labels = None if data.table.labels is None else [data.table.labels[i] for i in rows]
-    return images, labels
+    images = torch.cat(list(data.ordered(range(len(data)), 512))).float() / 255
+    return images, data.table.labels
 
 
 def main():
@@ -44,19 +39,15 @@ def main():
     parser.add_argument("--path_to_data", required=True, help="the labelled training CSV")
     parser.add_argument("--heldout_csv", required=True)
     parser.add_argument("--image_size", type=int, default=16)
-    parser.add_argument("--val_fraction", type=float, default=0.1)
-    parser.add_argument("--split_seed", type=int, default=0)
     parser.add_argument("--num_samples", type=int, default=sample["num_samples"])
     parser.add_argument("--temperature", type=float, default=sample["temperature"])
     parser.add_argument("--guidance", type=float, default=sample["guidance"])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     args = parser.parse_args()
 
-    n = len(read_table(args.path_to_data).paths)
-    train_rows, _ = split_indices(n, args.val_fraction, args.split_seed)
-    train_images, labels = load(args.path_to_data, args.image_size, train_rows)
+    real, labels = load(args.path_to_data, args.image_size)
     heldout, heldout_labels = load(args.heldout_csv, args.image_size)
-    reference = QualityReference(heldout, train_images, labels, heldout_labels, seed=0)
+    reference = QualityReference(heldout, real, labels, heldout_labels)
     print("| prior | FD ratio | precision (x real) | recall (x real) | confidence | classes | "
           "nn ratio |")
     print("|---|---|---|---|---|---|---|")

@@ -157,17 +157,19 @@ def split_flags(flags, *config_classes):
 
 
 def load_split_images(vqvae_run_id, csv_path, heldout_csv=None):
-    """(train images, held-out images, train labels, held-out labels) as floats in [0, 1], using
-    the VQ-VAE's image size and split, or `heldout_csv` for the held-out set when given. Labels
-    are None when the CSV has no label column."""
+    """(real images, held-out images, real labels, held-out labels) as floats in [0, 1] at the
+    VQ-VAE's image size: what the quality figures are judged by. Without `heldout_csv`, the
+    VQ-VAE's validation split is held out and its training split is the real data. With it,
+    every row of `csv_path` is real data, so the judge depends on the data alone and not on
+    the --seed that drew the split. Labels are None when the CSV has no label column."""
     config = tracking.load_json_artifact(vqvae_run_id, "config.json")
     model, train = config["model"], config["train"]
     data = ImageData(read_table(csv_path), model["in_channels"], model["image_size"],
                      train.get("skip_bad_images", False))
     train_idx, val_idx = split_indices(len(data), train["val_fraction"], train["seed"])
     load = lambda d, idx: torch.cat(list(d.ordered(idx, 512))).float() / 255
-    labels = None if data.table.labels is None else [data.table.labels[i] for i in train_idx]
     if heldout_csv:
+        train_idx = range(len(data))
         heldout_data = ImageData(read_table(heldout_csv), model["in_channels"], model["image_size"])
         heldout = load(heldout_data, range(len(heldout_data)))
         heldout_labels = heldout_data.table.labels
@@ -175,6 +177,7 @@ def load_split_images(vqvae_run_id, csv_path, heldout_csv=None):
         heldout = load(data, val_idx)
         heldout_labels = None if data.table.labels is None else [data.table.labels[i]
                                                                  for i in val_idx]
+    labels = None if data.table.labels is None else [data.table.labels[i] for i in train_idx]
     return load(data, train_idx), heldout, labels, heldout_labels
 
 
@@ -199,8 +202,8 @@ def check_quality_sizes(table, settings, heldout_csv):
     fraction = settings["vqvae"].get("val_fraction", VQTrainConfig.val_fraction)
     train_rows, val_rows = split_indices(len(table.paths), fraction, settings["vqvae"]["seed"])
     split = f"split of {table.csv_path} (--vqvae.val_fraction {fraction})"
-    if heldout_csv:
-        counts = {f"the training {split}": len(train_rows),
+    if heldout_csv:  # the judge's real images: every row of the CSV (load_split_images)
+        counts = {f"the training {split}": len(train_rows), str(table.csv_path): len(table.paths),
                   str(heldout_csv): len(read_table(heldout_csv).paths)}
     else:
         counts = {f"the training {split}": len(train_rows),
@@ -284,7 +287,9 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         t0 = time.perf_counter()
         train_images, heldout, labels, heldout_labels = load_split_images(vq_run, path_to_data,
                                                                           heldout_csv)
-        reference = QualityReference(heldout, train_images, labels, heldout_labels, seed=seed)
+        # the judge's own seed is fixed: --seed re-draws the training, not the yardstick (with
+        # --seed 1 it had moved one prior's FD ratio from 1.43 to 1.26)
+        reference = QualityReference(heldout, train_images, labels, heldout_labels)
         ceiling, vq_step = vqvae_ceiling(vq_run, reference)
         ceiling = {f"ceiling/{k}": v for k, v in ceiling.items() if isinstance(v, (int, float))}
         if "ceiling/fd_ratio" not in tracking.client().get_run(vq_run).data.metrics:  # reused

@@ -76,6 +76,27 @@ def test_end_to_end_then_reuse(store, digits_like, tmp_path):
     assert third["stages"] == {"vqvae": "reuse", "prior": "new"} and changed != again
 
 
+def test_seed_redraws_the_training_but_not_the_judge(store, digits_like, tmp_path):
+    """With a held-out CSV the quality reference (classifier, random features, real images)
+    depends on the data alone, so runs that differ only in --seed are judged alike."""
+    names = make_images(tmp_path / "imgs", n=24, seed=7)
+    heldout = write_csv(tmp_path / "heldout.csv",
+                        [f"imgs/{n},{i % 2}" for i, n in enumerate(names)])
+    summaries = []
+    for seed in (0, 1):
+        out = tmp_path / f"out{seed}"
+        run_main(pipeline_main, ["--path_to_data", str(digits_like), "--out_dir", str(out),
+                                 "--preset", "tiny", "--experiment", "pipe-judge",
+                                 "--heldout", str(heldout), "--seed", str(seed)])
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    first, second = summaries
+    assert first["vqvae_run_id"] != second["vqvae_run_id"]  # a new training...
+    assert first["metrics"]["quality/fd"] != second["metrics"]["quality/fd"]
+    for key in ("quality/fd_real", "quality/real_precision", "quality/real_recall",
+                "quality/real_classifier_confidence", "quality/classifier_heldout_accuracy"):
+        assert first["metrics"][key] == pytest.approx(second["metrics"][key]), key  # ...one judge
+
+
 def test_an_interrupted_stage_resumes_in_the_same_run(store, digits_like, tmp_path, monkeypatch):
     import vqvae.train
     real_evaluate, calls = vqvae.train.evaluate, []
