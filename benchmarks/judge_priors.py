@@ -15,20 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.generate import LoadedPrior, more_draws  # noqa: E402
-from pipeline.images import ImageData, read_table  # noqa: E402
 from pipeline.quality import QualityReference, report_draws, with_spread  # noqa: E402
-from pipeline.run import PRESETS  # noqa: E402
-
-
-def load(csv_path, image_size):
-    """(images (N, 1, S, S) floats in [0, 1], labels) of every row of a grayscale CSV."""
-    data = ImageData(read_table(csv_path), 1, image_size)
-    images = torch.cat(list(data.ordered(range(len(data)), 512))).float() / 255
-    return images, data.table.labels
+from pipeline.run import PRESETS, load_split_images  # noqa: E402
 
 
 def main():
@@ -38,15 +28,17 @@ def main():
     parser.add_argument("--run_ids", nargs="+", required=True, help="conditional prior runs")
     parser.add_argument("--path_to_data", required=True, help="the labelled training CSV")
     parser.add_argument("--heldout_csv", required=True)
-    parser.add_argument("--image_size", type=int, default=16)
     parser.add_argument("--num_samples", type=int, default=sample["num_samples"])
     parser.add_argument("--temperature", type=float, default=sample["temperature"])
     parser.add_argument("--guidance", type=float, default=sample["guidance"])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     args = parser.parse_args()
 
-    real, labels = load(args.path_to_data, args.image_size)
-    heldout, heldout_labels = load(args.heldout_csv, args.image_size)
+    # the pipeline's own loader: with a held-out CSV every training row is real data, so the
+    # first prior's tokenizer only sets the image size and channels
+    tokenizer_run = LoadedPrior(args.run_ids[0], "cpu").tokenizer_run_id
+    real, heldout, labels, heldout_labels = load_split_images(tokenizer_run, args.path_to_data,
+                                                              args.heldout_csv)
     reference = QualityReference(heldout, real, labels, heldout_labels)
     print("| prior | FD ratio | precision (x real) | recall (x real) | confidence | classes | "
           "nn ratio |")
