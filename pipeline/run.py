@@ -202,8 +202,8 @@ def check_quality_sizes(table, settings, heldout_csv):
     fraction = settings["vqvae"].get("val_fraction", VQTrainConfig.val_fraction)
     train_rows, val_rows = split_indices(len(table.paths), fraction, settings["vqvae"]["seed"])
     split = f"split of {table.csv_path} (--vqvae.val_fraction {fraction})"
-    if heldout_csv:  # the judge's real images: every row of the CSV (load_split_images)
-        counts = {f"the training {split}": len(train_rows), str(table.csv_path): len(table.paths),
+    if heldout_csv:
+        counts = {f"the training {split}": len(train_rows),
                   str(heldout_csv): len(read_table(heldout_csv).paths)}
     else:
         counts = {f"the training {split}": len(train_rows),
