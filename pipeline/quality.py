@@ -221,13 +221,20 @@ def gaussian_stats(features):
     return features.mean(0), cov, _sqrtm_psd(cov)
 
 
-def frechet_distance(a, b):
-    """FD between Gaussians fit to feature sets a (N, d) and b (M, d), or b's gaussian_stats."""
+def frechet_parts(a, b):
+    """The two terms of the FD between feature sets a (N, d) and b (M, d) (or b's
+    gaussian_stats): (|mu_a - mu_b|^2, tr(A + B - 2 (A B)^1/2)), where the means differ and where
+    the spreads do."""
     mu_a, cov_a = a.mean(0), np.cov(a, rowvar=False)
     mu_b, cov_b, root_b = gaussian_stats(b) if isinstance(b, np.ndarray) else b
     cross = _sqrtm_psd(root_b @ cov_a @ root_b)  # tr sqrt(A B) = tr sqrt(B^1/2 A B^1/2)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b)
-                 - 2 * np.trace(cross))
+    return (float(((mu_a - mu_b) ** 2).sum()),
+            float(np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(cross)))
+
+
+def frechet_distance(a, b):
+    """FD between Gaussians fit to feature sets a (N, d) and b (M, d), or b's gaussian_stats."""
+    return sum(frechet_parts(a, b))
 
 
 def _pairwise(a, b):
@@ -295,13 +302,13 @@ class QualityReference:
             self.classifier = ImageClassifier.fit(self.train, train_labels, seed=seed)
         blocks = []
         if feature_space in ("classifier", "classifier+random"):
-            blocks.append(self.classifier.features)
+            blocks.append(("classifier", self.classifier.features))
         if feature_space in ("random", "classifier+random"):
-            blocks.append(self._random_features)
+            blocks.append(("random", self._random_features))
         # Each block is divided by its total standard deviation over the held-out images, so in
         # the joint space neither the classifier's nor the random net's features dominate.
-        self._blocks = [(embed, np.sqrt(embed(self.heldout).var(0).sum()) or 1.0)
-                        for embed in blocks]
+        self._blocks = [(name, embed, np.sqrt(embed(self.heldout).var(0).sum()) or 1.0)
+                        for name, embed in blocks]
         self.heldout_labels = heldout_labels
         self.heldout_features = self.embed(self.heldout)
         self.heldout_stats = gaussian_stats(self.heldout_features)
@@ -315,7 +322,11 @@ class QualityReference:
 
     def embed(self, images):
         """(N, C, S, S) in [0, 1] -> (N, d) features in this reference's feature space."""
-        return np.concatenate([embed(images) / scale for embed, scale in self._blocks], 1)
+        return np.concatenate([embed(images) / scale for _, embed, scale in self._blocks], 1)
+
+    def embed_blocks(self, images):
+        """{block name: (N, d_block) features}: the parts `embed` joins, scaled as there."""
+        return {name: embed(images) / scale for name, embed, scale in self._blocks}
 
     def real_subsets(self, n):
         """REAL_DRAWS seeded random choices of n training-image indices (the first is

@@ -9,7 +9,7 @@ import torch
 from pipeline.demo_data import write_digits
 from pipeline.images import ImageData, read_table
 from pipeline.quality import (DEGRADATIONS, REAL_DRAWS, ImageClassifier, QualityReference,
-                              degrade, frechet_distance, label_agreement, mean_reports,
+                              degrade, frechet_distance, frechet_parts, label_agreement, mean_reports,
                               precision_recall, ranking_ladder, tokenizer_ceiling)
 
 # figure -> +1 when higher is better, -1 when lower is better
@@ -74,6 +74,24 @@ def test_real_reference_is_the_mean_over_random_choices_of_training_images(digit
     # every training image: one choice, no spread
     everything = reference.real_figures(len(digits["train"]))
     assert everything["fd_real_sd"] == 0 and len(reference.real_subsets(len(digits["train"]))) == 1
+
+
+def test_fd_splits_into_where_means_differ_and_where_spreads_differ(digits):
+    reference = digits["reference"]
+    held = reference.heldout_features
+    blocks = reference.embed_blocks(digits["heldout"])
+    assert list(blocks) == ["classifier", "random"]
+    assert np.array_equal(np.concatenate(list(blocks.values()), 1), held)
+    # a shifted copy differs in its means only, a widened one in its spread only
+    shift = np.full(held.shape[1], 0.05)
+    means, spreads = frechet_parts(held + shift, reference.heldout_stats)
+    assert means == pytest.approx((shift ** 2).sum()) and abs(spreads) < 1e-6
+    centre = held.mean(0)
+    means, spreads = frechet_parts(centre + 1.5 * (held - centre), reference.heldout_stats)
+    assert means < 1e-12 and spreads > 0.1 * np.trace(np.cov(held, rowvar=False))
+    features = reference.embed(some_training_images(digits)[0])
+    assert sum(frechet_parts(features, reference.heldout_stats)) == pytest.approx(
+        frechet_distance(features, reference.heldout_stats))
 
 
 def test_random_features_without_labels_see_blur_but_not_layout(digits):
