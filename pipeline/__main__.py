@@ -86,7 +86,8 @@ def main(argv=None):
     add_flags(vq, VQVAEConfig, skip=("in_channels",), prefix="vqvae.")
     prior = parser.add_argument_group("prior stage (--prior.<flag>)")
     add_flags(prior, PriorTrainConfig, skip=("run_id", "codes", "path_to_data", "codebook_size",
-                                             "experiment", "seed", "register"), prefix="prior.")
+                                             "experiment", "seed", "split_seed", "register"),
+              prefix="prior.")
     add_flags(prior, family.Config, skip=DATA_FIELDS, prefix="prior.")
     sample_flags(parser)
     args = parser.parse_args(argv[1:] if demo else argv)

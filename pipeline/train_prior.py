@@ -68,6 +68,9 @@ class TrainConfig:
                                              "and checkpoints' `ema` use it")
     val_fraction: float = field(0.1, "fraction of rows held out (same rows as the tokenizer's split)")
     seed: int = field(0, "seed for the split, initialisation and batch order")
+    split_seed: Optional[int] = field(None, "seed for the split alone (default: --seed): another "
+                                            "--seed then trains a second prior on the same "
+                                            "rows, e.g. for an ensemble")
     eval_every: int = field(250, "evaluate every N steps")
     checkpoint_every: int = field(500, "write checkpoints/last.pt every N steps")
     device: Optional[str] = field(None, "cpu, cuda or cuda:N (default: cuda when available)")
@@ -166,7 +169,9 @@ def run_description(family, config, train, flags, where, num_train, num_val, cla
         command=describe.script_command("train.py", flags),
         started_by=describe.process_command(),
         data=f"`{where}`: {num_train:,} grids for training, {num_val:,} for validation "
-             f"(val_fraction {train.val_fraction}, seed {train.seed}); both under *Datasets*",
+             f"(val_fraction {train.val_fraction}, seed "
+             f"{train.seed if train.split_seed is None else train.split_seed}); both under "
+             f"*Datasets*",
         metrics=METRICS,
         artifacts={
             "config.json": "every setting and the codes' lineage",
@@ -245,7 +250,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
             raise UserError(f"--conditional: {where} has no labels (its CSV had no `label` "
                             f"column)")
         classes, labels = class_names(meta["labels"], where)
-    train_idx, val_idx = split_indices(n, train.val_fraction, train.seed)
+    split_seed = train.seed if train.split_seed is None else train.split_seed
+    train_idx, val_idx = split_indices(n, train.val_fraction, split_seed)
     if len(val_idx) == 0:
         print("warning: no validation split; evaluating on the training codes", file=sys.stderr)
         val_idx = train_idx

@@ -73,3 +73,26 @@ def test_resume_continues_the_same_run_with_its_settings(store, image_csv):
     steps = [s for s, _ in metric_history(run_id, "train/vq_loss")]
     assert steps == sorted(steps) and steps[-1] == 30 and 20 in steps
     assert tracking.client().get_run(run_id).info.status == "FINISHED"
+
+
+def test_split_seed_keeps_the_rows_while_seed_draws_another_prior(chain):
+    """--split_seed holds the train/validation rows (an ensemble's members must share them)
+    while --seed draws another initialisation; without it, --seed also re-draws the rows."""
+    import torch
+    import train as train_prior_script
+    from conftest import TINY_PRIOR
+    from pipeline.runs import load_run_checkpoint
+
+    def prior(*flags):
+        run_id = run_main(train_prior_script.main, ["--run_id", chain["vqvae"], "--max_steps", "2",
+                                                    "--eval_every", "2", *TINY_PRIOR, *flags])
+        run = tracking.client().get_run(run_id)
+        digests = {i.tags[0].value: i.dataset.digest for i in run.inputs.dataset_inputs}
+        weights = load_run_checkpoint(run_id, "prior", "prior")["model"]
+        return digests, weights
+
+    base, held, redrawn = prior("--seed", "0"), prior("--seed", "3", "--split_seed", "0"), \
+        prior("--seed", "3")
+    assert held[0] == base[0]  # the same rows
+    assert redrawn[0]["validation"] != base[0]["validation"]
+    assert not torch.equal(held[1]["token_embedding.weight"], base[1]["token_embedding.weight"])
