@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.generate import LoadedPrior, more_draws  # noqa: E402
-from pipeline.quality import QualityReference, frechet_parts, gaussian_stats  # noqa: E402
+from pipeline.quality import (QualityReference, frechet_parts, gaussian_stats,  # noqa: E402
+                              reconstruct_all)
 from pipeline.run import PRESETS, load_split_images  # noqa: E402
 
 REAL_CHOICES = 8
@@ -40,7 +41,7 @@ REAL_CHOICES = 8
 def parts(reference, images):
     """{part name: (N, d) features} for the judge's blocks, the random one split in two."""
     blocks = reference.embed_blocks(images)
-    out = {"all": reference.embed(images)}
+    out = {"all": np.concatenate(list(blocks.values()), 1)}  # = reference.embed(images)
     for name, features in blocks.items():
         if name == "random":  # random_features: channel means, then the 8x8 layout
             half = features.shape[1] // 2
@@ -78,8 +79,7 @@ def main():
     real, judged, labels, judged_labels = load_split_images(tokenizer.run_id, args.path_to_data,
                                                             args.heldout_csv)
     reference = QualityReference(judged, real, labels, judged_labels)
-    recon = torch.cat([tokenizer.decode(tokenizer.encode(real[i:i + 256])).float()
-                       for i in range(0, len(real), 256)])
+    recon = reconstruct_all(lambda x: tokenizer.decode(tokenizer.encode(x)), real)
     guidance = args.guidance if prior.classes and args.guidance != 1 else None
     draws = more_draws(args.run_id, args.seeds, args.num_samples, None,
                        "all" if prior.classes else None, temperature=args.temperature,

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.generate import LoadedPrior, sample_tokens  # noqa: E402
 from pipeline.quality import (QualityReference, frechet_distance, gaussian_stats,  # noqa: E402
-                              report_draws, tokenizer_ceiling, with_spread)
+                              reconstruct_all, report_draws, tokenizer_ceiling, with_spread)
 from pipeline.run import load_split_images  # noqa: E402
 
 COLUMNS = ("conf", "classes", "P", "R", "P/real", "R/real", "FD ratio", "FD to train", "nn ratio",
@@ -121,8 +121,8 @@ def main():
             train_stats = gaussian_stats(reference.embed(train))
             reconstruct = lambda x: tokenizer.decode(tokenizer.encode(x))
             ceiling = tokenizer_ceiling(reconstruct, reference)
-            ceiling["fd_train"] = fd_to_train(reference, torch.cat(
-                [reconstruct(train[i:i + 256]) for i in range(0, len(train), 256)]), train_stats)
+            ceiling["fd_train"] = fd_to_train(reference, reconstruct_all(reconstruct, train),
+                                              train_stats)
             print(format_row(f"ceiling of {tokenizer.run_id[:8]} ({len(val)} val images, "
                              f"PSNR {ceiling['psnr']:.1f} dB)", ceiling))
             ceiling_done.add(tokenizer.run_id)

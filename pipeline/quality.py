@@ -454,6 +454,13 @@ def report_draws(reference, draws, requested=None):
 
 
 @torch.no_grad()
+def reconstruct_all(reconstruct, images, batch_size=256):
+    """reconstruct ((B, C, S, S) -> same) applied to images (N, C, S, S) in batches; -> floats
+    in [0, 1] on the CPU."""
+    return torch.cat([reconstruct(images[i:i + batch_size]).float().cpu().clamp(0, 1)
+                      for i in range(0, len(images), batch_size)])
+
+
 def tokenizer_ceiling(reconstruct, reference, batch_size=256):
     """The best figures a prior over a tokenizer's codes can reach.
 
@@ -469,9 +476,7 @@ def tokenizer_ceiling(reconstruct, reference, batch_size=256):
 
     reconstruct: (B, C, S, S) in [0, 1] -> (B, C, S, S) in [0, 1], e.g. decode(encode(x)).
     reference: a QualityReference."""
-    def run(images):
-        return torch.cat([reconstruct(images[i:i + batch_size]).float().cpu().clamp(0, 1)
-                          for i in range(0, len(images), batch_size)])
+    run = lambda images: reconstruct_all(reconstruct, images, batch_size)
     n = min(len(reference.heldout), len(reference.train))
     recon = run(reference.train)
     report = reference.report(recon[torch.from_numpy(reference.real_subsets(n)[0])])

@@ -2,11 +2,14 @@
 
 import tempfile
 
+import torch
 
+import train as train_prior_script
 import train_vqvae
-from conftest import TINY_VQVAE, run_main
+from conftest import TINY_PRIOR, TINY_VQVAE, run_main
 from pipeline import tracking
 from pipeline.checkpoint import load_checkpoint
+from pipeline.runs import load_run_checkpoint
 from vqvae.model import vqvae_from_checkpoint
 
 
@@ -78,11 +81,6 @@ def test_resume_continues_the_same_run_with_its_settings(store, image_csv):
 def test_split_seed_keeps_the_rows_while_seed_draws_another_prior(chain):
     """--split_seed holds the train/validation rows (an ensemble's members must share them)
     while --seed draws another initialisation; without it, --seed also re-draws the rows."""
-    import torch
-    import train as train_prior_script
-    from conftest import TINY_PRIOR
-    from pipeline.runs import load_run_checkpoint
-
     def prior(*flags):
         run_id = run_main(train_prior_script.main, ["--run_id", chain["vqvae"], "--max_steps", "2",
                                                     "--eval_every", "2", *TINY_PRIOR, *flags])
