@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.generate import LoadedPrior, more_draws  # noqa: E402
+from pipeline.generate import LoadedPrior, draws_of  # noqa: E402
 from pipeline.quality import (QualityReference, frechet_parts, gaussian_stats,  # noqa: E402
                               reconstruct_all)
 from pipeline.run import PRESETS, load_split_images  # noqa: E402
@@ -81,9 +81,9 @@ def main():
     reference = QualityReference(judged, real, labels, judged_labels)
     recon = reconstruct_all(lambda x: tokenizer.decode(tokenizer.encode(x)), real)
     guidance = args.guidance if prior.classes and args.guidance != 1 else None
-    draws = more_draws(args.run_id, args.seeds, args.num_samples, None,
-                       "all" if prior.classes else None, temperature=args.temperature,
-                       guidance=guidance, top_p=args.top_p)
+    label_ids, num_samples = prior.label_ids("all" if prior.classes else None, args.num_samples)
+    draws = draws_of(prior.model, tokenizer, args.seeds, num_samples, label_ids,
+                     temperature=args.temperature, guidance=guidance, top_p=args.top_p)
     n = len(draws[0])
     subsets = reference.real_subsets(min(n, len(real)))[:REAL_CHOICES]
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.generate import LoadedPrior, more_draws, sample_tokens  # noqa: E402
+from pipeline.generate import LoadedPrior, draws_of  # noqa: E402
 from pipeline.quality import QualityReference, report_draws, with_spread  # noqa: E402
 from pipeline.run import PRESETS, load_split_images  # noqa: E402
 from priors.sampling import sample_raster  # noqa: E402
@@ -55,14 +55,6 @@ class Mixture(nn.Module):
                generator=None, **_):
         return sample_raster(self, n, labels, None, None, temperature, top_k, top_p, guidance,
                              generator)
-
-
-def mixture_draws(priors, seeds, label_ids, **settings):
-    model = Mixture([prior.model for prior in priors]).eval()
-    tokenizer = priors[0].tokenizer()
-    return [tokenizer.decode(sample_tokens(model, len(label_ids), len(label_ids), label_ids,
-                                           torch.Generator().manual_seed(seed), **settings))
-            for seed in seeds]
 
 
 def main():
@@ -106,18 +98,17 @@ def main():
     settings = {"temperature": args.temperature,
                 "guidance": None if args.guidance == 1 else args.guidance}
     priors = [LoadedPrior(run_id, "cpu") for run_id in args.run_ids]
-    for run_id, prior in zip(args.run_ids, priors):
-        ids, num_samples = prior.label_ids("all", args.num_samples)
-        requested = [prior.classes[i] for i in ids.tolist()]
-        draws = more_draws(run_id, args.seeds, num_samples, None, "all", **settings)
-        print_row(run_id[:8], reference_for(prior.tokenizer_run_id), draws, requested)
+    # (name, model to draw from, the prior whose classes and tokenizer it uses)
+    rows = [(run_id[:8], prior.model, prior) for run_id, prior in zip(args.run_ids, priors)]
     if args.mixture:
         if len({prior.tokenizer_run_id for prior in priors}) > 1:
             sys.exit("--mixture: the priors must share one tokenizer run")
-        ids, _ = priors[0].label_ids("all", args.num_samples)
-        draws = mixture_draws(priors, args.seeds, ids, **settings)
-        print_row("mixture", reference_for(priors[0].tokenizer_run_id), draws,
-                  [priors[0].classes[i] for i in ids.tolist()])
+        rows.append(("mixture", Mixture([prior.model for prior in priors]).eval(), priors[0]))
+    for name, model, prior in rows:
+        ids, num_samples = prior.label_ids("all", args.num_samples)
+        draws = draws_of(model, prior.tokenizer(), args.seeds, num_samples, ids, **settings)
+        print_row(name, reference_for(prior.tokenizer_run_id), draws,
+                  [prior.classes[i] for i in ids.tolist()])
 
 
 if __name__ == "__main__":

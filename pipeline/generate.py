@@ -189,17 +189,20 @@ def more_draws(run_id, seeds, num_samples=64, batch_size=None, labels=None, devi
                **settings):
     """Decoded images of the same sampling settings under each of `seeds`, nothing logged:
     further draws for quality figures averaged over draws. -> [(N, C, S, S) floats]"""
-    device = pick_device(device)
-    prior = LoadedPrior(run_id, device)
+    prior = LoadedPrior(run_id, pick_device(device))
     label_ids, num_samples = prior.label_ids(labels, num_samples)
-    tokenizer = prior.tokenizer()
-    draws = []
-    for seed in seeds:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        codes = sample_tokens(prior.model, num_samples, batch_size or num_samples, label_ids,
-                              generator, **settings)
-        draws.append(tokenizer.decode(codes))
-    return draws
+    return draws_of(prior.model, prior.tokenizer(), seeds, num_samples, label_ids, batch_size,
+                    **settings)
+
+
+def draws_of(model, tokenizer, seeds, num_samples, label_ids=None, batch_size=None, **settings):
+    """more_draws for a model already loaded (a prior's, or several priors' drawn as one)."""
+    device = next(model.parameters()).device
+    return [tokenizer.decode(sample_tokens(model, num_samples, batch_size or num_samples,
+                                           label_ids,
+                                           torch.Generator(device=device).manual_seed(seed),
+                                           **settings))
+            for seed in seeds]
 
 
 def images_from_indexes(run_id=None, indexes=None, tokenizer_run_id=None, indexes_path=None,
