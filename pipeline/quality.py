@@ -461,6 +461,7 @@ def reconstruct_all(reconstruct, images, batch_size=256):
                       for i in range(0, len(images), batch_size)])
 
 
+@torch.no_grad()
 def tokenizer_ceiling(reconstruct, reference, batch_size=256):
     """The best figures a prior over a tokenizer's codes can reach.
 
