@@ -81,6 +81,11 @@ class TrainConfig:
     register: Optional[str] = field(None, "also register that model under this name in the "
                                           "Model Registry (a new version, alias @champion)")
 
+    @property
+    def rows_seed(self):
+        """The seed that draws the train/validation rows."""
+        return self.seed if self.split_seed is None else self.split_seed
+
 
 RESUME_OVERRIDES = ("max_steps", "max_minutes", "device", "eval_every", "checkpoint_every",
                     "checkpoint_dir", "log_model", "register")
@@ -169,9 +174,7 @@ def run_description(family, config, train, flags, where, num_train, num_val, cla
         command=describe.script_command("train.py", flags),
         started_by=describe.process_command(),
         data=f"`{where}`: {num_train:,} grids for training, {num_val:,} for validation "
-             f"(val_fraction {train.val_fraction}, seed "
-             f"{train.seed if train.split_seed is None else train.split_seed}); both under "
-             f"*Datasets*",
+             f"(val_fraction {train.val_fraction}, seed {train.rows_seed}); both under *Datasets*",
         metrics=METRICS,
         artifacts={
             "config.json": "every setting and the codes' lineage",
@@ -250,8 +253,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
             raise UserError(f"--conditional: {where} has no labels (its CSV had no `label` "
                             f"column)")
         classes, labels = class_names(meta["labels"], where)
-    split_seed = train.seed if train.split_seed is None else train.split_seed
-    train_idx, val_idx = split_indices(n, train.val_fraction, split_seed)
+    train_idx, val_idx = split_indices(n, train.val_fraction, train.rows_seed)
     if len(val_idx) == 0:
         print("warning: no validation split; evaluating on the training codes", file=sys.stderr)
         val_idx = train_idx
