@@ -9,8 +9,8 @@ import torch
 from pipeline.demo_data import write_digits
 from pipeline.images import ImageData, read_table
 from pipeline.quality import (DEGRADATIONS, REAL_DRAWS, ImageClassifier, QualityReference,
-                              degrade, frechet_distance, frechet_parts, label_agreement, mean_reports,
-                              precision_recall, ranking_ladder, tokenizer_ceiling)
+                              degrade, frechet_distance, frechet_parts, label_agreement,
+                              mean_reports, precision_recall, ranking_ladder, tokenizer_ceiling)
 
 # figure -> +1 when higher is better, -1 when lower is better
 RANKED = {"fd_ratio": -1, "precision": +1, "recall": +1, "classifier_confidence": +1}

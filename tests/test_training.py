@@ -89,8 +89,9 @@ def test_split_seed_keeps_the_rows_while_seed_draws_another_prior(chain):
         weights = load_run_checkpoint(run_id, "prior", "prior")["model"]
         return digests, weights
 
-    base, held, redrawn = prior("--seed", "0"), prior("--seed", "3", "--split_seed", "0"), \
-        prior("--seed", "3")
+    base = prior("--seed", "0")
+    held = prior("--seed", "3", "--split_seed", "0")
+    redrawn = prior("--seed", "3")
     assert held[0] == base[0]  # the same rows
     assert redrawn[0]["validation"] != base[0]["validation"]
     assert not torch.equal(held[1]["token_embedding.weight"], base[1]["token_embedding.weight"])
