@@ -11,7 +11,7 @@ real images from a kept region.
 import argparse
 
 from pipeline.errors import run_cli
-from pipeline.generate import generate
+from pipeline.generate import TONE_SAMPLES, generate
 from pipeline.tracking import resolve_run_id
 
 SAMPLER_FLAGS = ("sampler", "choice_temperature", "grid_h", "grid_w")
@@ -52,6 +52,10 @@ def main(argv=None):
     completion.add_argument("--offset", type=int, help="keep the first N tokens (overrides --keep)")
     completion.add_argument("--num_completions", type=int, default=4)
     completion.add_argument("--max_images", type=int, default=8, help="images of the CSV to complete")
+    parser.add_argument("--tone_samples", type=int, default=TONE_SAMPLES,
+                        help="VQ-VAE tokenizers: grids of a further draw that fits tone matching, "
+                             "which gives the samples the training images' distribution of pixel "
+                             "values (README, *Tone matching*); 0 = off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", help="artifact name generated/<name>.npy (default: timestamp)")
     parser.add_argument("--out_dir", help="also write the decoded PNGs here")
@@ -70,7 +74,7 @@ def main(argv=None):
                  args.max_images, **settings)
     else:
         generate(args.run_id, args.num_samples, no_decode=args.no_decode, labels=args.labels,
-                 **settings)
+                 tone_samples=args.tone_samples, **settings)
     print(f"run_id={args.run_id}")
 
 

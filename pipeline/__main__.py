@@ -32,6 +32,8 @@ SAMPLE_FLAGS = (
     ("steps", int, "absorbing prior: network evaluations per sample"),
     ("sampler", str, "absorbing prior: absorbing | maskgit"),
     ("choice_temperature", float, "absorbing prior, maskgit sampler: confidence noise scale"),
+    ("tone_samples", int, "VQ-VAE tokenizers: grids of the draw that fits tone matching "
+                          "(default 1024; 0 = off)"),
 )
 
 

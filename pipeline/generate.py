@@ -22,10 +22,12 @@ from pipeline.device import autocast, pick_device
 from pipeline.errors import UserError
 from pipeline.runs import load_run_checkpoint
 from pipeline.tokenizers import load_tokenizer
+from pipeline.tone import ToneCurve
 from pipeline.visual import image_grid, save_png, save_pngs
 from priors.sampling import MAX_GUIDANCE
 
 LATEST_TAG = "pipeline.latest_generated"
+TONE_SAMPLES = 1024  # the calibration draw of tone matching (pipeline/tone.py)
 
 
 class LoadedPrior:
@@ -40,6 +42,7 @@ class LoadedPrior:
         self.family = self.model.family
         data = checkpoint.get("data") or checkpoint.get("vqvae") or {}
         self.classes = data.get("classes")
+        self.class_counts = data.get("class_counts")  # of the training split, where recorded
         self.tokenizer_run_id = tracking.tokenizer_run_of(self.run)
         self.device = device
 
@@ -64,6 +67,17 @@ class LoadedPrior:
             return torch.arange(num_samples) % len(self.classes), num_samples
         names = [s.strip() for s in str(spec).split(",") if s.strip()]
         return self.class_ids(names, flag), len(names)
+
+    def calibration_labels(self, count):
+        """count class ids in the training split's proportions (uniform for priors that did
+        not record them), or None for an unconditional prior: what tone matching draws."""
+        if not self.classes:
+            return None
+        counts = torch.tensor(self.class_counts or [1] * len(self.classes), dtype=torch.float)
+        # deterministic proportional allocation: evenly spaced points on the counts' CDF
+        points = (torch.arange(count) + 0.5) / count
+        ids = torch.searchsorted(counts.cumsum(0) / counts.sum(), points)
+        return ids.clamp(max=len(self.classes) - 1)
 
     def class_ids(self, names, where):
         index = {c: i for i, c in enumerate(self.classes)}
@@ -100,9 +114,10 @@ def check_sampling_settings(temperature, top_k, top_p, guidance, name="--{}"):
                         f"conditional), got {guidance}")
 
 
-def decode_and_log(tokenizer, codes, log_run_id, name, out_dir=None, where=""):
-    """Decode, log a grid (key "samples") and samples/<name>/*.png to `log_run_id`, and write
-    the PNGs and grid.png to out_dir when given. Returns the images."""
+def decode_and_log(tokenizer, codes, log_run_id, name, out_dir=None, where="", tone=None):
+    """Decode (then map by the ToneCurve `tone` when given), log a grid (key "samples") and
+    samples/<name>/*.png to `log_run_id`, and write the PNGs and grid.png to out_dir when given.
+    Returns the images."""
     codes = check_codes(codes.numpy() if torch.is_tensor(codes) else codes,
                         tokenizer.vocab_size, where)
     grid = tuple(codes.shape[1:])
@@ -112,6 +127,8 @@ def decode_and_log(tokenizer, codes, log_run_id, name, out_dir=None, where=""):
         raise UserError(f"{where}: code grid {grid} does not fit the tokenizer's "
                         f"{tuple(tokenizer.grid)} (it may be larger, with whole pixels, not smaller)")
     images = tokenizer.decode(codes)
+    if tone is not None:
+        images = tone(images)
     grid = image_grid(images[:64], ncol=8)
     # the run page's card: 16 large enough to judge; all of them are under samples/<name>/
     shown = min(16, len(images))
@@ -139,15 +156,34 @@ def sample_tokens(model, num_samples, batch_size, labels=None, generator=None, *
     return torch.cat(chunks)
 
 
+def calibrate_tone(prior, tokenizer, settings, batch_size, generator, count=TONE_SAMPLES):
+    """Tone matching's curve for these sampling settings (pipeline/tone.py), fitted on a draw
+    of `count` grids in the training split's class proportions; None when count is 0, the
+    tokenizer recorded no training quantiles (pixel tokenizers, VQ-VAE runs from before tone
+    matching) or the grids are not the tokenizer's own size."""
+    if not count or tokenizer.pixel_quantiles is None or \
+            settings.get("grid_h") or settings.get("grid_w"):
+        return None
+    labels = prior.calibration_labels(count)
+    codes = sample_tokens(prior.model, count, batch_size, labels, generator, **settings)
+    return ToneCurve.fit(tokenizer.decode(codes), tokenizer.pixel_quantiles)
+
+
 def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=None, top_p=None,
              seed=0, out_dir=None, no_decode=False, name=None, device=None, labels=None,
-             guidance=None, steps=None, **options):
+             guidance=None, steps=None, tone_samples=TONE_SAMPLES, **options):
     """Sample token grids from a prior run, log generated/<name>.npy (+ .json), decode unless
     no_decode. `labels`: '3,3,7' or 'all' (conditional priors); `steps` and `options`
     (sampler, grid_h, grid_w, ...) go to the family's sampler, which refuses what it lacks.
-    Returns (codes LongTensor (N, h, w), name, seconds spent sampling, decoded images or None)."""
+    Decoded images are tone-matched (calibrate_tone) from a further draw of `tone_samples` grids
+    (0: off); the curve goes into the .json, so images_from_indexes decodes the same images.
+    Returns (codes LongTensor (N, h, w), name, seconds spent sampling, decoded images or None,
+    the ToneCurve or None)."""
     if num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {num_samples}")
+    if tone_samples < 0:
+        raise UserError(f"--tone_samples must be at least 0 (0 = no tone matching), got "
+                        f"{tone_samples}")
     check_sampling_settings(temperature, top_k, top_p, guidance)
     device = pick_device(device)
     prior = LoadedPrior(run_id, device)
@@ -163,6 +199,9 @@ def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=Non
     seconds = time.perf_counter() - start
     print(f"sampled {num_samples} grids ({codes[0].numel()} tokens each) in {seconds:.2f} s: "
           f"{codes.numel() / seconds:.0f} tokens/s", file=sys.stderr)
+    # drawn after the samples, from the same stream: the samples' codes do not depend on it
+    tone = (calibrate_tone(prior, tokenizer, settings, batch_size, generator, tone_samples)
+            if tokenizer is not None else None)
 
     name = name or time.strftime("gen-%Y%m%d-%H%M%S")
     run_id = prior.run_id
@@ -171,7 +210,8 @@ def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=Non
               "tokenizer_run_id": prior.tokenizer_run_id, "num_samples": num_samples,
               "seed": seed, **settings,
               "labels": ([prior.classes[i] for i in label_ids.tolist()]
-                         if label_ids is not None else None)}
+                         if label_ids is not None else None),
+              "tone": tone.to_dict() if tone is not None else None}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.npy"
         np.save(path, codes.numpy().astype(codes_dtype(prior.model.config.vocab_size)))
@@ -181,28 +221,31 @@ def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=Non
     images = None
     if tokenizer is not None:
         images = decode_and_log(tokenizer, codes, run_id, name, out_dir,
-                                where=f"--run_id {run_id} generated/{name}.npy")
-    return codes, name, seconds, images
+                                where=f"--run_id {run_id} generated/{name}.npy", tone=tone)
+    return codes, name, seconds, images, tone
 
 
 def more_draws(run_id, seeds, num_samples=64, batch_size=None, labels=None, device=None,
-               **settings):
+               tone=None, **settings):
     """Decoded images of the same sampling settings under each of `seeds`, nothing logged:
-    further draws for quality figures averaged over draws. -> [(N, C, S, S) floats]"""
+    further draws for quality figures averaged over draws, mapped by the ToneCurve `tone` when
+    given (the first draw's). -> [(N, C, S, S) floats]"""
     prior = LoadedPrior(run_id, pick_device(device))
     label_ids, num_samples = prior.label_ids(labels, num_samples)
     return draws_of(prior.model, prior.tokenizer(), seeds, num_samples, label_ids, batch_size,
-                    **settings)
+                    tone, **settings)
 
 
-def draws_of(model, tokenizer, seeds, num_samples, label_ids=None, batch_size=None, **settings):
+def draws_of(model, tokenizer, seeds, num_samples, label_ids=None, batch_size=None, tone=None,
+             **settings):
     """more_draws for a model already loaded (a prior's, or several priors' drawn as one)."""
     device = next(model.parameters()).device
-    return [tokenizer.decode(sample_tokens(model, num_samples, batch_size or num_samples,
-                                           label_ids,
-                                           torch.Generator(device=device).manual_seed(seed),
-                                           **settings))
-            for seed in seeds]
+    draws = [tokenizer.decode(sample_tokens(model, num_samples, batch_size or num_samples,
+                                            label_ids,
+                                            torch.Generator(device=device).manual_seed(seed),
+                                            **settings))
+             for seed in seeds]
+    return [tone(draw) for draw in draws] if tone is not None else draws
 
 
 def images_from_indexes(run_id=None, indexes=None, tokenizer_run_id=None, indexes_path=None,
@@ -234,5 +277,7 @@ def images_from_indexes(run_id=None, indexes=None, tokenizer_run_id=None, indexe
     with tempfile.TemporaryDirectory() as tmp:
         path = tracking.download_artifact(run_id, f"generated/{name}.npy", tmp)
         array = read_npy(path, f"--run_id {run_id} generated/{name}.npy")
+    record = tracking.load_json_artifact(run_id, f"generated/{name}.json")  # logged before the .npy
+    tone = ToneCurve.from_dict(record["tone"]) if record.get("tone") else None
     return decode_and_log(tokenizer, array, run_id, name, out_dir,
-                          where=f"--run_id {run_id} generated/{name}.npy")
+                          where=f"--run_id {run_id} generated/{name}.npy", tone=tone)

@@ -64,7 +64,7 @@ PRESETS = {
 # what reaches generate(): labels ('3,3,7' or 'all') and guidance need a conditional prior;
 # steps, sampler and choice_temperature are the absorbing prior's (others refuse them)
 SAMPLE_KEYS = ("num_samples", "batch_size", "temperature", "top_k", "top_p", "seed", "labels",
-               "guidance", "steps", "sampler", "choice_temperature")
+               "guidance", "steps", "sampler", "choice_temperature", "tone_samples")
 # The parent run's metrics; the stages' own names keep their units (val/psnr_db, ...).
 METRICS = {
     "vqvae/val/*": "the VQ-VAE run's last validation figures, under that run's names "
@@ -323,7 +323,8 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         # 4. generate and decode (cheap: always fresh, so the samples match this invocation)
         t0 = time.perf_counter()
         sample = {k: v for k, v in settings["sample"].items() if k in SAMPLE_KEYS}
-        codes, name, sampling_s, images = generate(prior_run, name=f"pipeline-{parent[:8]}", **sample)
+        codes, name, sampling_s, images, tone = generate(prior_run, name=f"pipeline-{parent[:8]}",
+                                                         **sample)
         samples_dir = out_dir / "samples"
         if samples_dir.is_dir():  # a previous, possibly larger, set must not mix in
             for old in samples_dir.glob("sample_*.png"):
@@ -340,11 +341,12 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         draws = [images]
         if quality_draws > 1:
             first_seed = sample.get("seed", 0)
-            settings_only = {k: v for k, v in sample.items() if k not in ("seed", "num_samples",
-                                                                         "batch_size", "labels")}
+            settings_only = {k: v for k, v in sample.items() if k not in (
+                "seed", "num_samples", "batch_size", "labels", "tone_samples")}
+            # the first draw's tone curve maps every draw, as it would map a user's re-decode
             draws += more_draws(prior_run, range(first_seed + 1, first_seed + quality_draws),
                                 sample.get("num_samples", 64), sample.get("batch_size"),
-                                sample.get("labels"), **settings_only)
+                                sample.get("labels"), tone=tone, **settings_only)
         quality = report_draws(reference, draws, requested)
         timings["quality_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started

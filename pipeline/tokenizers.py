@@ -35,6 +35,7 @@ class Tokenizer:
             self.vocab_size, self.grid = config.vocab_size, config.grid
             self.values_per_pixel, self.ordered = config.values_per_pixel, config.mode == "levels"
         self.image_size, self.in_channels = config.image_size, config.in_channels
+        self.pixel_quantiles = None  # (C, tone.KNOTS): the training images', where recorded
 
     @property
     def image_dims(self):
@@ -87,7 +88,9 @@ def tokenizer_from_checkpoint(checkpoint, device, run_id=None):
     """A Tokenizer from a loaded checkpoint dict (kind `vqvae` or `pixels`)."""
     if checkpoint["kind"] == "vqvae":
         from vqvae.model import vqvae_from_checkpoint
-        return Tokenizer("vqvae", run_id, vqvae_from_checkpoint(checkpoint), device)
+        tokenizer = Tokenizer("vqvae", run_id, vqvae_from_checkpoint(checkpoint), device)
+        tokenizer.pixel_quantiles = checkpoint.get("pixel_quantiles")  # runs since tone matching
+        return tokenizer
     from pixels.tokenizer import pixels_from_checkpoint
     return Tokenizer("pixels", run_id, pixels_from_checkpoint(checkpoint), device)
 

@@ -288,7 +288,10 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                "tokenizer": meta.get("tokenizer"), "codes_name": meta.get("codes_name"),
                "codebook_size": meta["codebook_size"], "grid": [grid_h, grid_w],
                "image_size": meta.get("image_size"), "in_channels": meta.get("in_channels"),
-               "values_per_pixel": meta.get("values_per_pixel", 1), "classes": classes}
+               "values_per_pixel": meta.get("values_per_pixel", 1), "classes": classes,
+               # the training split's, in class order: tone matching draws in these proportions
+               "class_counts": (train_labels.bincount(minlength=len(classes)).tolist()
+                                if classes else None)}
 
     if resume_run_id:
         run, checkpoint = resume(ctx, STAGE, "prior", resume_run_id, train.checkpoint_dir, model,

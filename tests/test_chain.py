@@ -70,9 +70,9 @@ def test_generate_decodes_to_pngs_and_logs_them(chain, tmp_path):
 
 def test_same_seed_same_samples(chain):
     from pipeline.generate import generate
-    a, _, _, _ = generate(chain["prior"], 4, seed=11, no_decode=True, name="seed_a")
-    b, _, _, _ = generate(chain["prior"], 4, seed=11, no_decode=True, name="seed_b")
-    c, _, _, _ = generate(chain["prior"], 4, seed=12, no_decode=True, name="seed_c")
+    a, _, _, _, _ = generate(chain["prior"], 4, seed=11, no_decode=True, name="seed_a")
+    b, _, _, _, _ = generate(chain["prior"], 4, seed=11, no_decode=True, name="seed_b")
+    c, _, _, _, _ = generate(chain["prior"], 4, seed=12, no_decode=True, name="seed_c")
     assert (a == b).all() and not (a == c).all()
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from pipeline import describe, distributed, tracking
+from pipeline import describe, distributed, tone, tracking
 from pipeline.config import build, field
 from pipeline.device import autocast, needs_grad_scaler
 from pipeline.errors import UserError
@@ -226,6 +226,14 @@ def run_description(model, train, flags, csv_sha256, num_train, num_val):
 
 
 @torch.no_grad()
+def training_quantiles(data, train_idx, seed):
+    """(C, KNOTS) pixel quantiles of the training split (a seeded subset of at most
+    tone.MAX_IMAGES images: enough for 257 quantiles, one pass over a small part of a large CSV)."""
+    pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))
+    chosen = sorted(int(train_idx[i]) for i in pick[:tone.MAX_IMAGES])
+    return tone.pixel_quantiles(torch.cat(list(data.ordered(chosen, 512))).float() / 255)
+
+
 def log_reconstructions(run, model, preview, step):
     """Queue the `reconstructions` image: the preview images and the model's reconstructions."""
     model.eval()
@@ -301,6 +309,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     step, best_val_loss = 0, float("inf")
     # read before the run opens, so an unreadable image cannot leave a run stuck at RUNNING
     preview = next(data.ordered(val_idx[:8], 8)).to(device).float() / 255
+    quantiles = training_quantiles(data, train_idx, train.seed)
 
     if resume_run_id:
         run, checkpoint = resume(ctx, STAGE, KIND, resume_run_id, train.checkpoint_dir, model,
@@ -334,6 +343,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                 "optimizer": optimizer.state_dict(), "step": step,
                 "best_val_loss": best_val_loss, "train": asdict(train),
                 "rng": generator.get_state(), "run_id": run_id,
+                "pixel_quantiles": quantiles,  # what tone matching sends samples to
                 **({"discriminator": adversary.state_dict()} if adversary else {})}
 
     batches = data.batches(train_idx, train.batch_size, generator, ctx.rank, ctx.world_size)
