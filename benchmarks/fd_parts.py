@@ -11,7 +11,8 @@ thickness, faint ink) and its 8x8 map of where the ink lies ("random: layout"); 
 joint space the FD ratio is computed in (its terms are not the sum of the blocks': the blocks'
 cross-covariances count too). Real images and reconstructions: means over 8 of the judge's
 random choices of training images; samples: means over the draws (`--seeds`) at the given
-sampling settings (default: the `small` preset's).
+sampling settings (default: the `small` preset's), tone-matched as generation does it
+(`--tone_samples 0`: as decoded, which is where the faint ink shows).
 
 Then the direction of the samples' mean offset from the reconstructions, in the texture block,
 as cosines with (a) the reconstructions' offset from the real images (does the prior carry the
@@ -30,7 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.generate import LoadedPrior, draws_of  # noqa: E402
+from benchmarks.common import with_training_quantiles  # noqa: E402
+from pipeline.generate import TONE_SAMPLES, LoadedPrior, calibrate_tone, draws_of  # noqa: E402
 from pipeline.quality import (QualityReference, frechet_parts, gaussian_stats,  # noqa: E402
                               reconstruct_all)
 from pipeline.run import PRESETS, load_split_images  # noqa: E402
@@ -72,18 +74,24 @@ def main():
     parser.add_argument("--guidance", type=float, default=sample["guidance"])
     parser.add_argument("--top_p", type=float)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
+    parser.add_argument("--tone_samples", type=int, default=TONE_SAMPLES,
+                        help="tone matching's calibration draw, as generation fits it (0 = off: "
+                             "the samples as decoded)")
     args = parser.parse_args()
 
     prior = LoadedPrior(args.run_id, "cpu")
-    tokenizer = prior.tokenizer()
+    tokenizer = with_training_quantiles(prior.tokenizer(), args.path_to_data)
     real, judged, labels, judged_labels = load_split_images(tokenizer.run_id, args.path_to_data,
                                                             args.heldout_csv)
     reference = QualityReference(judged, real, labels, judged_labels)
     recon = reconstruct_all(lambda x: tokenizer.decode(tokenizer.encode(x)), real)
     guidance = args.guidance if prior.classes and args.guidance != 1 else None
     label_ids, num_samples = prior.label_ids("all" if prior.classes else None, args.num_samples)
-    draws = draws_of(prior.model, tokenizer, args.seeds, num_samples, label_ids,
-                     temperature=args.temperature, guidance=guidance, top_p=args.top_p)
+    settings = {"temperature": args.temperature, "guidance": guidance, "top_p": args.top_p}
+    tone = calibrate_tone(prior.model, tokenizer, prior.calibration_labels(args.tone_samples),
+                          settings, args.seeds[0], args.tone_samples)
+    draws = draws_of(prior.model, tokenizer, args.seeds, num_samples, label_ids, tone=tone,
+                     **settings)
     n = len(draws[0])
     subsets = reference.real_subsets(min(n, len(real)))[:REAL_CHOICES]
 
@@ -92,7 +100,7 @@ def main():
     sample_feats = [parts(reference, d) for d in draws]
     judged_name = "held-out" if args.heldout_csv else "validation"
     print(f"prior {args.run_id[:8]}: T {args.temperature}, guidance {guidance}, top-p "
-          f"{args.top_p}; {len(draws)} draws of {n} against {len(judged)} {judged_name} images")
+          f"{args.top_p}, tone matching {'on' if tone else 'off'}; {len(draws)} draws of {n} against {len(judged)} {judged_name} images")
     print("| block | real: means, spreads | reconstructions | samples | samples' excess over "
           "real |")
     print("|---|---|---|---|---|")

@@ -10,6 +10,10 @@ its tokenizer) alone. Each row is the mean over `--seeds` draws of `--num_sample
 `small` preset's sampling settings (or `--temperature`, `--guidance`), each class in turn.
 Compare priors by it; choose nothing by it, since these are the held-out images.
 
+Samples are tone-matched as generation does it (`--tone_samples`, the curve fitted from the
+first seed); a tokenizer trained before tone matching takes its training quantiles from its
+split of `--path_to_data`.
+
 `--mixture` also judges the listed priors (which must share a tokenizer) as one ensemble: at
 each position it draws from the mean of their next-code distributions, each with guidance
 applied to it before the mean. Without `--heldout_csv`, each prior is judged on its tokenizer's
@@ -25,7 +29,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.generate import LoadedPrior, draws_of  # noqa: E402
+from benchmarks.common import with_training_quantiles  # noqa: E402
+from pipeline.generate import TONE_SAMPLES, LoadedPrior, calibrate_tone, draws_of  # noqa: E402
 from pipeline.quality import QualityReference, report_draws, with_spread  # noqa: E402
 from pipeline.run import PRESETS, load_split_images  # noqa: E402
 from priors.sampling import sample_raster  # noqa: E402
@@ -68,6 +73,9 @@ def main():
     parser.add_argument("--temperature", type=float, default=sample["temperature"])
     parser.add_argument("--guidance", type=float, default=sample["guidance"])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
+    parser.add_argument("--tone_samples", type=int, default=TONE_SAMPLES,
+                        help="tone matching's calibration draw, as generation fits it from the "
+                             "first seed (0 = off)")
     parser.add_argument("--mixture", action="store_true",
                         help="also judge the priors as one ensemble (one tokenizer)")
     args = parser.parse_args()
@@ -106,7 +114,10 @@ def main():
         rows.append(("mixture", Mixture([prior.model for prior in priors]).eval(), priors[0]))
     for name, model, prior in rows:
         ids, num_samples = prior.label_ids("all", args.num_samples)
-        draws = draws_of(model, prior.tokenizer(), args.seeds, num_samples, ids, **settings)
+        tokenizer = with_training_quantiles(prior.tokenizer(), args.path_to_data)
+        tone = calibrate_tone(model, tokenizer, prior.calibration_labels(args.tone_samples),
+                              settings, args.seeds[0], args.tone_samples)
+        draws = draws_of(model, tokenizer, args.seeds, num_samples, ids, tone=tone, **settings)
         print_row(name, reference_for(prior.tokenizer_run_id), draws,
                   [prior.classes[i] for i in ids.tolist()])
 

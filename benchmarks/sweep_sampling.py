@@ -6,7 +6,8 @@ against a held-out CSV.
     python benchmarks/sweep_sampling.py --run_id <prior> --path_to_data demo_data/train.csv \
         --temperature 0.8 1.0 --top_k 0 32 --guidance 1 2 3 --seeds 0 1
 
-A conditional prior samples each class in turn (`--labels all`); top_k 0 means no top-k, top_p
+Samples are tone-matched as generation does it (`--tone_samples 0`: off), with a curve fitted
+for each setting from the first seed. A conditional prior samples each class in turn (`--labels all`); top_k 0 means no top-k, top_p
 1 no top-p, guidance 1 plain conditional sampling. Each row is the mean over the seeds (FD
 ratio and confidence also give the seeds' standard deviation); `ok` marks the settings that
 reach issue 12's targets on this split (confidence >= 0.90, every class, precision and recall
@@ -34,7 +35,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.generate import LoadedPrior, sample_tokens  # noqa: E402
+from benchmarks.common import with_training_quantiles  # noqa: E402
+from pipeline.generate import (TONE_SAMPLES, LoadedPrior, calibrate_tone,  # noqa: E402
+                               sample_tokens)
 from pipeline.quality import (QualityReference, frechet_distance, gaussian_stats,  # noqa: E402
                               reconstruct_all, report_draws, tokenizer_ceiling, with_spread)
 from pipeline.run import load_split_images  # noqa: E402
@@ -66,13 +69,17 @@ def fd_to_train(reference, images, train_stats):
     return frechet_distance(reference.embed(images), train_stats)
 
 
-def sweep(prior, tokenizer, reference, settings, num_samples, seeds, extra, train_stats):
-    """-> [(setting dict, mean report, seconds sampling per seed)] for every setting."""
+def sweep(prior, tokenizer, reference, settings, num_samples, seeds, extra, train_stats,
+          tone_samples):
+    """-> [(setting dict, mean report, seconds sampling per seed)] for every setting; each
+    setting's draws are tone-matched by a curve fitted for it, as generation fits one."""
     classes = prior.classes
     label_ids = (torch.arange(num_samples) % len(classes)) if classes else None
     requested = [classes[i] for i in label_ids.tolist()] if classes else None
     results = []
     for setting in settings:
+        tone = calibrate_tone(prior.model, tokenizer, prior.calibration_labels(tone_samples),
+                              {**setting, **extra}, seeds[0], tone_samples)
         draws, seconds = [], 0.0
         for seed in seeds:
             generator = torch.Generator(device=prior.device).manual_seed(seed)
@@ -80,7 +87,7 @@ def sweep(prior, tokenizer, reference, settings, num_samples, seeds, extra, trai
             codes = sample_tokens(prior.model, num_samples, num_samples, label_ids, generator,
                                   **setting, **extra)
             seconds += time.perf_counter() - start
-            draws.append(tokenizer.decode(codes))
+            draws.append(tone(tokenizer.decode(codes)) if tone else tokenizer.decode(codes))
         row = report_draws(reference, draws, requested)
         row["fd_train"] = fd_to_train(reference, torch.cat(draws), train_stats)
         results.append((setting, row, seconds / len(seeds)))
@@ -102,6 +109,8 @@ def main():
     parser.add_argument("--sampler", help="absorbing prior: absorbing | maskgit")
     parser.add_argument("--num_samples", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--tone_samples", type=int, default=TONE_SAMPLES,
+                        help="tone matching's calibration draw per setting (0 = off)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -113,7 +122,7 @@ def main():
     print("|---" * (len(COLUMNS) + 2) + "|")
     for run_id in args.run_id:
         prior = LoadedPrior(run_id, torch.device("cpu"))
-        tokenizer = prior.tokenizer()
+        tokenizer = with_training_quantiles(prior.tokenizer(), args.path_to_data)
         if reference is None or tokenizer.run_id not in ceiling_done:
             train, val, train_labels, val_labels = load_split_images(tokenizer.run_id,
                                                                      args.path_to_data)
@@ -132,7 +141,8 @@ def main():
                     for t, k, p, g in itertools.product(args.temperature, args.top_k,
                                                         args.top_p, guidances)]
         for setting, row, seconds in sweep(prior, tokenizer, reference, settings,
-                                           args.num_samples, args.seeds, extra, train_stats):
+                                           args.num_samples, args.seeds, extra, train_stats,
+                                           args.tone_samples):
             name = f"{run_id[:8]} " + " ".join(f"{k}={v}" for k, v in setting.items()
                                                if v is not None)
             print(format_row(f"{name} ({seconds:.1f} s)", row), flush=True)

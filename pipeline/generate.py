@@ -28,6 +28,7 @@ from priors.sampling import MAX_GUIDANCE
 
 LATEST_TAG = "pipeline.latest_generated"
 TONE_SAMPLES = 1024  # the calibration draw of tone matching (pipeline/tone.py)
+TONE_SEED_OFFSET = 2 ** 32  # its stream: out of reach of the small seeds users and draws take
 
 
 class LoadedPrior:
@@ -156,16 +157,20 @@ def sample_tokens(model, num_samples, batch_size, labels=None, generator=None, *
     return torch.cat(chunks)
 
 
-def calibrate_tone(prior, tokenizer, settings, batch_size, generator, count=TONE_SAMPLES):
-    """Tone matching's curve for these sampling settings (pipeline/tone.py), fitted on a draw
-    of `count` grids in the training split's class proportions; None when count is 0, the
-    tokenizer recorded no training quantiles (pixel tokenizers, VQ-VAE runs from before tone
-    matching) or the grids are not the tokenizer's own size."""
+def calibrate_tone(model, tokenizer, labels, settings, seed, count=TONE_SAMPLES,
+                   batch_size=None):
+    """Tone matching's curve for these sampling settings (pipeline/tone.py), fitted on a draw of
+    `count` grids with `labels` ((count,) class ids, LoadedPrior.calibration_labels, or None) from
+    its own stream (seed + TONE_SEED_OFFSET: the samples of `seed` and the quality draws of the
+    seeds after it are untouched). None when count is 0, the tokenizer recorded no training
+    quantiles (pixel tokenizers, VQ-VAE runs from before tone matching) or the grids are not the
+    tokenizer's own size."""
     if not count or tokenizer.pixel_quantiles is None or \
             settings.get("grid_h") or settings.get("grid_w"):
         return None
-    labels = prior.calibration_labels(count)
-    codes = sample_tokens(prior.model, count, batch_size, labels, generator, **settings)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed + TONE_SEED_OFFSET)
+    codes = sample_tokens(model, count, batch_size or count, labels, generator, **settings)
     return ToneCurve.fit(tokenizer.decode(codes), tokenizer.pixel_quantiles)
 
 
@@ -199,8 +204,8 @@ def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=Non
     seconds = time.perf_counter() - start
     print(f"sampled {num_samples} grids ({codes[0].numel()} tokens each) in {seconds:.2f} s: "
           f"{codes.numel() / seconds:.0f} tokens/s", file=sys.stderr)
-    # drawn after the samples, from the same stream: the samples' codes do not depend on it
-    tone = (calibrate_tone(prior, tokenizer, settings, batch_size, generator, tone_samples)
+    tone = (calibrate_tone(prior.model, tokenizer, prior.calibration_labels(tone_samples),
+                           settings, seed, tone_samples, batch_size)
             if tokenizer is not None else None)
 
     name = name or time.strftime("gen-%Y%m%d-%H%M%S")

@@ -64,7 +64,7 @@ def test_vqvae_records_training_quantiles_and_generation_applies_them(chain, tmp
     plain_codes, _, _, plain, no_tone = generate(chain["prior"], 6, seed=5, name="plain",
                                                  tone_samples=0)
     assert tone is not None and no_tone is None
-    assert torch.equal(codes, plain_codes)  # the calibration draw comes after the samples
+    assert torch.equal(codes, plain_codes)  # the calibration draw has its own stream
     tokenizer = load_tokenizer(chain["vqvae"], "cpu")
     assert torch.equal(plain, tokenizer.decode(codes))
     assert torch.equal(toned, tone(plain)) and not torch.equal(toned, plain)
