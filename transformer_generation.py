@@ -53,9 +53,10 @@ def main(argv=None):
     completion.add_argument("--num_completions", type=int, default=4)
     completion.add_argument("--max_images", type=int, default=8, help="images of the CSV to complete")
     parser.add_argument("--tone_samples", type=int, default=TONE_SAMPLES,
-                        help="VQ-VAE tokenizers: grids of a further draw that fits tone matching, "
+                        help="VQ-VAE tokenizers: grids of the draw that fits tone matching, "
                              "which gives the samples the training images' distribution of pixel "
-                             "values (README, *Tone matching*); 0 = off")
+                             "values (README, *Tone matching*); drawn once per setting and kept "
+                             "on the prior run; 0 = off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", help="artifact name generated/<name>.npy (default: timestamp)")
     parser.add_argument("--out_dir", help="also write the decoded PNGs here")

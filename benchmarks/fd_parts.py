@@ -89,7 +89,7 @@ def main():
     label_ids, num_samples = prior.label_ids("all" if prior.classes else None, args.num_samples)
     settings = {"temperature": args.temperature, "guidance": guidance, "top_p": args.top_p}
     tone = calibrate_tone(prior.model, tokenizer, prior.calibration_labels(args.tone_samples),
-                          settings, args.seeds[0], args.tone_samples)
+                          settings, args.tone_samples)
     draws = draws_of(prior.model, tokenizer, args.seeds, num_samples, label_ids, tone=tone,
                      **settings)
     n = len(draws[0])

@@ -10,9 +10,9 @@ its tokenizer) alone. Each row is the mean over `--seeds` draws of `--num_sample
 `small` preset's sampling settings (or `--temperature`, `--guidance`), each class in turn.
 Compare priors by it; choose nothing by it, since these are the held-out images.
 
-Samples are tone-matched as generation does it (`--tone_samples`, the curve fitted from the
-first seed); a tokenizer trained before tone matching takes its training quantiles from its
-split of `--path_to_data`.
+Samples are tone-matched by the curve generation fits (`--tone_samples`; 0 = as decoded); a
+tokenizer trained before tone matching takes its training quantiles from its split of
+`--path_to_data`.
 
 `--mixture` also judges the listed priors (which must share a tokenizer) as one ensemble: at
 each position it draws from the mean of their next-code distributions, each with guidance
@@ -74,8 +74,7 @@ def main():
     parser.add_argument("--guidance", type=float, default=sample["guidance"])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     parser.add_argument("--tone_samples", type=int, default=TONE_SAMPLES,
-                        help="tone matching's calibration draw, as generation fits it from the "
-                             "first seed (0 = off)")
+                        help="tone matching's calibration draw, as generation fits it (0 = off)")
     parser.add_argument("--mixture", action="store_true",
                         help="also judge the priors as one ensemble (one tokenizer)")
     args = parser.parse_args()
@@ -116,7 +115,7 @@ def main():
         ids, num_samples = prior.label_ids("all", args.num_samples)
         tokenizer = with_training_quantiles(prior.tokenizer(), args.path_to_data)
         tone = calibrate_tone(model, tokenizer, prior.calibration_labels(args.tone_samples),
-                              settings, args.seeds[0], args.tone_samples)
+                              settings, args.tone_samples)
         draws = draws_of(model, tokenizer, args.seeds, num_samples, ids, tone=tone, **settings)
         print_row(name, reference_for(prior.tokenizer_run_id), draws,
                   [prior.classes[i] for i in ids.tolist()])

@@ -33,7 +33,7 @@ SAMPLE_FLAGS = (
     ("sampler", str, "absorbing prior: absorbing | maskgit"),
     ("choice_temperature", float, "absorbing prior, maskgit sampler: confidence noise scale"),
     ("tone_samples", int, "VQ-VAE tokenizers: grids of the draw that fits tone matching "
-                          "(default 1024; 0 = off)"),
+                          "(default 4096, once per setting; 0 = off)"),
 )
 
 
@@ -202,7 +202,8 @@ def report(summary):
         f"val/psnr_db {m.get('vqvae/val/psnr_db', float('nan')):.2f}, "
         f"val/codebook_usage {m.get('vqvae/val/codebook_usage', float('nan')):.3f}",
         f"prior {summary['prior_run_id']} ({summary['stages']['prior']}): {prior_val}",
-        f"quality vs held-out ({summary.get('feature_space', 'random')} features; real "
+        f"quality vs held-out ({summary.get('feature_space', 'random')} features; "
+        f"{'tone-matched samples; ' if summary.get('tone_matched') else ''}real "
         f"training images score FD ratio 1{draws}): FD ratio {mean('fd_ratio', 3)}, "
         f"precision {mean('precision', 2)} ({versus_real(m, 'precision')}), "
         f"recall {mean('recall', 2)} ({versus_real(m, 'recall')}), "

@@ -6,6 +6,8 @@ are checked against the tokenizer's. Nothing here knows the prior's family: it c
 interface of priors/base.py.
 """
 
+import hashlib
+import json
 import math
 import sys
 import tempfile
@@ -27,8 +29,10 @@ from pipeline.visual import image_grid, save_png, save_pngs
 from priors.sampling import MAX_GUIDANCE
 
 LATEST_TAG = "pipeline.latest_generated"
-TONE_SAMPLES = 1024  # the calibration draw of tone matching (pipeline/tone.py)
-TONE_SEED_OFFSET = 2 ** 32  # its stream: out of reach of the small seeds users and draws take
+TONE_SAMPLES = 4096  # the calibration draw of tone matching (pipeline/tone.py): at 1,024 the
+# demo's FD ratio moved by 0.03 with the draw's seed, at 4,096 by 0.006
+TONE_SEED = 2 ** 32  # its stream: out of reach of the small seeds users and quality draws take
+TONE_BATCH = 512
 
 
 class LoadedPrior:
@@ -157,21 +161,43 @@ def sample_tokens(model, num_samples, batch_size, labels=None, generator=None, *
     return torch.cat(chunks)
 
 
-def calibrate_tone(model, tokenizer, labels, settings, seed, count=TONE_SAMPLES,
-                   batch_size=None):
+def calibrate_tone(model, tokenizer, labels, settings, count=TONE_SAMPLES, batch_size=None):
     """Tone matching's curve for these sampling settings (pipeline/tone.py), fitted on a draw of
-    `count` grids with `labels` ((count,) class ids, LoadedPrior.calibration_labels, or None) from
-    its own stream (seed + TONE_SEED_OFFSET: the samples of `seed` and the quality draws of the
-    seeds after it are untouched). None when count is 0, the tokenizer recorded no training
-    quantiles (pixel tokenizers, VQ-VAE runs from before tone matching) or the grids are not the
-    tokenizer's own size."""
+    `count` grids with `labels` ((count,) class ids, LoadedPrior.calibration_labels, or None),
+    in batches of at most TONE_BATCH, from its own stream (TONE_SEED: every caller fits the same
+    curve, and the samples and quality draws of any seed are untouched). None when count is 0,
+    the tokenizer recorded no training quantiles (pixel tokenizers, VQ-VAE runs from before tone
+    matching) or the grids are not the tokenizer's own size."""
     if not count or tokenizer.pixel_quantiles is None or \
             settings.get("grid_h") or settings.get("grid_w"):
         return None
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed + TONE_SEED_OFFSET)
-    codes = sample_tokens(model, count, batch_size or count, labels, generator, **settings)
+    generator = torch.Generator(device=device).manual_seed(TONE_SEED)
+    codes = sample_tokens(model, count, min(batch_size or TONE_BATCH, TONE_BATCH), labels,
+                          generator, **settings)
     return ToneCurve.fit(tokenizer.decode(codes), tokenizer.pixel_quantiles)
+
+
+def prior_tone(prior, tokenizer, settings, count=TONE_SAMPLES, batch_size=None):
+    """The prior's tone curve for these settings: fitted by the first generation that asks for
+    it (calibrate_tone) and kept on the prior run as tone/<key>.json, which later ones read, so
+    the calibration draw is paid once per setting, not per request."""
+    if not count or tokenizer.pixel_quantiles is None:
+        return None
+    key = hashlib.sha256(json.dumps({**settings, "tone_samples": count},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    path = f"tone/{key}.json"
+    if path in tracking.list_artifacts(prior.run_id, "tone"):
+        return ToneCurve.from_dict(tracking.load_json_artifact(prior.run_id, path)["curve"])
+    start = time.perf_counter()
+    tone = calibrate_tone(prior.model, tokenizer, prior.calibration_labels(count), settings,
+                          count, batch_size)
+    if tone is not None:
+        tracking.log_json(prior.run_id, {"settings": settings, "tone_samples": count,
+                                         "curve": tone.to_dict()}, path)
+        print(f"tone matching: fitted on {count} grids in {time.perf_counter() - start:.1f} s, "
+              f"kept as {path} for later generations at these settings", file=sys.stderr)
+    return tone
 
 
 def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=None, top_p=None,
@@ -180,8 +206,9 @@ def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=Non
     """Sample token grids from a prior run, log generated/<name>.npy (+ .json), decode unless
     no_decode. `labels`: '3,3,7' or 'all' (conditional priors); `steps` and `options`
     (sampler, grid_h, grid_w, ...) go to the family's sampler, which refuses what it lacks.
-    Decoded images are tone-matched (calibrate_tone) from a further draw of `tone_samples` grids
-    (0: off); the curve goes into the .json, so images_from_indexes decodes the same images.
+    Decoded images are tone-matched by the prior's curve for these settings (prior_tone: a draw
+    of `tone_samples` grids, once per setting; 0: off); the curve goes into the .json, so
+    images_from_indexes decodes the same images.
     Returns (codes LongTensor (N, h, w), name, seconds spent sampling, decoded images or None,
     the ToneCurve or None)."""
     if num_samples < 1:
@@ -195,7 +222,7 @@ def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=Non
     label_ids, num_samples = prior.label_ids(labels, num_samples)
     tokenizer = None if no_decode else prior.tokenizer()  # check before spending time sampling
 
-    batch_size = batch_size or num_samples
+    tone_batch, batch_size = batch_size, batch_size or num_samples
     generator = torch.Generator(device=device).manual_seed(seed)
     settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "steps": steps,
                 "guidance": guidance, **options}
@@ -204,8 +231,7 @@ def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=Non
     seconds = time.perf_counter() - start
     print(f"sampled {num_samples} grids ({codes[0].numel()} tokens each) in {seconds:.2f} s: "
           f"{codes.numel() / seconds:.0f} tokens/s", file=sys.stderr)
-    tone = (calibrate_tone(prior.model, tokenizer, prior.calibration_labels(tone_samples),
-                           settings, seed, tone_samples, batch_size)
+    tone = (prior_tone(prior, tokenizer, settings, tone_samples, tone_batch)
             if tokenizer is not None else None)
 
     name = name or time.strftime("gen-%Y%m%d-%H%M%S")

@@ -362,6 +362,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         tracking.client().set_tag(parent, tracking.TOKENIZER_RUN_TAG, vq_run)
         tracking.client().set_tag(parent, "pipeline.prior_run_id", prior_run)
         tracking.client().set_tag(parent, "quality.feature_space", quality["feature_space"])
+        tracking.client().set_tag(parent, "quality.tone_matched", str(tone is not None).lower())
         actions = {"vqvae": vq_action, "prior": prior_action}
         tracking.client().set_tag(parent, describe.NOTE_TAG, describe_pipeline(
             preset, path_to_data, settings, command,
@@ -373,7 +374,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
                    "generated": f"generated/{name}.npy", "samples_dir": str(samples_dir),
                    "grid": str(out_dir / "grid.png"), "preset": preset, "settings": settings,
                    "metrics": metrics, "class_counts": quality.get("class_counts"),
-                   "feature_space": quality["feature_space"],
+                   "feature_space": quality["feature_space"], "tone_matched": tone is not None,
                    "timings": timings, "tracking_uri": tracking.tracking_uri(),
                    "experiment_id": tracking.client().get_run(parent).info.experiment_id}
         _write_json(out_dir / "summary.json", summary)

@@ -43,6 +43,7 @@ def test_end_to_end_then_reuse(store, digits_like, tmp_path):
                 "quality/real_recall", "ceiling/psnr", "ceiling/fd_ratio", "ceiling/recall"):
         assert key in metrics, key
     assert summary["feature_space"] == "classifier+random"  # the CSV has labels
+    assert summary["tone_matched"] is True  # a VQ-VAE that recorded its training quantiles
     # the figures are means over 8 draws (the saved samples, then seeds 1-7), which differ
     assert metrics["quality/draws"] == 8 and metrics["quality/fd_ratio_sd"] > 0
     # the tokenizer's ceiling is also on the VQ-VAE run, at its checkpoint's step

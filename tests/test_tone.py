@@ -1,9 +1,11 @@
 """Tone matching: the curve sends a draw's pixel values to the training images' quantiles, the
-VQ-VAE records those quantiles, and generation applies, logs and re-decodes the same curve."""
+VQ-VAE records those quantiles, and generation fits the curve once per setting, applies it,
+logs it and re-decodes with it."""
 
 import numpy as np
 import torch
 
+from pipeline import tracking
 from pipeline.generate import LoadedPrior, generate, images_from_indexes
 from pipeline.images import ImageData, read_table, split_indices
 from pipeline.runs import load_run_checkpoint
@@ -60,11 +62,19 @@ def test_vqvae_records_training_quantiles_and_generation_applies_them(chain, tmp
     images = torch.cat(list(data.ordered(train_idx, 64))).float() / 255
     assert torch.allclose(checkpoint["pixel_quantiles"], pixel_quantiles(images))
 
-    codes, name, _, toned, tone = generate(chain["prior"], 6, seed=5, name="toned")
+    before = set(tracking.list_artifacts(chain["prior"], "tone"))
+    codes, name, _, toned, tone = generate(chain["prior"], 6, seed=5, name="toned",
+                                           tone_samples=256)
     plain_codes, _, _, plain, no_tone = generate(chain["prior"], 6, seed=5, name="plain",
                                                  tone_samples=0)
     assert tone is not None and no_tone is None
     assert torch.equal(codes, plain_codes)  # the calibration draw has its own stream
+    # fitted once per setting and kept on the prior run; another seed reads the same curve
+    kept = set(tracking.list_artifacts(chain["prior"], "tone"))
+    assert len(kept - before) == 1
+    _, _, _, _, again_tone = generate(chain["prior"], 3, seed=6, tone_samples=256)
+    assert set(tracking.list_artifacts(chain["prior"], "tone")) == kept
+    assert torch.equal(again_tone.source, tone.source)
     tokenizer = load_tokenizer(chain["vqvae"], "cpu")
     assert torch.equal(plain, tokenizer.decode(codes))
     assert torch.equal(toned, tone(plain)) and not torch.equal(toned, plain)
