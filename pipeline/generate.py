@@ -260,7 +260,7 @@ def more_draws(run_id, seeds, num_samples=64, batch_size=None, labels=None, devi
                tone=None, **settings):
     """Decoded images of the same sampling settings under each of `seeds`, nothing logged:
     further draws for quality figures averaged over draws, mapped by the ToneCurve `tone` when
-    given (the first draw's). -> [(N, C, S, S) floats]"""
+    given (generate's, for the same settings). -> [(N, C, S, S) floats]"""
     prior = LoadedPrior(run_id, pick_device(device))
     label_ids, num_samples = prior.label_ids(labels, num_samples)
     return draws_of(prior.model, prior.tokenizer(), seeds, num_samples, label_ids, batch_size,

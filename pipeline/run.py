@@ -343,7 +343,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
             first_seed = sample.get("seed", 0)
             settings_only = {k: v for k, v in sample.items() if k not in (
                 "seed", "num_samples", "batch_size", "labels", "tone_samples")}
-            # the first draw's tone curve maps every draw, as it would map a user's re-decode
+            # the prior's tone curve for these settings maps every draw, as it maps the saved ones
             draws += more_draws(prior_run, range(first_seed + 1, first_seed + quality_draws),
                                 sample.get("num_samples", 64), sample.get("batch_size"),
                                 sample.get("labels"), tone=tone, **settings_only)

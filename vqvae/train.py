@@ -225,7 +225,6 @@ def run_description(model, train, flags, csv_sha256, num_train, num_val):
                "", "Resume: `python train_vqvae.py --resume_run_id <this run's ID>`"])
 
 
-@torch.no_grad()
 def training_quantiles(data, train_idx, seed):
     """(C, KNOTS) pixel quantiles of the training split (a seeded subset of at most
     tone.MAX_IMAGES images: enough for 257 quantiles, one pass over a small part of a large CSV)."""
@@ -234,6 +233,7 @@ def training_quantiles(data, train_idx, seed):
     return tone.pixel_quantiles(torch.cat(list(data.ordered(chosen, 512))).float() / 255)
 
 
+@torch.no_grad()
 def log_reconstructions(run, model, preview, step):
     """Queue the `reconstructions` image: the preview images and the model's reconstructions."""
     model.eval()
