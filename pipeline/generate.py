@@ -161,15 +161,22 @@ def sample_tokens(model, num_samples, batch_size, labels=None, generator=None, *
     return torch.cat(chunks)
 
 
+def tone_applies(tokenizer, settings, count):
+    """Tone matching needs a calibration draw (count > 0), the training images' quantiles (a
+    VQ-VAE that recorded them) and grids of the tokenizer's own size (a larger grid's images
+    are not the training images' kind)."""
+    return bool(count) and tokenizer.pixel_quantiles is not None and \
+        not (settings.get("grid_h") or settings.get("grid_w"))
+
+
 def calibrate_tone(model, tokenizer, labels, settings, count=TONE_SAMPLES, batch_size=None):
     """Tone matching's curve for these sampling settings (pipeline/tone.py), fitted on a draw of
     `count` grids with `labels` ((count,) class ids, LoadedPrior.calibration_labels, or None),
     in batches of at most TONE_BATCH, from its own stream (TONE_SEED: every caller fits the same
-    curve, and the samples and quality draws of any seed are untouched). None when count is 0,
-    the tokenizer recorded no training quantiles (pixel tokenizers, VQ-VAE runs from before tone
-    matching) or the grids are not the tokenizer's own size."""
-    if not count or tokenizer.pixel_quantiles is None or \
-            settings.get("grid_h") or settings.get("grid_w"):
+    curve, and the samples and quality draws of any seed are untouched). None where tone
+    matching does not apply (tone_applies): pixel tokenizers, VQ-VAE runs from before it, larger
+    grids, count 0."""
+    if not tone_applies(tokenizer, settings, count):
         return None
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(TONE_SEED)
@@ -182,7 +189,7 @@ def prior_tone(prior, tokenizer, settings, count=TONE_SAMPLES, batch_size=None):
     """The prior's tone curve for these settings: fitted by the first generation that asks for
     it (calibrate_tone) and kept on the prior run as tone/<key>.json, which later ones read, so
     the calibration draw is paid once per setting, not per request."""
-    if not count or tokenizer.pixel_quantiles is None:
+    if not tone_applies(tokenizer, settings, count):
         return None
     key = hashlib.sha256(json.dumps({**settings, "tone_samples": count},
                                     sort_keys=True).encode()).hexdigest()[:16]

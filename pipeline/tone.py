@@ -36,6 +36,14 @@ class ToneCurve:
     source: torch.Tensor  # (C, KNOTS) the calibration draw's quantiles
     target: torch.Tensor  # (C, KNOTS) the training images' quantiles
 
+    def __post_init__(self):
+        # runs of equal source quantiles (the many exact zeros of a dark background) become one
+        # knot, sent to the mean of their targets, so the map stays a function
+        self.knots = []
+        for source, target in zip(self.source.numpy(), self.target.numpy()):
+            xs, inverse = np.unique(source, return_inverse=True)
+            self.knots.append((xs, np.bincount(inverse, target) / np.bincount(inverse)))
+
     @classmethod
     def fit(cls, samples, target):
         if samples.shape[1] != target.shape[0]:
@@ -46,11 +54,7 @@ class ToneCurve:
     def __call__(self, images):
         """(N, C, S, S) floats -> the same, mapped; float32 on the CPU."""
         out = images.float().cpu().clone()
-        for c in range(out.shape[1]):
-            # runs of equal source quantiles (the many exact zeros of a dark background) are one
-            # knot, sent to the mean of their targets, so the map stays a function
-            xs, inverse = np.unique(self.source[c].numpy(), return_inverse=True)
-            ys = np.bincount(inverse, self.target[c].numpy()) / np.bincount(inverse)
+        for c, (xs, ys) in enumerate(self.knots):
             out[:, c] = torch.from_numpy(np.interp(out[:, c].numpy(), xs, ys)).float()
         return out
 
