@@ -68,8 +68,8 @@ def main():
             seconds = time.perf_counter() - start
             history = tracking.client().get_metric_history(run_id, "val/bits_per_dim")
             heldout = evaluate(run_id, heldout_csv, name="heldout")["bits_per_dim"]
-            _, _, sample_s, _, _ = generate(run_id, num_samples=32, out_dir=out / name / "samples",
-                                         name="bench")
+            _, _, sample_s, _, _ = generate(run_id, num_samples=32,
+                                            out_dir=out / name / "samples", name="bench")
             complete(run_id, heldout_csv, keep="top", num_completions=4, max_images=8,
                      out_dir=out / name / "completions", name="half")
             rows.append({"setting": name, "run": run_id, "steps": history[-1].step,

@@ -185,7 +185,7 @@ def main():
         heldout = evaluate(run_id, str(heldout_csv), name="heldout")["bits_per_dim"]
         model = LoadedPrior(run_id, torch.device("cpu")).model
         _, _, seconds, _, _ = generate(run_id, num_samples=num_samples, seed=0, name="bench",
-                                    out_dir=str(out_dir / "samples" / name))
+                                       out_dir=str(out_dir / "samples" / name))
         result = {"run_id": run_id, "steps": steps, "train_s": train_s,
                   "params": sum(p.numel() for p in model.parameters()),
                   "val_bits_per_dim": metrics["val/bits_per_dim"],

@@ -100,7 +100,8 @@ def main():
     sample_feats = [parts(reference, d) for d in draws]
     judged_name = "held-out" if args.heldout_csv else "validation"
     print(f"prior {args.run_id[:8]}: T {args.temperature}, guidance {guidance}, top-p "
-          f"{args.top_p}, tone matching {'on' if tone else 'off'}; {len(draws)} draws of {n} against {len(judged)} {judged_name} images")
+          f"{args.top_p}, tone matching {'on' if tone else 'off'}; {len(draws)} draws of {n} "
+          f"against {len(judged)} {judged_name} images")
     print("| block | real: means, spreads | reconstructions | samples | samples' excess over "
           "real |")
     print("|---|---|---|---|---|")
