@@ -6,7 +6,7 @@
 
 import argparse
 
-from pipeline.errors import run_cli
+from pipeline.cli import run_cli
 from pipeline.generate import images_from_indexes
 from pipeline.tracking import resolve_run_id
 

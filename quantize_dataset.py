@@ -9,7 +9,8 @@ run_id=<tokenizer run> last.
 
 import argparse
 
-from pipeline.errors import UserError, run_cli
+from core.errors import UserError
+from pipeline.cli import run_cli
 from pipeline.tokenizers import create_pixels_tokenizer, quantize
 from pipeline.tracking import resolve_run_id
 

@@ -12,8 +12,8 @@ import argparse
 import sys
 
 import priors
-from pipeline.config import add_flags, given
-from pipeline.errors import run_cli
+from core.config import add_flags, given
+from pipeline.cli import run_cli
 from pipeline.tracking import resolve_run_id
 from pipeline.train_prior import TrainConfig, train_prior
 from priors.base import DATA_FIELDS

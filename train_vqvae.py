@@ -8,11 +8,11 @@
 
 import argparse
 
-from pipeline.config import add_flags, given
-from pipeline.errors import run_cli
+from core.config import add_flags, given
+from pipeline.cli import run_cli
 from pipeline.tracking import resolve_run_id
 from vqvae.model import VQVAEConfig
-from vqvae.train import TrainConfig, train_vqvae
+from pipeline.train_tokenizer import TrainConfig, train_vqvae
 
 
 def main(argv=None):

@@ -10,7 +10,7 @@ real images from a kept region.
 
 import argparse
 
-from pipeline.errors import run_cli
+from pipeline.cli import run_cli
 from pipeline.generate import TONE_SAMPLES, generate
 from pipeline.tracking import resolve_run_id
 

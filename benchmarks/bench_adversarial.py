@@ -111,7 +111,7 @@ def main():
     from pipeline.visual import reconstruction_grid, save_png
     from pipeline.runs import load_run_checkpoint
     from vqvae.model import VQVAEConfig, vqvae_from_checkpoint
-    from vqvae.train import TrainConfig, train_vqvae
+    from pipeline.train_tokenizer import TrainConfig, train_vqvae
 
     start = args.adversarial_start if args.adversarial_start is not None else args.max_steps // 2
     small = PRESETS["small"]["vqvae"]

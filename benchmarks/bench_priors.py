@@ -68,7 +68,7 @@ def vqvae_settings(grid, steps):
 def train_tokenizer(csv, grid, steps, experiment):
     from pipeline.tokenizers import quantize
     from vqvae.model import VQVAEConfig
-    from vqvae.train import TrainConfig, train_vqvae
+    from pipeline.train_tokenizer import TrainConfig, train_vqvae
     settings = {**vqvae_settings(grid, steps), "path_to_data": str(csv), "experiment": experiment}
     model = {k: v for k, v in settings.items() if k in VQVAEConfig.__dataclass_fields__}
     train = {k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__}

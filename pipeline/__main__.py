@@ -15,9 +15,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.config import add_flags, given
+from core.config import add_flags, given
 from priors.base import DATA_FIELDS
-from pipeline.errors import UserError, run_cli
+from core.errors import UserError
+from pipeline.cli import run_cli
 from pipeline.tracking import resolve_run_id
 
 
@@ -48,7 +49,7 @@ def main(argv=None):
     import priors
     from pipeline.train_prior import TrainConfig as PriorTrainConfig
     from vqvae.model import VQVAEConfig
-    from vqvae.train import TrainConfig as VQTrainConfig
+    from pipeline.train_tokenizer import TrainConfig as VQTrainConfig
     from pipeline.run import PRESETS, run_pipeline
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import UserError
+from core.errors import UserError
 
 
 def save_checkpoint(checkpoint, path):

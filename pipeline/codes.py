@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pipeline import tracking
-from pipeline.errors import UserError
+from core.errors import UserError
 
 
 def codes_dtype(codebook_size):

@@ -20,7 +20,7 @@ import torch
 from pipeline import tracking
 from pipeline.codes import codes_dtype
 from pipeline.device import pick_device
-from pipeline.errors import UserError
+from core.errors import UserError
 from pipeline.generate import LoadedPrior, check_sampling_settings, sample_tokens
 from pipeline.images import ImageData, read_table
 from pipeline.visual import image_grid, save_png, save_pngs

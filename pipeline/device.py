@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 
-from pipeline.errors import UserError
+from core.errors import UserError
 
 
 def pick_device(requested=None):

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.device import pick_device
-from pipeline.errors import UserError
+from core.errors import UserError
 
 
 @dataclass

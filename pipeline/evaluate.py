@@ -41,7 +41,7 @@ def evaluate(run_id, path_to_data, name=None, elbo_samples=8, batch_size=256, se
     """Log eval/<name>/bits_per_dim (and nats_per_image) to the prior run, and the per-image
     figures as eval/<name>.csv. Returns the summary dict."""
     import pandas as pd
-    from pipeline.errors import UserError
+    from core.errors import UserError
     if elbo_samples < 1:
         raise UserError(f"--elbo_samples must be at least 1, got {elbo_samples}")
     device = pick_device(device)

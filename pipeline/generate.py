@@ -21,7 +21,7 @@ import priors
 from pipeline import tracking
 from pipeline.codes import check_codes, codes_dtype, pick_artifact, read_npy
 from pipeline.device import autocast, pick_device
-from pipeline.errors import UserError
+from core.errors import UserError
 from pipeline.runs import load_run_checkpoint
 from pipeline.tokenizers import load_tokenizer
 from pipeline.tone import ToneCurve

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from pipeline.errors import UserError
+from core.errors import UserError
 
 GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
 IN_MEMORY_LIMIT_BYTES = 4 << 30  # decode once and keep in RAM below this; stream above it

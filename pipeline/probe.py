@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from pipeline import tracking
 from pipeline.device import pick_device
-from pipeline.errors import UserError
+from core.errors import UserError
 from pipeline.generate import LoadedPrior
 from pipeline.images import ImageData, read_table, split_indices
 from pipeline.train_prior import class_names

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.errors import UserError
+from core.errors import UserError
 
 K_NEIGHBOURS = 3
 # The real reference's figures are means over this many random choices of training images: one

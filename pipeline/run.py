@@ -15,7 +15,7 @@ import torch
 
 from pipeline import describe, tracking
 from pipeline.tokenizers import quantize
-from pipeline.errors import UserError
+from core.errors import UserError
 from pipeline.generate import generate, more_draws
 from pipeline.images import ImageData, file_sha256, read_table, split_indices
 from pipeline.visual import image_grid, save_png, save_pngs
@@ -198,7 +198,7 @@ def check_quality_sizes(table, settings, heldout_csv):
     """Fail before any training when the quality figures could not be computed: their
     k-nearest-neighbour radii need more than K_NEIGHBOURS samples and held-out images."""
     from pipeline.quality import K_NEIGHBOURS
-    from vqvae.train import TrainConfig as VQTrainConfig
+    from pipeline.train_tokenizer import TrainConfig as VQTrainConfig
     fraction = settings["vqvae"].get("val_fraction", VQTrainConfig.val_fraction)
     train_rows, val_rows = split_indices(len(table.paths), fraction, settings["vqvae"]["seed"])
     split = f"split of {table.csv_path} (--vqvae.val_fraction {fraction})"
@@ -233,7 +233,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     import priors
     from pipeline.train_prior import TrainConfig as PriorTrainConfig, train_prior
     from vqvae.model import VQVAEConfig
-    from vqvae.train import TrainConfig as VQTrainConfig, train_vqvae
+    from pipeline.train_tokenizer import TrainConfig as VQTrainConfig, train_vqvae
     from pipeline.quality import QualityReference, report_draws, vqvae_ceiling
 
     if preset not in PRESETS:

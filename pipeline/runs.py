@@ -18,9 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline import describe, distributed, tracking, visual
+from pipeline import describe, distributed, tracking
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.errors import UserError
+from core.errors import UserError
 
 # How long the end of training waits for queued uploads when the store is slow or down.
 UPLOAD_TIMEOUT_S = float(os.environ.get("PIPELINE_UPLOAD_TIMEOUT_S", "120"))
@@ -71,10 +71,10 @@ class TrainingRun:
 
     def log_image(self, image, key, step):
         """A PIL image under `key` at `step` (the run page's image card and its step slider)."""
-        name = visual.step_image_name(key, step)
+        name = tracking.step_image_name(key, step)
         self.uploader.submit(
             f"image:{key}:{step}",
-            lambda: visual.log_step_image(self.run_id, image, key, step, name),
+            lambda: tracking.log_step_image(self.run_id, image, key, step, name),
             f"image '{key}' at step {step}")
 
     def save(self, name, checkpoint):

@@ -115,7 +115,7 @@ class ServedGenerator:
         """requests: a pandas DataFrame (or list of dicts) -> DataFrame of images."""
         import pandas as pd
         from mlflow.exceptions import MlflowException
-        from pipeline.errors import UserError
+        from core.errors import UserError
         try:
             rows = _rows(requests)
             if not rows or not any(rows):
@@ -209,7 +209,7 @@ def log_generator(prior_run_id, register=None):
     import mlflow
     from mlflow.models import Model
     from pipeline import tracking
-    from pipeline.errors import UserError
+    from core.errors import UserError
     run = tracking.get_run(prior_run_id, "prior")
     tokenizer_run_id = tracking.tokenizer_run_of(run)
     if not tokenizer_run_id:
@@ -238,7 +238,7 @@ def log_generator(prior_run_id, register=None):
 
 def _download_checkpoint(run_id, folder):
     from pipeline import tracking
-    from pipeline.errors import UserError
+    from core.errors import UserError
     folder.mkdir(parents=True)
     for name in ("best.pt", "last.pt"):
         try:

@@ -16,7 +16,10 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
+
+from pipeline import visual
 
 STAGE_TAG = "pipeline.stage"
 TOKENIZER_TAG = "pipeline.tokenizer"
@@ -100,7 +103,7 @@ def resolve_run_id(spec, flag="--run_id"):
     """A run id from a run id, `models:/NAME/VERSION`, `models:/NAME@alias` or `models:/<model
     id>` (the run that logged that model); anything else is returned unchanged."""
     from mlflow.exceptions import MlflowException
-    from pipeline.errors import UserError
+    from core.errors import UserError
     if not isinstance(spec, str) or not spec.startswith("models:/"):
         return spec
     target = spec[len("models:/"):].strip("/")
@@ -125,7 +128,7 @@ def get_run(run_id, stage=None, flag="--run_id", kind=None):
     """Fetch a run, failing with a one-line UserError if it is unknown, of the wrong stage,
     or (with `kind`) of the wrong tokenizer kind / prior family."""
     from mlflow.exceptions import MlflowException
-    from pipeline.errors import UserError
+    from core.errors import UserError
     try:
         run = client().get_run(run_id)
     except MlflowException as e:
@@ -173,10 +176,38 @@ def log_artifacts(run_id, local_dir, artifact_dir):
 
 def log_image(run_id, image, key, step):
     """A PIL image under `key` at `step`, so the MLflow UI's step slider shows progress."""
-    from pipeline.visual import log_step_image, step_image_name
     name = step_image_name(key, step)  # fixed here, so that a retry rewrites the same files
     _with_retries(lambda: log_step_image(run_id, image, key, step, name),
                   f"log image '{key}' to run {run_id}", required=False)
+
+
+def step_image_name(key, step):
+    """The file name (less its suffix) MLflow's log_image gives the image `key` at `step`:
+    images/<key, / as ~>+step+<step>+timestamp+<ms>+<uuid>. The run page finds the images of
+    its cards by this pattern (tests/test_describe.py checks it against MLflow's own)."""
+    return (f"{key.replace('/', '~')}+step+{int(step)}+timestamp+{int(time.time() * 1000)}"
+            f"+{uuid.uuid4()}")
+
+
+def log_step_image(run_id, image, key, step, name=None):
+    """Log a PIL image under `key` at `step`, for the run page's image card and its step slider.
+
+    What MlflowClient.log_image(key=, step=) writes, except the `+compressed` twin that the card
+    shows: log_image writes a WebP of at most 256 px, which MLflow 3.17's artifact browser does
+    not preview (its previews list .png, .jpg, .gif, .bmp, .svg, not .webp: they showed blank),
+    and which sits small in the card's box. Here it is a PNG from `card_image`; the card reads
+    .png twins as well as .webp.
+    name: from step_image_name, fixed when the image is queued so that a retry rewrites the same
+    files."""
+    name = name or step_image_name(key, step)
+    client_ = client()
+    with tempfile.TemporaryDirectory() as tmp:
+        full, card = Path(tmp) / f"{name}.png", Path(tmp) / f"{name}+compressed.png"
+        image.save(full, format="PNG")
+        visual.card_image(image).save(card, format="PNG")
+        client_.log_artifact(run_id, str(card), "images")
+        client_.log_artifact(run_id, str(full), "images")
+    client_.set_tag(run_id, "mlflow.loggedImages", "True")  # as log_image sets it
 
 
 def list_artifacts(run_id, path=None):
@@ -186,7 +217,7 @@ def list_artifacts(run_id, path=None):
 def download_artifact(run_id, artifact_path, dst_dir, flag="--run_id"):
     """Download one artifact to `dst_dir` and return its local path (UserError if missing)."""
     import mlflow.artifacts
-    from pipeline.errors import UserError
+    from core.errors import UserError
     try:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
                                                     dst_path=str(dst_dir),
@@ -201,7 +232,7 @@ def download_artifact(run_id, artifact_path, dst_dir, flag="--run_id"):
 
 
 def load_json_artifact(run_id, artifact_path, flag="--run_id"):
-    from pipeline.errors import UserError
+    from core.errors import UserError
     with tempfile.TemporaryDirectory() as tmp:
         path = download_artifact(run_id, artifact_path, tmp, flag)
         try:

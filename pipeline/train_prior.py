@@ -21,9 +21,9 @@ from tqdm import tqdm
 import priors
 from pipeline import describe, distributed, tracking
 from pipeline.codes import load_codes_file, load_run_codes
-from pipeline.config import build, field
+from core.config import build, field
 from pipeline.device import autocast, needs_grad_scaler
-from pipeline.errors import UserError
+from core.errors import UserError
 from pipeline.images import split_indices
 from pipeline.runs import TrainingRun, recorded_config, resume
 from pipeline.schedule import learning_rate_at

@@ -2,7 +2,7 @@
 
 import torch
 
-from pipeline.errors import UserError
+from core.errors import UserError
 
 
 def check_settings(train, world_size):

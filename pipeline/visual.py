@@ -1,4 +1,4 @@
-"""Turning image tensors into PNGs and grids a person can read, and logging them at a step.
+"""Turning image tensors into PNGs and grids a person can read (tracking.log_step_image logs them at a step).
 
 Grids are enlarged with nearest-neighbour so that one image is at least 64 pixels wide, and
 say what they show in a header drawn with PIL's bitmap font.
@@ -13,8 +13,6 @@ of a grid show under the params; the card's fullscreen button or a click on the 
 """
 
 import os
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -111,39 +109,6 @@ def card_image(image, size=CARD_SIZE):
                              max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
     factor = -(-size // longer)
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
-
-
-# logging an image at a step
-
-def step_image_name(key, step):
-    """The file name (less its suffix) MLflow's log_image gives the image `key` at `step`:
-    images/<key, / as ~>+step+<step>+timestamp+<ms>+<uuid>. The run page finds the images of
-    its cards by this pattern (tests/test_describe.py checks it against MLflow's own)."""
-    return (f"{key.replace('/', '~')}+step+{int(step)}+timestamp+{int(time.time() * 1000)}"
-            f"+{uuid.uuid4()}")
-
-
-def log_step_image(run_id, image, key, step, name=None):
-    """Log a PIL image under `key` at `step`, for the run page's image card and its step slider.
-
-    What MlflowClient.log_image(key=, step=) writes, except the `+compressed` twin that the card
-    shows: log_image writes a WebP of at most 256 px, which MLflow 3.17's artifact browser does
-    not preview (its previews list .png, .jpg, .gif, .bmp, .svg, not .webp: they showed blank),
-    and which sits small in the card's box. Here it is a PNG from `card_image`; the card reads
-    .png twins as well as .webp.
-    name: from step_image_name, fixed when the image is queued so that a retry rewrites the same
-    files."""
-    import tempfile
-    from pipeline import tracking
-    name = name or step_image_name(key, step)
-    client = tracking.client()
-    with tempfile.TemporaryDirectory() as tmp:
-        full, card = Path(tmp) / f"{name}.png", Path(tmp) / f"{name}+compressed.png"
-        image.save(full, format="PNG")
-        card_image(image).save(card, format="PNG")
-        client.log_artifact(run_id, str(card), "images")
-        client.log_artifact(run_id, str(full), "images")
-    client.set_tag(run_id, "mlflow.loggedImages", "True")  # as log_image sets it
 
 
 # files

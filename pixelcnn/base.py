@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pipeline.config import field
+from core.config import field
 from priors.base import PriorConfig, RasterPrior
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from pipeline.config import field
-from pipeline.errors import UserError
+from core.config import field
+from core.errors import UserError
 from pixelcnn.base import ConvConfig, ConvPrior
 from pixelcnn.layers import (DownRightShiftedConv2d, DownShiftedConv2d, down_shift, gate,
                              right_shift)

@@ -13,8 +13,8 @@ from functools import partial
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import field
-from pipeline.errors import UserError
+from core.config import field
+from core.errors import UserError
 from pixelcnn.base import ConvConfig, ConvPrior
 from pixelcnn.layers import MaskedConv2d
 from priors.dropout import Dropout

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import field
-from pipeline.errors import UserError
+from core.config import field
+from core.errors import UserError
 from pixelcnn.base import ConvConfig, ConvPrior
 from pixelcnn.layers import (DownRightShiftedConv2d, DownRightShiftedDeconv2d,
                              DownShiftedConv2d, DownShiftedDeconv2d, GatedResnet, down_shift,

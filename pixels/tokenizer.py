@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pipeline.errors import UserError
+from core.errors import UserError
 
 
 @dataclass

@@ -19,7 +19,7 @@ FAMILIES = {
 
 def family(name):
     """The module of family `name` (a UserError naming the known ones otherwise)."""
-    from pipeline.errors import UserError
+    from core.errors import UserError
     if name not in FAMILIES:
         raise UserError(f"--prior must be one of {', '.join(FAMILIES)}, got '{name}'")
     return importlib.import_module(FAMILIES[name])
@@ -28,7 +28,7 @@ def family(name):
 def build(name, config_dict):
     """A fresh model of family `name` from a config dict (unknown keys are ignored, missing
     ones take their defaults, so checkpoints from older versions still load)."""
-    from pipeline.config import build as build_config
+    from core.config import build as build_config
     module = family(name)
     model = module.Model(build_config(module.Config, config_dict))
     return model

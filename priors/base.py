@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pipeline.config import field
-from pipeline.errors import UserError
+from core.config import field
+from core.errors import UserError
 from priors.heads import make_head
 
 

@@ -144,7 +144,7 @@ class MixtureHead:
 def make_head(config, channels=1):
     """The head a prior config asks for (config.head, config.mixtures): softmax over the
     vocabulary, or a logistic mixture over ordered values, for `channels` values per position."""
-    from pipeline.errors import UserError
+    from core.errors import UserError
     if config.head == "softmax":
         if channels != 1:
             raise UserError(f"the softmax head takes one value per position; this prior puts "

@@ -8,7 +8,7 @@ w = 1 is plain conditional sampling, w = 0 unconditional, w > 1 sharpens towards
 
 import torch
 
-from pipeline.errors import UserError
+from core.errors import UserError
 
 
 def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):

@@ -18,7 +18,7 @@ from conftest import TINY_PRIOR, run_main
 from pipeline import tracking
 from pipeline.__main__ import main as pipeline_main
 from pipeline.codes import load_run_codes
-from pipeline.errors import UserError
+from core.errors import UserError
 from pipeline.evaluate import image_nll
 from test_bad_input import cli_error
 from transformer.absorbing import (Absorbing, AbsorbingConfig, Predictor, nearest_window,

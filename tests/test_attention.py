@@ -5,7 +5,7 @@ long sequences; the sampler's state does not grow with the sequence."""
 import pytest
 import torch
 
-from pipeline.errors import UserError
+from core.errors import UserError
 from transformer.attention import CHUNK, EPS, LinearAttention, feature_map
 from transformer.gpt import GPT, GPTConfig
 

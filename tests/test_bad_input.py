@@ -17,7 +17,7 @@ import transformer_generation
 from conftest import ROOT, TINY_PRIOR, TINY_VQVAE, run_main
 from pipeline import tracking
 from pipeline.checkpoint import load_checkpoint
-from pipeline.errors import run_cli
+from pipeline.cli import run_cli
 
 
 def cli_error(main, argv, capsys):

@@ -13,7 +13,7 @@ import train_vqvae
 from conftest import ROOT, TINY_PRIOR, TINY_VQVAE, run_main
 from pipeline import tracking
 from pipeline.checkpoint import load_checkpoint
-from pipeline.errors import UserError
+from core.errors import UserError
 
 
 def last_step(folder):

@@ -9,8 +9,9 @@ from PIL import Image
 
 from pipeline import describe, tracking
 from pipeline.images import file_sha256
-from pipeline.visual import log_step_image, reconstruction_grid
-from vqvae.train import METRICS
+from pipeline.tracking import log_step_image
+from pipeline.visual import reconstruction_grid
+from pipeline.train_tokenizer import METRICS
 
 # images/<key, / as ~>+step+<step>+timestamp+<ms>+<uuid>[+compressed].<ext>: how the run page
 # finds the images of its cards

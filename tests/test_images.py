@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import make_images, write_csv
-from pipeline.errors import UserError
+from core.errors import UserError
 from pipeline.images import ImageData, decode_image, detect_channels, read_table, split_indices
 
 

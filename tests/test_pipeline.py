@@ -7,7 +7,7 @@ import pytest
 from conftest import make_images, run_main, write_csv
 from pipeline import tracking
 from pipeline.__main__ import main as pipeline_main
-from pipeline.errors import UserError
+from core.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -99,18 +99,18 @@ def test_seed_redraws_the_training_but_not_the_judge(store, digits_like, tmp_pat
 
 
 def test_an_interrupted_stage_resumes_in_the_same_run(store, digits_like, tmp_path, monkeypatch):
-    import vqvae.train
-    real_evaluate, calls = vqvae.train.evaluate, []
+    import pipeline.train_tokenizer as vqvae_trainer
+    real_evaluate, calls = vqvae_trainer.evaluate, []
 
     def crash_on_second_evaluation(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # step 30 of 30, after last.pt was written at step 15
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
-    monkeypatch.setattr(vqvae.train, "evaluate", crash_on_second_evaluation)
+    monkeypatch.setattr(vqvae_trainer, "evaluate", crash_on_second_evaluation)
     with pytest.raises(KeyboardInterrupt):
         pipeline(digits_like, tmp_path / "out", "pipe-resume")
-    monkeypatch.setattr(vqvae.train, "evaluate", real_evaluate)
+    monkeypatch.setattr(vqvae_trainer, "evaluate", real_evaluate)
     interrupted = tracking.client().search_runs([tracking.experiment_id("pipe-resume")],
                                                 "tags.`pipeline.tokenizer` = 'vqvae'")
     assert len(interrupted) == 1 and interrupted[0].info.status == "FAILED"
@@ -125,7 +125,7 @@ def test_an_interrupted_stage_resumes_in_the_same_run(store, digits_like, tmp_pa
 
 
 def test_bad_csv_fails_before_any_run(store, tmp_path, capsys):
-    from pipeline.errors import run_cli
+    from pipeline.cli import run_cli
     (tmp_path / "x.csv").write_text("image_path\nnope.png\n")
     with pytest.raises(SystemExit):
         run_cli(pipeline_main, ["--path_to_data", str(tmp_path / "x.csv"), "--out_dir",
@@ -136,7 +136,7 @@ def test_bad_csv_fails_before_any_run(store, tmp_path, capsys):
 
 def test_too_few_heldout_images_or_samples_fail_before_any_run(store, image_csv, tmp_path,
                                                                 capsys):
-    from pipeline.errors import run_cli
+    from pipeline.cli import run_cli
     for flags, message in (
             (["--vqvae.val_fraction", "0.05"], "(--vqvae.val_fraction 0.05): 2 images; the "
                                                "quality figures need more than 3"),

@@ -13,7 +13,7 @@ import torch
 
 import priors
 from pipeline.codes import load_run_codes
-from pipeline.errors import UserError
+from core.errors import UserError
 from pixelcnn.base import ConvPrior
 from pixelcnn.gated_pixelcnn import GatedLayer
 from pixelcnn.layers import CausalAttention, GatedResnet

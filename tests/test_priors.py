@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.errors import UserError
+from core.errors import UserError
 from pipeline.train_prior import WeightAverage, evaluate
 from priors.dropout import Dropout
 from priors.heads import MixtureHead

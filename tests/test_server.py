@@ -18,12 +18,12 @@ import quantize_dataset
 import train as train_prior_script
 import train_vqvae
 import transformer_generation
-import vqvae.train
+import pipeline.train_tokenizer as vqvae_trainer
 from conftest import TINY_PRIOR, TINY_VQVAE, run_main
 from mlflow_server import MlflowServer, free_port
 from pipeline import runs, tracking
 from pipeline.checkpoint import load_checkpoint
-from pipeline.errors import UserError
+from core.errors import UserError
 
 
 def use_store(monkeypatch, uri):
@@ -77,7 +77,7 @@ def test_training_survives_a_server_outage_and_a_resume_uploads_everything(
         server, image_csv, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while it is down
     monkeypatch.setattr(runs, "UPLOAD_TIMEOUT_S", 3.0)
-    real_step = vqvae.train.apply_gradients
+    real_step = vqvae_trainer.apply_gradients
     calls = []
 
     def step_then_kill_server(*args):  # the server dies after the 15th step, mid-training
@@ -86,7 +86,7 @@ def test_training_survives_a_server_outage_and_a_resume_uploads_everything(
         if len(calls) == 15:
             server.stop()
 
-    monkeypatch.setattr(vqvae.train, "apply_gradients", step_then_kill_server)
+    monkeypatch.setattr(vqvae_trainer, "apply_gradients", step_then_kill_server)
     args = ["--path_to_data", str(image_csv), "--max_steps", "40", "--eval_every", "10",
             "--checkpoint_every", "10", *TINY_VQVAE]
     err = io.StringIO()
@@ -102,7 +102,7 @@ def test_training_survives_a_server_outage_and_a_resume_uploads_everything(
     assert load_checkpoint(local / "last.pt", "vqvae")["step"] == 40
     assert (local / runs.UNSENT_METRICS).is_file()
 
-    monkeypatch.setattr(vqvae.train, "apply_gradients", real_step)
+    monkeypatch.setattr(vqvae_trainer, "apply_gradients", real_step)
     server.start()
     assert run_main(train_vqvae.main, ["--resume_run_id", run_id]) == run_id
     assert tracking.client().get_run(run_id).info.status == "FINISHED"

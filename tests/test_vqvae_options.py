@@ -11,11 +11,11 @@ from conftest import TINY_VQVAE, run_main
 from pipeline import tracking
 from pipeline.checkpoint import load_checkpoint
 from pipeline.distributed import Context
-from pipeline.errors import UserError
+from core.errors import UserError
 from vqvae.discriminator import DiscriminatorConfig, PatchDiscriminator, adaptive_weight
 from vqvae.model import VQVAE, VQVAEConfig
 from vqvae.quantizer import VectorQuantizer
-from vqvae.train import TrainConfig, train_step
+from pipeline.train_tokenizer import TrainConfig, train_step
 
 
 def steps_with(model, accumulate, batches):

@@ -66,8 +66,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import field
-from pipeline.errors import UserError
+from core.config import field
+from core.errors import UserError
 from priors.base import Prior, PriorConfig
 from priors.dropout import Dropout
 from priors.sampling import filter_logits, guided

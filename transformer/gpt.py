@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import field
-from pipeline.errors import UserError
+from core.config import field
+from core.errors import UserError
 from priors.base import PriorConfig, RasterPrior
 from priors.dropout import Dropout
 from transformer.attention import LinearAttention, RecurrentState

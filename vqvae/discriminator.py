@@ -27,7 +27,7 @@ class DiscriminatorConfig:
     n_layers: int = 2          # stride-2 convs; each doubles the patch a logit sees
 
     def validate(self, image_size):
-        from pipeline.errors import UserError
+        from core.errors import UserError
         if self.n_layers < 1 or self.channels < 1:
             raise UserError(f"--discriminator_layers and --discriminator_channels must be at "
                             f"least 1, got {self.n_layers} and {self.channels}")

@@ -34,7 +34,7 @@ class VQVAEConfig:
         return self.image_size // self.downsample
 
     def validate(self):
-        from pipeline.errors import UserError
+        from core.errors import UserError
         if self.downsample not in (2, 4, 8):
             raise UserError(f"--downsample must be 2, 4 or 8, got {self.downsample}")
         if self.image_size % self.downsample:

@@ -10,9 +10,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline import describe, distributed, tone, tracking
-from pipeline.config import build, field
+from core.config import build, field
 from pipeline.device import autocast, needs_grad_scaler
-from pipeline.errors import UserError
+from core.errors import UserError
 from pipeline.images import ImageData, detect_channels, file_sha256, read_table, split_indices
 from pipeline.runs import TrainingRun, recorded_config, resume
 from pipeline.schedule import learning_rate_at
