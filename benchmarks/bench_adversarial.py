@@ -8,8 +8,8 @@
   training and held-out crops come from alternate 64x64 tiles (a checkerboard), so no held-out
   pixel is trained on (no labels: random feature space).
 
-    python benchmarks/bench_adversarial.py                          # both sets, weights 0 and 0.1
-    python benchmarks/bench_adversarial.py --sets photos --weights 0 0.1 0.5 --max_steps 1200
+    python -m benchmarks.bench_adversarial                          # both sets, weights 0 and 0.1
+    python -m benchmarks.bench_adversarial --sets photos --weights 0 0.1 0.5 --max_steps 1200
 
 Prints one table row per (set, weight); writes out_dir/<set>_w<weight>.png, held-out originals
 (odd columns) beside their reconstructions (even columns), to look at. Runs go to an MLflow store
@@ -18,14 +18,10 @@ in out_dir; running the script again re-judges finished runs instead of training
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PHOTO_CROP, PHOTO_TILE = 32, 64
 
@@ -106,11 +102,12 @@ def main():
         torch.set_num_threads(args.threads)
     from pipeline.demo_data import write_digits
     from pipeline.images import file_sha256
-    from pipeline.quality import QualityReference, vqvae_ceiling
+    from pipeline.quality import QualityReference, run_ceiling
     from pipeline.run import PRESETS, split_flags
     from pipeline.visual import reconstruction_grid, save_png
     from pipeline.runs import load_run_checkpoint
-    from vqvae.model import VQVAEConfig, vqvae_from_checkpoint
+    from vqvae.model import VQVAEConfig
+    from image_tokenizers import from_checkpoint as tokenizer_from_checkpoint
     from pipeline.train_tokenizer import TrainConfig, train_vqvae
 
     start = args.adversarial_start if args.adversarial_start is not None else args.max_steps // 2
@@ -148,7 +145,7 @@ def main():
                 run_id = train_vqvae(model_flags, train_flags, progress=False,
                                      tags={"bench.key": key})
                 seconds = f"{time.perf_counter() - started:.0f}"
-            ceiling, _ = vqvae_ceiling(run_id, reference)
+            ceiling, _ = run_ceiling(run_id, reference)
             confidence = ceiling.get("classifier_confidence", float("nan"))
             real_confidence = ceiling.get("real_classifier_confidence", float("nan"))
             print(f"{name:8s}{weight:8.2f}{ceiling['psnr']:9.2f}{ceiling['fd_ratio']:10.3f}"
@@ -156,10 +153,10 @@ def main():
                   f"{ceiling['real_precision']:6.2f}/{ceiling['real_recall']:.2f}/"
                   f"{real_confidence:.2f}"
                   f"{seconds:>9s}  {ceiling['feature_space']}", flush=True)
-            model = vqvae_from_checkpoint(load_run_checkpoint(run_id, "tokenizer", "vqvae"))
+            model = tokenizer_from_checkpoint(load_run_checkpoint(run_id, "tokenizer", "vqvae"))
             with torch.no_grad():
                 shown = heldout[:32]
-                recon = model.decode_indices(model.encode_to_indices(shown))
+                recon = model.decode(model.encode(shown))
             save_png(reconstruction_grid(shown, recon, ncol=4), out_dir / f"{name}_w{weight:g}.png")
     print(f"reconstructions: {out_dir}/<set>_w<weight>.png (original | reconstruction pairs)")
 

@@ -2,11 +2,11 @@
 momentum variant) against softmax with its KV cache and softmax without a cache (the whole
 prefix re-run at every step, as a sampler with no cache must).
 
-    python benchmarks/bench_attention.py          # the grid: lengths 256, 768, 3072
+    python -m benchmarks.bench_attention          # the grid: lengths 256, 768, 3072
                                                   # (16x16 grey, 16x16 and 32x32 RGB byte
                                                   # streams), d=256, 4 layers, 8 heads,
                                                   # batch 1/16/64 (~10 min on 2 quiet cores)
-    python benchmarks/bench_attention.py --lengths 3072 --batches 16
+    python -m benchmarks.bench_attention --lengths 3072 --batches 16
 
 What is timed: one sampler step = the network's step (`model.step`, as priors/sampling.py calls
 it) plus drawing the token from the head. A whole 3,072-token sequence at batch 64 takes minutes
@@ -31,17 +31,14 @@ only the tokens, but re-reads them all at every step.
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import matmul_peak_flops, sync  # noqa: E402
-from pipeline.device import pick_device  # noqa: E402
-from priors.sampling import draw  # noqa: E402
-from transformer.gpt import GPT, GPTConfig  # noqa: E402
+from benchmarks.common import matmul_peak_flops, sync
+from pipeline.device import pick_device
+from priors.sampling import draw
+from transformer.gpt import GPT, GPTConfig
 
 GRIDS = {256: (16, 16), 768: (16, 48), 3072: (32, 96)}  # grey 16x16, RGB 16x16, RGB 32x32
 

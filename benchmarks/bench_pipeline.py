@@ -1,7 +1,7 @@
 """The whole pipeline on the demo digits: wall time and throughput per stage, quality figures,
 then the same command again (which must reuse the finished stages).
 
-    python benchmarks/bench_pipeline.py [--preset small]
+    python -m benchmarks.bench_pipeline [--preset small]
 
 Runs in a fresh temporary MLflow store, so it always trains from scratch.
 """
@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def run(args, cwd, env):

@@ -2,9 +2,9 @@
 attention kind (softmax, linear, momentum) with the mixture head and with the softmax head, on
 16x16 grey digits as 4-bit levels; then Image GPT's probe of one of them.
 
-    python benchmarks/bench_pixel_priors.py            # 6 settings x 5 minutes + probe: ~45 min
+    python -m benchmarks.bench_pixel_priors            # 6 settings x 5 minutes + probe: ~45 min
                                                        # on 2 CPU cores; runs go to ./mlflow.db
-    python benchmarks/bench_pixel_priors.py --minutes 1 --attention linear --heads mixture
+    python -m benchmarks.bench_pixel_priors --minutes 1 --attention linear --heads mixture
 
 End to end, as a user would: the demo digits (`demo_data/`), a `pixels` tokenizer (`levels`,
 4 bits), one prior per setting trained for the same wall time (train.py's `--max_minutes`, the
@@ -24,15 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import tracking  # noqa: E402
-from pipeline.complete import complete  # noqa: E402
-from pipeline.demo_data import write_digits  # noqa: E402
-from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.generate import generate  # noqa: E402
-from pipeline.probe import probe  # noqa: E402
-from pipeline.tokenizers import create_pixels_tokenizer  # noqa: E402
-from pipeline.train_prior import train_prior  # noqa: E402
+from pipeline import tracking
+from pipeline.complete import complete
+from pipeline.demo_data import write_digits
+from pipeline.evaluate import evaluate
+from pipeline.generate import generate
+from pipeline.probe import probe
+from pipeline.tokenizers import fit_tokenizer
+from pipeline.train_prior import train_prior
 
 MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 64, "dropout": 0.0, "mixtures": 10}
 TRAIN = {"batch_size": 32, "learning_rate": 1e-3, "max_steps": 4000, "eval_every": 100,
@@ -54,7 +53,8 @@ def main():
     args = parser.parse_args()
     out = Path(args.out_dir)
     train_csv, heldout_csv = write_digits(args.data_dir)
-    tokenizer = create_pixels_tokenizer(train_csv, "levels", bits=4, experiment=args.experiment)
+    tokenizer = fit_tokenizer("pixels", {"mode": "levels", "bits": 4},
+                              {"path_to_data": str(train_csv), "experiment": args.experiment})
     print(f"tokenizer run {tokenizer}: 16x16 grey digits, 4-bit levels", file=sys.stderr)
 
     rows, priors = [], {}
@@ -68,8 +68,8 @@ def main():
             seconds = time.perf_counter() - start
             history = tracking.client().get_metric_history(run_id, "val/bits_per_dim")
             heldout = evaluate(run_id, heldout_csv, name="heldout")["bits_per_dim"]
-            _, _, sample_s, _, _ = generate(run_id, num_samples=32,
-                                            out_dir=out / name / "samples", name="bench")
+            sample_s = generate(run_id, num_samples=32, out_dir=out / name / "samples",
+                                name="bench").seconds
             complete(run_id, heldout_csv, keep="top", num_completions=4, max_images=8,
                      out_dir=out / name / "completions", name="half")
             rows.append({"setting": name, "run": run_id, "steps": history[-1].step,

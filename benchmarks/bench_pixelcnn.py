@@ -1,9 +1,9 @@
 """The convolutional priors against the GPT on the demo digits as 16x16 grey pixels at 16 levels.
 
-    python benchmarks/bench_pixelcnn.py              # defaults: each family's TRAIN_DEFAULTS
-    python benchmarks/bench_pixelcnn.py --quick      # a fifth of the steps, fewer samples
-    python benchmarks/bench_pixelcnn.py --families pixelcnn pixelsnail --threads 1
-    python benchmarks/bench_pixelcnn.py --max_steps 5 --num_samples 4   # a smoke run
+    python -m benchmarks.bench_pixelcnn              # defaults: each family's TRAIN_DEFAULTS
+    python -m benchmarks.bench_pixelcnn --quick      # a fifth of the steps, fewer samples
+    python -m benchmarks.bench_pixelcnn --families pixelcnn pixelsnail --threads 1
+    python -m benchmarks.bench_pixelcnn --max_steps 5 --num_samples 4   # a smoke run
 
 Each of pixelcnn, gated_pixelcnn, pixelcnnpp and pixelsnail trains with its own defaults
 (`train.py --prior NAME --run_id <levels run>`); then the GPT trains on the same tokens for
@@ -24,15 +24,13 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pixelcnn.base import ConvPrior  # noqa: E402
+from pixelcnn.base import ConvPrior
 
 CONV_FAMILIES = ["pixelcnn", "gated_pixelcnn", "pixelcnnpp", "pixelsnail"]
 # the GPT: the README's small prior, at the same tokens (dropout 0: on the CPU, attention
@@ -47,10 +45,10 @@ FIVE_MINUTES = 300.0
 def prepare_data(out_dir, experiment):
     """Demo digits -> a `pixels` levels tokenizer run (4 bits) with train and held-out codes."""
     from pipeline.demo_data import write_digits
-    from pipeline.tokenizers import create_pixels_tokenizer, quantize
+    from pipeline.tokenizers import fit_tokenizer, quantize
     train_csv, heldout_csv = write_digits(out_dir / "demo_data")
-    tokenizer = create_pixels_tokenizer(str(train_csv), mode="levels", bits=4,
-                                        experiment=experiment, name="digits-levels-4bit")
+    tokenizer = fit_tokenizer("pixels", {"mode": "levels", "bits": 4},
+                              {"path_to_data": str(train_csv), "experiment": experiment})
     quantize(tokenizer, str(heldout_csv))
     return tokenizer, heldout_csv
 
@@ -184,8 +182,8 @@ def main():
         metrics = tracking.client().get_run(run_id).data.metrics
         heldout = evaluate(run_id, str(heldout_csv), name="heldout")["bits_per_dim"]
         model = LoadedPrior(run_id, torch.device("cpu")).model
-        _, _, seconds, _, _ = generate(run_id, num_samples=num_samples, seed=0, name="bench",
-                                       out_dir=str(out_dir / "samples" / name))
+        seconds = generate(run_id, num_samples=num_samples, seed=0, name="bench",
+                           out_dir=str(out_dir / "samples" / name)).seconds
         result = {"run_id": run_id, "steps": steps, "train_s": train_s,
                   "params": sum(p.numel() for p in model.parameters()),
                   "val_bits_per_dim": metrics["val/bits_per_dim"],

@@ -1,10 +1,10 @@
 """The priors compared on the same VQ codes of the demo digits: one table of likelihood, sample
 quality and sampling cost, logged to a `compare` MLflow run with mlflow's log_table.
 
-    python benchmarks/bench_priors.py                        # ~15 minutes on 2 quiet CPU cores
-    python benchmarks/bench_priors.py --tokenizer_run_id VQ --large_tokenizer_run_id VQ16
-    python benchmarks/bench_priors.py --skip_large --prior_steps 300 --num_samples 128  # quick
-    python benchmarks/bench_priors.py --small_gpt_run_id G --small_absorbing_run_id A \
+    python -m benchmarks.bench_priors                        # ~15 minutes on 2 quiet CPU cores
+    python -m benchmarks.bench_priors --tokenizer_run_id VQ --large_tokenizer_run_id VQ16
+    python -m benchmarks.bench_priors --skip_large --prior_steps 300 --num_samples 128  # quick
+    python -m benchmarks.bench_priors --small_gpt_run_id G --small_absorbing_run_id A \
         --large_gpt_run_id G16 --large_absorbing_run_id A16      # re-measure trained priors
 
 Two code grids, each with a GPT (KV cache) and an absorbing prior of the same width and depth,
@@ -35,16 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_transformer import flops_per_token  # noqa: E402
-from benchmarks.common import matmul_peak_flops  # noqa: E402
-from pipeline import tracking  # noqa: E402
-from pipeline.demo_data import write_digits  # noqa: E402
-from pipeline.evaluate import image_nll  # noqa: E402
-from pipeline.generate import LoadedPrior  # noqa: E402
-from pipeline.images import ImageData, read_table, split_indices  # noqa: E402
-from pipeline.quality import QualityReference  # noqa: E402
-from pipeline.visual import image_grid, save_png  # noqa: E402
+from benchmarks.bench_transformer import flops_per_token
+from benchmarks.common import matmul_peak_flops
+from pipeline import tracking
+from pipeline.demo_data import write_digits
+from pipeline.evaluate import image_nll
+from pipeline.generate import LoadedPrior
+from pipeline.images import ImageData, read_table, split_indices
+from pipeline.quality import QualityReference
+from pipeline.visual import image_grid, save_png
 
 # The small preset's VQ-VAE (pipeline/run.py), and the same at 32x32 with 2x downsampling.
 GRIDS = {"small": {"image_size": 16, "downsample": 4},

@@ -1,8 +1,8 @@
 """Do the quality figures rank images correctly? The ladder real < lightly blurred < heavily
 blurred < row-shuffled < noise, judged against the held-out demo digits, in both feature spaces.
 
-    python benchmarks/bench_quality.py                   # the demo digits (written to /tmp)
-    python benchmarks/bench_quality.py --data_dir demo_data --num_images 300 --size 16
+    python -m benchmarks.bench_quality                   # the demo digits (written to /tmp)
+    python -m benchmarks.bench_quality --data_dir demo_data --num_images 300 --size 16
 
 Prints one table per feature space (the pipeline's default with labels is
 classifier+random) (rows: degradations, columns: figures) and whether each
@@ -10,17 +10,14 @@ figure orders the ladder correctly, plus the classifier's fit time and held-out 
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.demo_data import write_digits  # noqa: E402
-from pipeline.images import ImageData, read_table  # noqa: E402
-from pipeline.quality import (DEGRADATIONS, QualityReference, degrade,  # noqa: E402
+from pipeline.demo_data import write_digits
+from pipeline.images import ImageData, read_table
+from pipeline.quality import (DEGRADATIONS, QualityReference, degrade,
                               label_agreement, ranking_ladder)
 
 # figure -> +1 when higher is better, -1 when lower is better

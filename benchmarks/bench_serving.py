@@ -1,8 +1,8 @@
 """A bounded load test of a served model: `mlflow models serve` on loopback, N requests from C
 concurrent clients. Prints images/s, latency percentiles and the failed-request count.
 
-    python benchmarks/bench_serving.py --model_uri models:/demo-digits@champion   # after the demo
-    python benchmarks/bench_serving.py --model_uri models:/NAME/1 --requests 200 --clients 8
+    python -m benchmarks.bench_serving --model_uri models:/demo-digits@champion   # after the demo
+    python -m benchmarks.bench_serving --model_uri models:/NAME/1 --requests 200 --clients 8
 
 Run it in the folder whose mlflow.db holds the model (or set MLFLOW_TRACKING_URI). Each request
 asks for `--images` images with a random seed (and a random label when the model has labels).
@@ -16,14 +16,9 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from mlflow_server import ModelServer, free_port  # noqa: E402
-from pipeline import tracking  # noqa: E402
+from pipeline import tracking
+from pipeline.servers import ModelServer, free_port
 
 
 def percentile(values, share):

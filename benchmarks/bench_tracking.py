@@ -1,6 +1,6 @@
 """What the tracking server costs a training loop, against a real `mlflow server` on loopback.
 
-    python benchmarks/bench_tracking.py [--checkpoint_mb 100]
+    python -m benchmarks.bench_tracking [--checkpoint_mb 100]
 
 Prints: the server's start-up time, a synchronous `log_batch` (what logging every step would
 cost), a queued metric in the background `Uploader` (what the trainers pay), and a checkpoint
@@ -10,18 +10,13 @@ written locally (atomic) against the same file uploaded through the server.
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from mlflow_server import MlflowServer, free_port  # noqa: E402
+from pipeline.servers import MlflowServer, free_port
 
 
 def median_seconds(fn, repeat):

@@ -2,7 +2,7 @@
 (torch's bernoulli dropout and for-loop AdamW; contiguous VQ-VAE activations), interleaved in
 one process so that the machine's load falls on both alike.
 
-    python benchmarks/bench_training_step.py [--rounds 12] [--steps 15]
+    python -m benchmarks.bench_training_step [--rounds 12] [--steps 15]
 
 Prints ms per step and the ratio now / before for the `small` preset's prior (4 layers of 128,
 dropout 0.3, 64 sequences of 4x4 codes, 10 classes) and VQ-VAE (64 channels, f4, K 64, 64
@@ -10,18 +10,15 @@ images of 16x16), with the step's share of the machine's measured fp32 matmul pe
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import matmul_peak_flops  # noqa: E402
-from priors.dropout import Dropout  # noqa: E402
-from transformer.gpt import GPT, GPTConfig  # noqa: E402
-from vqvae.model import VQVAE, VQVAEConfig  # noqa: E402
+from benchmarks.common import matmul_peak_flops
+from priors.dropout import Dropout
+from transformer.gpt import GPT, GPTConfig
+from vqvae.model import VQVAE, VQVAEConfig
 
 
 def prior_step(now):

@@ -1,8 +1,8 @@
 """Prior throughput: sampling (with and without the KV cache) and training, in tokens/s, with
 FLOPs per token and the fraction of this machine's measured matmul peak.
 
-    python benchmarks/bench_transformer.py                      # the issue's size: 16x16 grid,
-    python benchmarks/bench_transformer.py --batch_sizes 1 64 256   # d=256, 8 heads, 4 layers, 512 codes
+    python -m benchmarks.bench_transformer                      # the issue's size: 16x16 grid,
+    python -m benchmarks.bench_transformer --batch_sizes 1 64 256   # d=256, 8 heads, 4 layers, 512 codes
 
 FLOPs counted per sampled code (one cached step of one image), 2 per multiply-add, matmuls only:
 per layer the fused qkv (3 d^2), the output projection (d^2) and the MLP (8 d^2) weights, plus
@@ -16,15 +16,12 @@ bound by memory bandwidth as much as by the matmul peak; the script prints that 
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import matmul_peak_flops, timed  # noqa: E402
-from pipeline.device import pick_device  # noqa: E402
-from transformer.gpt import GPT, GPTConfig, sample_without_cache  # noqa: E402
+from benchmarks.common import matmul_peak_flops, timed
+from pipeline.device import pick_device
+from transformer.gpt import GPT, GPTConfig, sample_without_cache
 
 
 def flops_per_token(config, context):

@@ -1,19 +1,16 @@
 """VQ-VAE throughput: training images/s and evaluation (encode + decode) images/s.
 
-    python benchmarks/bench_vqvae.py                       # stage 1's settings: 16x16 gray,
-    python benchmarks/bench_vqvae.py --image_size 32 --in_channels 3   # 64 channels, /4, K=128
+    python -m benchmarks.bench_vqvae                       # stage 1's settings: 16x16 gray,
+    python -m benchmarks.bench_vqvae --image_size 32 --in_channels 3   # 64 channels, /4, K=128
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import matmul_peak_flops, timed  # noqa: E402
-from pipeline.device import autocast, pick_device  # noqa: E402
-from vqvae.model import VQVAE, VQVAEConfig  # noqa: E402
+from benchmarks.common import matmul_peak_flops, timed
+from pipeline.device import autocast, pick_device
+from vqvae.model import VQVAE, VQVAEConfig
 
 
 def main():
@@ -57,7 +54,7 @@ def main():
     @torch.no_grad()
     def evaluate():
         with autocast(device):
-            model.decode_indices(model.encode_to_indices(big))
+            model.decode(model.encode(big))
     seconds = timed(evaluate, device, repeat=max(1, args.steps // 3), warmup=1)
     print(f"evaluation: {256 / seconds:8.0f} images/s  (encode + decode, batch 256)")
 

@@ -14,27 +14,30 @@ def field(default, help):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def _flag_type(f):
+def field_type(f):
+    """The type of a dataclass field, without Optional (int for Optional[int])."""
     hint = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing))
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
 
-def add_flags(parser, config_class, skip=(), prefix=""):
+def add_flags(parser, config_class, skip=(), prefix="", hidden=False):
     """One `--{prefix}name` flag per dataclass field, defaulting to argparse.SUPPRESS (= not
-    given). The prefix (e.g. "vqvae.") lets one command take the flags of several stages."""
+    given). The prefix (e.g. "vqvae.") lets one command take the flags of several stages;
+    `hidden` leaves them out of --help (a second spelling of flags listed elsewhere)."""
     for f in dataclasses.fields(config_class):
         if f.name in skip or not f.init:
             continue
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
-        kind = _flag_type(f)
+        shown = argparse.SUPPRESS if hidden else f"{help_text} (default: {default})"
+        kind = field_type(f)
         if kind is bool:
             parser.add_argument(f"--{prefix}{f.name}", action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+                                default=argparse.SUPPRESS, help=shown)
         else:
             parser.add_argument(f"--{prefix}{f.name}", type=kind, default=argparse.SUPPRESS,
-                                help=f"{help_text} (default: {default})")
+                                help=shown)
 
 
 def given(namespace, config_class, prefix=""):

@@ -1,8 +1,8 @@
 """Where a prior's Fréchet distance comes from: split by feature block and into its two terms,
 for real training images, the tokenizer's reconstructions of them and the prior's samples.
 
-    python benchmarks/fd_parts.py --run_id <prior> --path_to_data demo_data/train.csv
-    python benchmarks/fd_parts.py ... --heldout_csv demo_data/heldout.csv   # the demo's judge
+    python -m experiments.fd_parts --run_id <prior> --path_to_data demo_data/train.csv
+    python -m experiments.fd_parts ... --heldout_csv demo_data/heldout.csv  # the demo's judge
 
 FD = |mu_a - mu_b|^2 (where the means differ) + tr(A + B - 2 (A B)^1/2) (where the spreads
 differ). The blocks are those of the judge's joint space, scaled as there: the classifier's
@@ -24,18 +24,15 @@ of a setting only once it is chosen.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import with_training_quantiles  # noqa: E402
-from pipeline.generate import TONE_SAMPLES, LoadedPrior, calibrate_tone, draws_of  # noqa: E402
-from pipeline.quality import (QualityReference, frechet_parts, gaussian_stats,  # noqa: E402
+from experiments.common import with_training_quantiles
+from pipeline.generate import TONE_SAMPLES, LoadedPrior, calibrate_tone, draws_of
+from pipeline.quality import (QualityReference, frechet_parts, gaussian_stats,
                               reconstruct_all)
-from pipeline.run import PRESETS, load_split_images  # noqa: E402
+from pipeline.run import PRESETS, load_split_images
 
 REAL_CHOICES = 8
 

@@ -1,6 +1,6 @@
 """Judge several priors by the pipeline's quality reference: the spread of a recipe over seeds.
 
-    python benchmarks/judge_priors.py --run_ids <prior> <prior> ... \
+    python -m experiments.judge_priors --run_ids <prior> <prior> ... \
         --path_to_data demo_data/train.csv --heldout_csv demo_data/heldout.csv
 
 The same judge as `python -m pipeline` with a held-out CSV (every row of the training CSV as
@@ -23,17 +23,15 @@ validation split instead (the split where settings may be chosen).
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import with_training_quantiles  # noqa: E402
-from pipeline.generate import TONE_SAMPLES, LoadedPrior, calibrate_tone, draws_of  # noqa: E402
-from pipeline.quality import QualityReference, report_draws, with_spread  # noqa: E402
-from pipeline.run import PRESETS, load_split_images  # noqa: E402
-from priors.sampling import sample_raster  # noqa: E402
+from experiments.common import with_training_quantiles
+from pipeline.generate import TONE_SAMPLES, LoadedPrior, calibrate_tone, draws_of
+from pipeline.quality import QualityReference, report_draws, with_spread
+from pipeline.run import PRESETS, load_split_images
+from priors.sampling import sample_raster
 
 
 class Mixture(nn.Module):

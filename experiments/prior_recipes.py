@@ -1,10 +1,10 @@
 """Training recipes for the demo's class-conditional GPT, compared on the VALIDATION split: the
 experiments behind README's *What the demo reaches* that need no flag of train.py.
 
-    python benchmarks/prior_recipes.py --vqvae_run_id <VQ-VAE> --path_to_data demo_data/train.csv
-    python benchmarks/prior_recipes.py ... --token_noise 0.1           # corrupted input tokens
-    python benchmarks/prior_recipes.py ... --soft_codes 0.1            # re-drawn encodings
-    python benchmarks/prior_recipes.py ... --shifts 1 --shift_share 0.3 --dropout 0.1  # DistAug
+    python -m experiments.prior_recipes --vqvae_run_id <VQ-VAE> --path_to_data demo_data/train.csv
+    python -m experiments.prior_recipes ... --token_noise 0.1          # corrupted input tokens
+    python -m experiments.prior_recipes ... --soft_codes 0.1           # re-drawn encodings
+    python -m experiments.prior_recipes ... --shifts 1 --shift_share 0.3 --dropout 0.1  # DistAug
 
 Trains the preset's prior (4 layers of 128, dropout 0.3, 2,400 steps of 64, AdamW 6e-4 with
 warmup and cosine, the best validation checkpoint) on the codes of the VQ-VAE's training split,
@@ -27,20 +27,17 @@ seeds' standard deviation of FD ratio. Compare recipes at matched confidence; th
 import argparse
 import copy
 import itertools
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.generate import sample_tokens  # noqa: E402
-from pipeline.quality import QualityReference, report_draws  # noqa: E402
-from pipeline.run import load_split_images  # noqa: E402
-from pipeline.schedule import learning_rate_at  # noqa: E402
-from pipeline.tokenizers import load_tokenizer  # noqa: E402
-from transformer.gpt import GPT, GPTConfig  # noqa: E402
-from vqvae.quantizer import squared_distances  # noqa: E402
+from pipeline.generate import sample_tokens
+from pipeline.quality import QualityReference, report_draws
+from pipeline.run import load_split_images
+from pipeline.schedule import learning_rate_at
+from pipeline.tokenizers import load_tokenizer
+from transformer.gpt import GPT, GPTConfig
+from vqvae.quantizer import squared_distances
 
 
 def shifted(images, dy, dx):

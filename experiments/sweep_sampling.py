@@ -3,7 +3,7 @@ every combination of temperature / top-k / top-p / guidance, judged against the 
 training CSV that the VQ-VAE and the prior held out (their shared `val_fraction` split), never
 against a held-out CSV.
 
-    python benchmarks/sweep_sampling.py --run_id <prior> --path_to_data demo_data/train.csv \
+    python -m experiments.sweep_sampling --run_id <prior> --path_to_data demo_data/train.csv \
         --temperature 0.8 1.0 --top_k 0 32 --guidance 1 2 3 --seeds 0 1
 
 Samples are tone-matched by the curve generation fits for each setting (`--tone_samples 0`:
@@ -28,19 +28,16 @@ memorised its training images would score best; the nn ratio tells those apart.
 
 import argparse
 import itertools
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import with_training_quantiles  # noqa: E402
-from pipeline.generate import (TONE_SAMPLES, LoadedPrior, calibrate_tone,  # noqa: E402
+from experiments.common import with_training_quantiles
+from pipeline.generate import (TONE_SAMPLES, LoadedPrior, calibrate_tone,
                                sample_tokens)
-from pipeline.quality import (QualityReference, frechet_distance, gaussian_stats,  # noqa: E402
+from pipeline.quality import (QualityReference, frechet_distance, gaussian_stats,
                               reconstruct_all, report_draws, tokenizer_ceiling, with_spread)
-from pipeline.run import load_split_images  # noqa: E402
+from pipeline.run import load_split_images
 
 COLUMNS = ("conf", "classes", "P", "R", "P/real", "R/real", "FD ratio", "FD to train", "nn ratio",
            "agree")

@@ -3,11 +3,13 @@
     python -m pipeline demo                       # real handwritten digits, no network
     python -m pipeline --path_to_data train.csv --out_dir out --preset small
     python -m pipeline --path_to_data train.csv --out_dir out --vqvae.max_steps 2000 --prior.n_layer 6
+    python -m pipeline --path_to_data train.csv --out_dir out --tokenizer pixels --tokenizer.bits 2
     python -m pipeline evaluate --run_id <prior run> --path_to_data heldout.csv
     python -m pipeline probe --run_id <prior run> --path_to_data train.csv --heldout heldout.csv
 
-Stage flags take the stage's name as a prefix: --vqvae.<flag> (train_vqvae.py's flags),
---prior.<flag> (train.py's) and --sample.<flag> (transformer_generation.py's).
+Stage flags take the stage's name as a prefix: --tokenizer.<flag> (the tokenizer kind's flags:
+train_vqvae.py's for --tokenizer vqvae, the default; also spelt --vqvae.<flag>), --prior.<flag>
+(train.py's) and --sample.<flag> (transformer_generation.py's).
 """
 
 import argparse
@@ -15,42 +17,30 @@ import shlex
 import sys
 from pathlib import Path
 
+import image_tokenizers
+import priors
 from core.config import add_flags, given
+from pipeline.run import PRESETS, run_pipeline, tokenizer_trainer
+from pipeline.train_prior import TrainConfig as PriorTrainConfig
 from priors.base import DATA_FIELDS
 from core.errors import UserError
 from pipeline.cli import run_cli
 from pipeline.tracking import resolve_run_id
 
 
-SAMPLE_FLAGS = (
-    ("num_samples", int, "images to draw"),
-    ("batch_size", int, "images per sampling batch (default: all at once)"),
-    ("temperature", float, "divides the logits (lower: likelier tokens, less variety)"),
-    ("top_k", int, "draw among the k likeliest tokens only"),
-    ("top_p", float, "draw among the likeliest tokens holding this much probability"),
-    ("labels", str, "conditional prior: '3,3,7' (one sample each) or 'all' (each class in turn)"),
-    ("guidance", float, "classifier-free guidance weight (1 = plain conditional)"),
-    ("steps", int, "absorbing prior: network evaluations per sample"),
-    ("sampler", str, "absorbing prior: absorbing | maskgit"),
-    ("choice_temperature", float, "absorbing prior, maskgit sampler: confidence noise scale"),
-    ("tone_samples", int, "VQ-VAE tokenizers: grids of the draw that fits tone matching "
-                          "(default 4096, once per setting; 0 = off)"),
-)
-
-
-def sample_flags(parser):
+def sample_flags(parser, family_name):
+    """--sample.<flag>: the generation's settings (transformer_generation.py's, less --seed,
+    which is the pipeline's own) and those of the prior family's sampling dataclass, less the
+    ones the pipeline cannot judge (pipeline.run.NOT_IN_PIPELINE)."""
+    import priors
+    from pipeline.generate import GenerationConfig
+    from pipeline.run import NOT_IN_PIPELINE
     group = parser.add_argument_group("sampling (--sample.<flag>, transformer_generation.py's)")
-    for flag, kind, help_text in SAMPLE_FLAGS:
-        group.add_argument(f"--sample.{flag}", type=kind, default=argparse.SUPPRESS,
-                           help=help_text)
+    add_flags(group, GenerationConfig, skip=("seed",), prefix="sample.")
+    add_flags(group, priors.sampling_class(family_name), skip=NOT_IN_PIPELINE, prefix="sample.")
 
 
 def main(argv=None):
-    import priors
-    from pipeline.train_prior import TrainConfig as PriorTrainConfig
-    from vqvae.model import VQVAEConfig
-    from pipeline.train_tokenizer import TrainConfig as VQTrainConfig
-    from pipeline.run import PRESETS, run_pipeline
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])
@@ -59,7 +49,10 @@ def main(argv=None):
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset", default="small")
     first.add_argument("--prior.prior", dest="family")
+    first.add_argument("--tokenizer", default="vqvae")
     known = first.parse_known_args(argv)[0]
+    kind = image_tokenizers.kind(known.tokenizer)
+    tokenizer_train, _ = tokenizer_trainer(known.tokenizer)
     family = priors.family(known.family or PRESETS.get(known.preset, {}).get("prior", {})
                            .get("prior", "gpt"))
     parser = argparse.ArgumentParser(prog="python -m pipeline" + (" demo" if demo else ""),
@@ -84,18 +77,30 @@ def main(argv=None):
                              "size (the first is the saved samples); one draw's figures move "
                              "with the seed")
     parser.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME)")
-    vq = parser.add_argument_group("VQ-VAE stage (--vqvae.<flag>)")
-    add_flags(vq, VQTrainConfig, skip=("path_to_data", "experiment", "seed"), prefix="vqvae.")
-    add_flags(vq, VQVAEConfig, skip=("in_channels",), prefix="vqvae.")
+    parser.add_argument("--tokenizer", default="vqvae", choices=sorted(image_tokenizers.KINDS),
+                        help="the tokenizer kind; its flags are --tokenizer.<flag>")
+    # the kind's flags, as --tokenizer.<flag> and as --<kind>.<flag> (e.g. --vqvae.max_steps)
+    group = parser.add_argument_group(f"{known.tokenizer} tokenizer stage (--tokenizer.<flag>, "
+                                      f"also spelt --{known.tokenizer}.<flag>)")
+    for prefix, hidden in (("tokenizer.", False), (f"{known.tokenizer}.", True)):
+        add_flags(group, tokenizer_train, skip=("path_to_data", "experiment", "seed"),
+                  prefix=prefix, hidden=hidden)
+        add_flags(group, kind.Config, skip=("in_channels",), prefix=prefix, hidden=hidden)
     prior = parser.add_argument_group("prior stage (--prior.<flag>)")
+    # the prior holds out the tokenizer's validation rows (--tokenizer.val_fraction)
     add_flags(prior, PriorTrainConfig, skip=("run_id", "codes", "path_to_data", "codebook_size",
-                                             "experiment", "seed", "split_seed", "register"),
+                                             "experiment", "seed", "split_seed", "register",
+                                             "val_fraction"),
               prefix="prior.")
     add_flags(prior, family.Config, skip=DATA_FIELDS, prefix="prior.")
-    sample_flags(parser)
+    sample_flags(parser, family.Model.family)
     args = parser.parse_args(argv[1:] if demo else argv)
 
-    overrides = {"vqvae": {**given(args, VQTrainConfig, "vqvae."), **given(args, VQVAEConfig, "vqvae.")},
+    tokenizer_flags = {}
+    for prefix in (f"{known.tokenizer}.", "tokenizer."):  # --tokenizer.<flag> wins
+        tokenizer_flags.update({**given(args, tokenizer_train, prefix),
+                                **given(args, kind.Config, prefix)})
+    overrides = {"tokenizer": tokenizer_flags,
                  "prior": {**given(args, PriorTrainConfig, "prior."),
                            **given(args, family.Config, "prior.")},
                  "sample": {k.split(".", 1)[1]: v for k, v in vars(args).items()
@@ -112,7 +117,7 @@ def main(argv=None):
                            heldout, args.seed, args.register,
                            data_name="digits" if demo else None,
                            command=shlex.join(["python", "-m", "pipeline", *argv]),
-                           quality_draws=args.quality_draws)
+                           quality_draws=args.quality_draws, tokenizer=args.tokenizer)
     report(summary)
     print(f"run_id={summary['pipeline_run_id']}")
 
@@ -199,9 +204,10 @@ def report(summary):
     lines = [
         f"samples: {summary['samples_dir']}/ ({int(m.get('quality/num_samples', 0))} PNGs), "
         f"grid: {summary['grid']}",
-        f"VQ-VAE {summary['vqvae_run_id']} ({summary['stages']['vqvae']}): "
-        f"val/psnr_db {m.get('vqvae/val/psnr_db', float('nan')):.2f}, "
-        f"val/codebook_usage {m.get('vqvae/val/codebook_usage', float('nan')):.3f}",
+        f"tokenizer {summary['tokenizer']} {summary['tokenizer_run_id']} "
+        f"({summary['stages']['tokenizer']})" + "".join(
+            f", {k[len('tokenizer/'):]} {v:.3f}" for k, v in sorted(m.items())
+            if k.startswith("tokenizer/val/") and k.endswith(("psnr_db", "codebook_usage"))),
         f"prior {summary['prior_run_id']} ({summary['stages']['prior']}): {prior_val}",
         f"quality vs held-out ({summary.get('feature_space', 'random')} features; "
         f"{'tone-matched samples; ' if summary.get('tone_matched') else ''}real "
@@ -223,13 +229,13 @@ def report(summary):
                      f"{m['quality/real_classifier_confidence']:.3f}{held_out}){agreement}")
     if "ceiling/fd_ratio" in m:
         lines.append(
-            f"tokenizer ceiling (a perfect prior: VQ-VAE reconstructions of training images; "
+            f"tokenizer ceiling (a perfect prior: the tokenizer's reconstructions of training images; "
             f"PSNR on held-out): PSNR {m['ceiling/psnr']:.1f} dB, FD ratio "
             f"{m['ceiling/fd_ratio']:.2f}, precision {m['ceiling/precision']:.2f}, recall "
             f"{m['ceiling/recall']:.2f}" + (
                 f", classifier confidence {m['ceiling/classifier_confidence']:.2f}"
                 if "ceiling/classifier_confidence" in m else ""))
-    lines.append(f"time: total {t['total_s']:.0f} s (vqvae {t['vqvae_s']:.0f}, prior "
+    lines.append(f"time: total {t['total_s']:.0f} s (tokenizer {t['tokenizer_s']:.0f}, prior "
                  f"{t['prior_s']:.0f}, generate {t['generate_s']:.1f}, ceiling "
                  f"{t.get('ceiling_s', 0):.1f}, quality {t['quality_s']:.1f})")
     if summary.get("registered_model"):

@@ -9,6 +9,7 @@ the input with the hidden region greyed | N completions | the original. A raster
 PixelCNN family) accepts only raster prefixes (top, offset); absorbing diffusion any mask.
 """
 
+import dataclasses
 import sys
 import tempfile
 import time
@@ -21,7 +22,8 @@ from pipeline import tracking
 from pipeline.codes import codes_dtype
 from pipeline.device import pick_device
 from core.errors import UserError
-from pipeline.generate import LoadedPrior, check_sampling_settings, sample_tokens
+import priors
+from pipeline.generate import LoadedPrior, sample_tokens
 from pipeline.images import ImageData, read_table
 from pipeline.visual import image_grid, save_png, save_pngs
 
@@ -60,16 +62,17 @@ def keep_mask(keep, offset, n, grid, values_per_pixel, seed=0):
 
 
 def complete(run_id, path_to_data, keep="top", offset=None, num_completions=4, max_images=8,
-             out_dir=None, seed=0, temperature=1.0, top_k=None, top_p=None, guidance=None,
-             steps=None, batch_size=None, device=None, name=None, **options):
+             out_dir=None, seed=0, batch_size=None, device=None, name=None, **settings):
     """Complete the first `max_images` images of a CSV `num_completions` times each; log the
-    figure and codes to the prior run, write PNGs to out_dir. Returns (kept tokens (N, h, w),
-    known mask (N, h, w), completions (N, num_completions, h, w), figure PIL image)."""
+    figure and codes to the prior run, write PNGs to out_dir. `settings` are the fields of the
+    prior family's sampling dataclass (priors.sampling_class; None: not given). Returns (kept
+    tokens (N, h, w), known mask (N, h, w), completions (N, num_completions, h, w), figure PIL
+    image)."""
     if num_completions < 1 or max_images < 1:
         raise UserError("--num_completions and --max_images must be at least 1")
-    check_sampling_settings(temperature, top_k, top_p, guidance)
     device = pick_device(device)
     prior = LoadedPrior(run_id, device)
+    drawn_with = dataclasses.asdict(priors.sampling_settings(prior.family, settings))
     run_id, tokenizer = prior.run_id, prior.tokenizer()
     table = read_table(path_to_data)
     data = ImageData(table, tokenizer.in_channels, tokenizer.image_size)
@@ -86,9 +89,7 @@ def complete(run_id, path_to_data, keep="top", offset=None, num_completions=4, m
     generator = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
     drawn = sample_tokens(prior.model, total, batch_size or total, repeat(labels), generator,
-                          known=repeat(tokens), known_mask=repeat(known_mask),
-                          temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance,
-                          steps=steps, **options)
+                          known=repeat(tokens), known_mask=repeat(known_mask), **drawn_with)
     seconds = time.perf_counter() - start
     kept = repeat(known_mask)
     if not torch.equal(drawn[kept], repeat(tokens)[kept]):  # the interface's promise
@@ -111,8 +112,7 @@ def complete(run_id, path_to_data, keep="top", offset=None, num_completions=4, m
         tracking.log_artifacts(run_id, folder, f"completions/{name}")
     tracking.log_json(run_id, {"csv": str(path_to_data), "keep": keep, "offset": offset,
                                "num_images": count, "num_completions": num_completions,
-                               "seed": seed, "temperature": temperature, "top_k": top_k,
-                               "top_p": top_p, "guidance": guidance, "steps": steps, **options},
+                               "seed": seed, **drawn_with},
                       f"completions/{name}/settings.json")
     if out_dir:
         out = Path(out_dir)

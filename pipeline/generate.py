@@ -6,13 +6,15 @@ are checked against the tokenizer's. Nothing here knows the prior's family: it c
 interface of priors/base.py.
 """
 
+import dataclasses
 import hashlib
 import json
-import math
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,13 +28,59 @@ from pipeline.runs import load_run_checkpoint
 from pipeline.tokenizers import load_tokenizer
 from pipeline.tone import ToneCurve
 from pipeline.visual import image_grid, save_png, save_pngs
-from priors.sampling import MAX_GUIDANCE
+from core.config import field
+from priors.settings import SamplingConfig
 
 LATEST_TAG = "pipeline.latest_generated"
 TONE_SAMPLES = 4096  # the calibration draw of tone matching (pipeline/tone.py): at 1,024 the
 # demo's FD ratio moved by 0.03 with the draw's seed, at 4,096 by 0.006
 TONE_SEED = 2 ** 32  # its stream: out of reach of the small seeds users and quality draws take
 TONE_BATCH = 512
+# the settings every generated/<name>.json and tone curve key held, set or not, before the
+# families described their own (priors/settings.py): hashed even when None, so the tone curves
+# kept on prior runs keep their keys (tone_key)
+TONE_KEY_SETTINGS = ("temperature", "top_k", "top_p", "steps", "guidance")
+
+
+@dataclass
+class GenerationConfig:
+    """What a generation draws, besides the prior's sampling settings (priors/settings.py):
+    the flags of transformer_generation.py and the pipeline's --sample.<flag> beside those."""
+    num_samples: int = field(64, "images to draw (a list of labels draws one per label)")
+    batch_size: Optional[int] = field(None, "grids sampled at once (unset: all at once)")
+    seed: int = field(0, "seeds the draw: the same seed and settings give the same grids")
+    labels: Optional[str] = field(None, "conditional priors: one sample per listed label, in "
+                                        "order ('3,3,7'), or 'all' (each class in turn for "
+                                        "num_samples)")
+    tone_samples: int = field(TONE_SAMPLES, "VQ-VAE tokenizers: grids of the draw that fits "
+                                            "tone matching, which gives the samples the training "
+                                            "images' distribution of pixel values (README, *Tone "
+                                            "matching*); drawn once per setting and kept on the "
+                                            "prior run; 0 = off")
+
+    def validate(self):
+        if self.num_samples < 1:
+            raise UserError(f"--num_samples must be at least 1, got {self.num_samples}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"--batch_size must be at least 1, got {self.batch_size}")
+        if self.tone_samples < 0:
+            raise UserError(f"--tone_samples must be at least 0 (0 = no tone matching), got "
+                            f"{self.tone_samples}")
+
+
+@dataclass
+class Generated:
+    """What generate() made; generated/<name>.json on the prior run records the same (`record`)."""
+    codes: torch.Tensor              # (N, h, w) LongTensor, on the CPU
+    name: str                        # generated/<name>.npy and .json on the prior run
+    seconds: float                   # spent sampling
+    images: Optional[torch.Tensor]   # decoded (and tone-mapped), None with no_decode
+    tone: Optional[ToneCurve]        # the tone curve that mapped them, or None
+    run_id: str                      # the prior run
+    sampling: SamplingConfig         # the family's sampling settings, as drawn
+    generation: GenerationConfig     # num_samples as drawn (one per label of a list)
+    labels: Optional[list]           # the class name of each sample, or None
+    record: dict                     # generated/<name>.json
 
 
 class LoadedPrior:
@@ -103,22 +151,6 @@ def check_prior_matches(prior_config, tokenizer, run_id):
                         f"{tuple(tokenizer.grid)}")
 
 
-def check_sampling_settings(temperature, top_k, top_p, guidance, name="--{}"):
-    """The sampling settings every sampler takes; `name` formats a setting's name in the error
-    (a flag here, 'request 3: temperature' for the served model)."""
-    # ranges written as `lo <= x <= hi`, which NaN fails too (`x < 0` would let it through)
-    if temperature is not None and not 0 <= temperature < math.inf:
-        raise UserError(f"{name.format('temperature')} must be >= 0 (0 = always the likeliest), "
-                        f"got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"{name.format('top_k')} must be at least 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"{name.format('top_p')} must be in (0, 1], got {top_p}")
-    if guidance is not None and not 0 <= guidance <= MAX_GUIDANCE:
-        raise UserError(f"{name.format('guidance')} must be in 0..{MAX_GUIDANCE:g} (1 = plain "
-                        f"conditional), got {guidance}")
-
-
 def decode_and_log(tokenizer, codes, log_run_id, name, out_dir=None, where="", tone=None):
     """Decode (then map by the ToneCurve `tone` when given), log a grid (key "samples") and
     samples/<name>/*.png to `log_run_id`, and write the PNGs and grid.png to out_dir when given.
@@ -185,15 +217,22 @@ def calibrate_tone(model, tokenizer, labels, settings, count=TONE_SAMPLES, batch
     return ToneCurve.fit(tokenizer.decode(codes), tokenizer.pixel_quantiles)
 
 
+def tone_key(settings, count):
+    """The key of a tone curve (tone/<key>.json): a hash of the sampling settings that are set
+    (and of TONE_KEY_SETTINGS, set or not, as before) and of the calibration draw's size."""
+    hashed = {k: settings.get(k) for k in TONE_KEY_SETTINGS}
+    hashed.update({k: v for k, v in settings.items() if v is not None})
+    return hashlib.sha256(json.dumps({**hashed, "tone_samples": count},
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
 def prior_tone(prior, tokenizer, settings, count=TONE_SAMPLES, batch_size=None):
     """The prior's tone curve for these settings: fitted by the first generation that asks for
     it (calibrate_tone) and kept on the prior run as tone/<key>.json, which later ones read, so
     the calibration draw is paid once per setting, not per request."""
     if not tone_applies(tokenizer, settings, count):
         return None
-    key = hashlib.sha256(json.dumps({**settings, "tone_samples": count},
-                                    sort_keys=True).encode()).hexdigest()[:16]
-    path = f"tone/{key}.json"
+    path = f"tone/{tone_key(settings, count)}.json"
     if path in tracking.list_artifacts(prior.run_id, "tone"):
         return ToneCurve.from_dict(tracking.load_json_artifact(prior.run_id, path)["curve"])
     start = time.perf_counter()
@@ -207,48 +246,43 @@ def prior_tone(prior, tokenizer, settings, count=TONE_SAMPLES, batch_size=None):
     return tone
 
 
-def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=None, top_p=None,
-             seed=0, out_dir=None, no_decode=False, name=None, device=None, labels=None,
-             guidance=None, steps=None, tone_samples=TONE_SAMPLES, **options):
+def generate(run_id, num_samples=64, batch_size=None, seed=0, out_dir=None, no_decode=False,
+             name=None, device=None, labels=None, tone_samples=TONE_SAMPLES, **settings):
     """Sample token grids from a prior run, log generated/<name>.npy (+ .json), decode unless
-    no_decode. `labels`: '3,3,7' or 'all' (conditional priors); `steps` and `options`
-    (sampler, grid_h, grid_w, ...) go to the family's sampler, which refuses what it lacks.
+    no_decode. The generation's fields are GenerationConfig's (`labels`: '3,3,7' or 'all', for
+    conditional priors); `settings` (temperature=, top_k=, ..., steps=, sampler=, ...) are the
+    fields of the prior family's sampling dataclass (priors.sampling_class), None meaning not
+    given; an option the family does not take is refused.
     Decoded images are tone-matched by the prior's curve for these settings (prior_tone: a draw
     of `tone_samples` grids, once per setting; 0: off); the curve goes into the .json, so
-    images_from_indexes decodes the same images.
-    Returns (codes LongTensor (N, h, w), name, seconds spent sampling, decoded images or None,
-    the ToneCurve or None)."""
-    if num_samples < 1:
-        raise UserError(f"--num_samples must be at least 1, got {num_samples}")
-    if tone_samples < 0:
-        raise UserError(f"--tone_samples must be at least 0 (0 = no tone matching), got "
-                        f"{tone_samples}")
-    check_sampling_settings(temperature, top_k, top_p, guidance)
+    images_from_indexes decodes the same images. Returns a Generated."""
+    generation = GenerationConfig(num_samples, batch_size, seed, labels, tone_samples)
+    generation.validate()
     device = pick_device(device)
     prior = LoadedPrior(run_id, device)
+    sampling = priors.sampling_settings(prior.family, settings)
     label_ids, num_samples = prior.label_ids(labels, num_samples)
+    generation = dataclasses.replace(generation, num_samples=num_samples)
     tokenizer = None if no_decode else prior.tokenizer()  # check before spending time sampling
 
-    tone_batch, batch_size = batch_size, batch_size or num_samples
     generator = torch.Generator(device=device).manual_seed(seed)
-    settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "steps": steps,
-                "guidance": guidance, **options}
+    drawn = dataclasses.asdict(sampling)  # what the prior's sample() takes
     start = time.perf_counter()
-    codes = sample_tokens(prior.model, num_samples, batch_size, label_ids, generator, **settings)
+    codes = sample_tokens(prior.model, num_samples, batch_size or num_samples, label_ids,
+                          generator, **drawn)
     seconds = time.perf_counter() - start
     print(f"sampled {num_samples} grids ({codes[0].numel()} tokens each) in {seconds:.2f} s: "
           f"{codes.numel() / seconds:.0f} tokens/s", file=sys.stderr)
-    tone = (prior_tone(prior, tokenizer, settings, tone_samples, tone_batch)
+    tone = (prior_tone(prior, tokenizer, drawn, tone_samples, batch_size)
             if tokenizer is not None else None)
 
     name = name or time.strftime("gen-%Y%m%d-%H%M%S")
     run_id = prior.run_id
+    names = [prior.classes[i] for i in label_ids.tolist()] if label_ids is not None else None
     record = {"prior_run_id": run_id, "prior": prior.family,
               "codebook_size": prior.model.config.vocab_size, "grid": list(codes.shape[1:]),
-              "tokenizer_run_id": prior.tokenizer_run_id, "num_samples": num_samples,
-              "seed": seed, **settings,
-              "labels": ([prior.classes[i] for i in label_ids.tolist()]
-                         if label_ids is not None else None),
+              "tokenizer_run_id": prior.tokenizer_run_id,
+              **dataclasses.asdict(generation), **drawn, "labels": names,
               "tone": tone.to_dict() if tone is not None else None}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.npy"
@@ -260,7 +294,8 @@ def generate(run_id, num_samples=64, batch_size=None, temperature=1.0, top_k=Non
     if tokenizer is not None:
         images = decode_and_log(tokenizer, codes, run_id, name, out_dir,
                                 where=f"--run_id {run_id} generated/{name}.npy", tone=tone)
-    return codes, name, seconds, images, tone
+    return Generated(codes, name, seconds, images, tone, run_id, sampling, generation, names,
+                     record)
 
 
 def more_draws(run_id, seeds, num_samples=64, batch_size=None, labels=None, device=None,

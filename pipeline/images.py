@@ -222,3 +222,56 @@ class ImageData:
             good = [k for k, e in enumerate(errors) if not e]
             if good:
                 yield images[good]
+
+
+class Source:
+    """One image CSV, read and validated once, hashed once, and its images decoded once per
+    (channels, size): what the one command hands down to every stage, so that none reads,
+    hashes or decodes the CSV again. Splits are computed here, from the decoded images' count.
+
+        source = read_source("train.csv")
+        data = source.images(1, 16)                  # an ImageData, kept for the next caller
+        train_idx, val_idx = source.split(0.1, 0, data)
+    """
+
+    def __init__(self, table):
+        self.table = table
+        self._sha256, self._channels, self._images, self._splits = None, {}, {}, {}
+
+    @property
+    def sha256(self):
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.table.csv_path)
+        return self._sha256
+
+    def channels(self, skip_bad=False):
+        """1 when every image is grayscale, else 3 (headers only; see detect_channels)."""
+        if skip_bad not in self._channels:
+            self._channels[skip_bad] = detect_channels(self.table, skip_bad)[0]
+        return self._channels[skip_bad]
+
+    def first_size(self):
+        """The first image's shorter side: a default image size for tokenizers that keep it."""
+        with Image.open(self.table.paths[0]) as first:
+            return min(first.size)
+
+    def images(self, channels, size, skip_bad=False, num_workers=2):
+        """The ImageData of this CSV at (channels, size), decoded on the first call only."""
+        key = (channels, size, skip_bad)
+        if key not in self._images:
+            self._images[key] = ImageData(self.table, channels, size, skip_bad, num_workers)
+        return self._images[key]
+
+    def split(self, val_fraction, seed, data=None):
+        """(train indices, validation indices): split_indices over the images of `data` (rows
+        --skip_bad_images dropped are not counted), or over every row of the CSV; computed
+        once per setting, so every stage holds out the same rows."""
+        n = len(data) if data is not None else len(self.table.paths)
+        if (n, val_fraction, seed) not in self._splits:
+            self._splits[n, val_fraction, seed] = split_indices(n, val_fraction, seed)
+        return self._splits[n, val_fraction, seed]
+
+
+def read_source(csv_path):
+    """read_table(csv_path) as a Source."""
+    return Source(read_table(csv_path))

@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.errors import UserError
+from pipeline.tokenizers import load_tokenizer
 
 K_NEIGHBOURS = 3
 # The real reference's figures are means over this many random choices of training images: one
@@ -487,16 +488,11 @@ def tokenizer_ceiling(reconstruct, reference, batch_size=256):
     return {**report, "psnr": 10 * math.log10(1 / max(mse, 1e-12))}
 
 
-def vqvae_ceiling(run_id, reference):
-    """`tokenizer_ceiling` of a VQ-VAE run's checkpoint (best.pt, the one its codes come from);
-    -> (figures, the checkpoint's step)."""
-    from pipeline.runs import load_run_checkpoint
-    from vqvae.model import vqvae_from_checkpoint
-    checkpoint = load_run_checkpoint(run_id, "tokenizer", "vqvae")
-    model = vqvae_from_checkpoint(checkpoint)
-    figures = tokenizer_ceiling(lambda x: model.decode_indices(model.encode_to_indices(x)),
-                                reference)
-    return figures, checkpoint["step"]
+def run_ceiling(run_id, reference):
+    """`tokenizer_ceiling` of a tokenizer run (any kind; its best.pt, the checkpoint its codes
+    come from); -> (figures, the checkpoint's step)."""
+    tokenizer = load_tokenizer(run_id, "cpu")
+    return tokenizer_ceiling(tokenizer.reconstruct, reference), tokenizer.step
 
 # the ranking check's degradations
 

@@ -1,10 +1,15 @@
-"""One command from a CSV to images: VQ-VAE -> quantize -> prior -> generate -> decode.
+"""One command from a CSV to images: tokenizer -> quantize -> prior -> generate -> decode.
 
 Everything runs under one MLflow parent run, each stage a child run. A stage's settings and
 inputs hash to a key (tag `pipeline.key`); running the same command again reuses the finished
-run with that key, and resumes one that was interrupted, instead of training again.
+run with that key, and resumes one that was interrupted, instead of training again. The CSV is
+read, hashed and decoded once (images.Source) and handed down to every stage.
+
+The tokenizer is any registered kind (`--tokenizer vqvae|pixels`, image_tokenizers/): a kind
+trained by steps goes to pipeline/train_tokenizer.py, a fitted one to tokenizers.fit_tokenizer.
 """
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -14,10 +19,15 @@ from pathlib import Path
 import torch
 
 from pipeline import describe, tracking
-from pipeline.tokenizers import quantize
+import image_tokenizers
+import priors
+from pipeline.quality import K_NEIGHBOURS, QualityReference, report_draws, run_ceiling
+from pipeline.tokenizers import FitConfig, fit_tokenizer, quantize
+from pipeline.train_prior import TrainConfig as PriorTrainConfig, train_prior
+from pipeline.train_tokenizer import TrainConfig as TokenizerTrainConfig, train_vqvae
 from core.errors import UserError
 from pipeline.generate import generate, more_draws
-from pipeline.images import ImageData, file_sha256, read_table, split_indices
+from pipeline.images import Source, read_source
 from pipeline.visual import image_grid, save_png, save_pngs
 
 KEY_TAG = "pipeline.key"
@@ -30,8 +40,9 @@ PRESETS = {
     # 1,200 VQ-VAE steps (PSNR 30.1 dB, was 28.4 at 600) lifted the samples' recall from 0.82
     # to 0.88, and 2,400 steps (30.9 dB) their validation FD ratio from 1.11 to 1.02 (8 seeds);
     # 2,400 prior steps and the sampling settings were picked on the validation split with
-    # benchmarks/sweep_sampling.py (README, *What the demo reaches*).
+    # experiments/sweep_sampling.py (README, *What the demo reaches*).
     "small": {
+        "pixels": {"image_size": 16, "mode": "levels", "bits": 4},
         "vqvae": {"image_size": 16, "channels": 64, "downsample": 4, "codebook_size": 64,
                   "batch_size": 64, "max_steps": 2400, "learning_rate": 1e-3,
                   "eval_every": 200, "checkpoint_every": 200},
@@ -43,6 +54,7 @@ PRESETS = {
     },
     # a GPU: larger images, codebook and prior
     "base": {
+        "pixels": {"image_size": 32, "mode": "palette", "palette_size": 512},
         "vqvae": {"image_size": 32, "channels": 128, "downsample": 4, "codebook_size": 512,
                   "batch_size": 128, "max_steps": 10000, "learning_rate": 5e-4,
                   "eval_every": 500, "checkpoint_every": 1000},
@@ -53,6 +65,7 @@ PRESETS = {
     },
     # for tests: seconds, not minutes
     "tiny": {
+        "pixels": {"image_size": 16, "mode": "levels", "bits": 2},
         "vqvae": {"image_size": 16, "channels": 16, "downsample": 4, "codebook_size": 16,
                   "code_dim": 8, "n_res_blocks": 1, "batch_size": 16, "max_steps": 30,
                   "learning_rate": 3e-3, "eval_every": 15, "checkpoint_every": 15},
@@ -61,14 +74,16 @@ PRESETS = {
         "sample": {"num_samples": 64, "temperature": 1.0, "top_k": None, "top_p": None},
     },
 }
-# what reaches generate(): labels ('3,3,7' or 'all') and guidance need a conditional prior;
-# steps, sampler and choice_temperature are the absorbing prior's (others refuse them)
-SAMPLE_KEYS = ("num_samples", "batch_size", "temperature", "top_k", "top_p", "seed", "labels",
-               "guidance", "steps", "sampler", "choice_temperature", "tone_samples")
+# settings["sample"] goes to generate(): the generation's fields (pipeline.generate.
+# GenerationConfig) and the prior family's sampling settings (priors.sampling_class), which
+# refuses the ones it does not take; labels ('3,3,7' or 'all') and guidance need a conditional
+# prior. These sampling settings are not --sample.<flag>s: they change the images' size, and the
+# quality figures compare the samples with held-out images of the tokenizer's size.
+NOT_IN_PIPELINE = ("grid_h", "grid_w")
 # The parent run's metrics; the stages' own names keep their units (val/psnr_db, ...).
 METRICS = {
-    "vqvae/val/*": "the VQ-VAE run's last validation figures, under that run's names "
-                   "(val/psnr_db in dB, val/codebook_usage as a fraction, ...)",
+    "tokenizer/val/*": "the tokenizer run's last validation figures, under that run's names "
+                       "(a VQ-VAE's val/psnr_db in dB, val/codebook_usage as a fraction, ...)",
     "prior/val/*": "the prior run's last validation figures, under that run's names",
     "quality/*": "means over `quality/draws` draws of the samples' size (the saved samples, "
                  "then the same settings under the next seeds); quality/<figure>_sd: the "
@@ -95,6 +110,20 @@ METRICS = {
 }
 
 
+def tokenizer_trainer(kind):
+    """(train config class, train function) for tokenizer kind `kind`: fitted kinds are fitted
+    in one pass (tokenizers.fit_tokenizer), the others trained by steps
+    (pipeline/train_tokenizer.py). The function takes (model_flags, train_flags,
+    resume_run_id=None, parent_run_id=None, tags=None, source=None)."""
+    if image_tokenizers.kind(kind).Model.fitted:
+        def fit(model_flags=None, train_flags=None, resume_run_id=None, parent_run_id=None,
+                tags=None, source=None):
+            return fit_tokenizer(kind, model_flags, train_flags, parent_run_id, tags, source,
+                                 codes_name="train")
+        return FitConfig, fit
+    return TokenizerTrainConfig, train_vqvae
+
+
 def stage_key(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -113,16 +142,18 @@ def find_stage_run(key, experiment):
     return "new", None
 
 
-def run_stage(name, key, experiment, train_fn, model_flags, train_flags, parent_run_id):
+def run_stage(name, key, experiment, train_fn, model_flags, train_flags, parent_run_id,
+              **inputs):
+    """Reuse, resume or start the stage's run; `inputs` (e.g. the read CSV) go to train_fn."""
     action, run_id = find_stage_run(key, experiment)
     print(f"[{name}] {'reusing finished' if action == 'reuse' else action} run "
           f"{run_id or ''}".rstrip(), file=sys.stderr)
     if action == "reuse":
         return run_id, action
     if action == "resume":
-        return train_fn(resume_run_id=run_id, train_flags={}), action
+        return train_fn(resume_run_id=run_id, train_flags={}, **inputs), action
     run_id = train_fn(model_flags, train_flags, parent_run_id=parent_run_id,
-                      tags={KEY_TAG: key})
+                      tags={KEY_TAG: key}, **inputs)
     return run_id, action
 
 
@@ -156,21 +187,32 @@ def split_flags(flags, *config_classes):
             for cls in config_classes]
 
 
-def load_split_images(vqvae_run_id, csv_path, heldout_csv=None):
-    """(real images, held-out images, real labels, held-out labels) as floats in [0, 1] at the
-    VQ-VAE's image size: what the quality figures are judged by. Without `heldout_csv`, the
-    VQ-VAE's validation split is held out and its training split is the real data. With it,
-    every row of `csv_path` is real data, so the judge depends on the data alone and not on
-    the --seed that drew the split. Labels are None when the CSV has no label column."""
-    config = tracking.load_json_artifact(vqvae_run_id, "config.json")
+def tokenizer_split(tokenizer_run_id, source):
+    """(the ImageData a tokenizer run encoded, (its training rows, its validation rows)), from
+    the read CSV and the settings the run recorded: the same objects the trainer used when
+    `source` is the one it read (images.Source keeps them)."""
+    config = tracking.load_json_artifact(tokenizer_run_id, "config.json")
     model, train = config["model"], config["train"]
-    data = ImageData(read_table(csv_path), model["in_channels"], model["image_size"],
-                     train.get("skip_bad_images", False))
-    train_idx, val_idx = split_indices(len(data), train["val_fraction"], train["seed"])
+    data = source.images(model["in_channels"], model["image_size"],
+                         train.get("skip_bad_images", False))
+    return data, source.split(train["val_fraction"], train["seed"], data)
+
+
+def load_split_images(tokenizer_run_id, source, heldout=None):
+    """(real images, held-out images, real labels, held-out labels) as floats in [0, 1] at the
+    tokenizer's image size: what the quality figures are judged by. `source` and `heldout` are
+    the CSVs, read (images.Source) or as paths. Without `heldout`, the tokenizer's validation
+    split is held out and its training split is the real data. With it, every row of the
+    training CSV is real data, so the judge depends on the data alone and not on the --seed
+    that drew the split. Labels are None when the CSV has no label column."""
+    source = source if isinstance(source, Source) else read_source(source)
+    if heldout is not None and not isinstance(heldout, Source):
+        heldout = read_source(heldout)
+    data, (train_idx, val_idx) = tokenizer_split(tokenizer_run_id, source)
     load = lambda d, idx: torch.cat(list(d.ordered(idx, 512))).float() / 255
-    if heldout_csv:
+    if heldout is not None:
         train_idx = range(len(data))
-        heldout_data = ImageData(read_table(heldout_csv), model["in_channels"], model["image_size"])
+        heldout_data = heldout.images(data.channels, data.size)
         heldout = load(heldout_data, range(len(heldout_data)))
         heldout_labels = heldout_data.table.labels
     else:
@@ -181,12 +223,12 @@ def load_split_images(vqvae_run_id, csv_path, heldout_csv=None):
     return load(data, train_idx), heldout, labels, heldout_labels
 
 
-def describe_pipeline(preset, path_to_data, settings, command, stages=None):
+def describe_pipeline(preset, path_to_data, settings, command, stages=None, kind="vqvae"):
     """The parent run's description; `stages` ({stage: (name, run id, action)}) once known."""
     notes = [f"- {stage}: `{name}`, run `{run_id}` ({action})"
              for stage, (name, run_id, action) in (stages or {}).items()]
     return describe.description(
-        f"Pipeline, preset {preset}: VQ-VAE -> codes -> prior -> "
+        f"Pipeline, preset {preset}: {kind} tokenizer -> codes -> prior -> "
         f"{settings['sample']['num_samples']} samples, judged against held-out images",
         command=command, data=f"`{path_to_data}` (under *Datasets*)", metrics=METRICS,
         artifacts={"summary.json": "run ids, settings, metrics and timings (also written to "
@@ -194,21 +236,21 @@ def describe_pipeline(preset, path_to_data, settings, command, stages=None):
         notes=["Child runs (expand this run in the runs list):", "", *notes] if notes else ())
 
 
-def check_quality_sizes(table, settings, heldout_csv):
+def check_quality_sizes(source, settings, heldout, train_config):
     """Fail before any training when the quality figures could not be computed: their
-    k-nearest-neighbour radii need more than K_NEIGHBOURS samples and held-out images."""
-    from pipeline.quality import K_NEIGHBOURS
-    from pipeline.train_tokenizer import TrainConfig as VQTrainConfig
-    fraction = settings["vqvae"].get("val_fraction", VQTrainConfig.val_fraction)
-    train_rows, val_rows = split_indices(len(table.paths), fraction, settings["vqvae"]["seed"])
-    split = f"split of {table.csv_path} (--vqvae.val_fraction {fraction})"
-    if heldout_csv:
+    k-nearest-neighbour radii need more than K_NEIGHBOURS samples and held-out images.
+    source, heldout: the read CSVs (heldout None: the tokenizer's validation split is held
+    out); train_config: the tokenizer trainer's config class (its default val_fraction)."""
+    fraction = settings["tokenizer"].get("val_fraction", train_config.val_fraction)
+    train_rows, val_rows = source.split(fraction, settings["tokenizer"]["seed"])
+    split = f"split of {source.table.csv_path} (--tokenizer.val_fraction {fraction})"
+    if heldout is not None:
         counts = {f"the training {split}": len(train_rows),
-                  str(heldout_csv): len(read_table(heldout_csv).paths)}
+                  str(heldout.table.csv_path): len(heldout.table.paths)}
     else:
         counts = {f"the training {split}": len(train_rows),
                   f"the validation {split}": len(val_rows)}
-    for where, n in counts.items():  # (rows --vqvae.skip_bad_images drops are still counted)
+    for where, n in counts.items():  # (rows --skip_bad_images drops are still counted)
         if n <= K_NEIGHBOURS:
             raise UserError(f"{where}: {n} images; the quality figures need more than "
                             f"{K_NEIGHBOURS}")
@@ -222,98 +264,105 @@ def check_quality_sizes(table, settings, heldout_csv):
 
 def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experiment=None,
                  heldout_csv=None, seed=0, register=None, data_name=None, command=None,
-                 quality_draws=8):
+                 quality_draws=8, tokenizer="vqvae"):
     """Run (or reuse) every stage; writes out_dir/samples/*.png, grid.png, summary.json.
     The quality figures are means over `quality_draws` draws of the samples' size (the first
     draw is the saved samples).
     With `register`, the prior's MLflow Model becomes a new version of that registered model
     (alias @champion). data_name names the data in the parent run's name (default: the CSV's
     folder/stem); command is the command line recorded in its description (default: this
-    process's)."""
-    import priors
-    from pipeline.train_prior import TrainConfig as PriorTrainConfig, train_prior
-    from vqvae.model import VQVAEConfig
-    from pipeline.train_tokenizer import TrainConfig as VQTrainConfig, train_vqvae
-    from pipeline.quality import QualityReference, report_draws, vqvae_ceiling
+    process's). tokenizer: the tokenizer kind (image_tokenizers/); `overrides["tokenizer"]`
+    holds its flags."""
 
     if preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got '{preset}'")
     if quality_draws < 1:
         raise UserError(f"--quality_draws must be at least 1, got {quality_draws}")
-    table = read_table(path_to_data)  # fail on a bad CSV before any run is created
+    kind = image_tokenizers.kind(tokenizer)  # an unknown kind fails before any run is created
+    train_config, train_tokenizer = tokenizer_trainer(tokenizer)
+    # every CSV is read and validated here, once, and handed down (images.Source)
+    source = read_source(path_to_data)
+    table = source.table
+    heldout = read_source(heldout_csv) if heldout_csv else None
     out_dir = Path(out_dir)
     overrides = overrides or {}
-    settings = {stage: {"seed": seed, **PRESETS[preset][stage], **overrides.get(stage, {})}
-                for stage in ("vqvae", "prior", "sample")}
+    presets = {**PRESETS[preset], "tokenizer": PRESETS[preset].get(tokenizer, {})}
+    settings = {stage: {"seed": seed, **presets[stage], **overrides.get(stage, {})}
+                for stage in ("tokenizer", "prior", "sample")}
     dropped = fit_label_settings(settings, overrides, table.labels is not None)
-    check_quality_sizes(table, settings, heldout_csv)
+    check_quality_sizes(source, settings, heldout, train_config)
     if dropped:
         print(f"left out the preset's {', '.join(dropped)}: " + (
             f"{path_to_data} has no label column" if table.labels is None else
             "the prior is unconditional"), file=sys.stderr)
-    csv_hash = file_sha256(table.csv_path)
+    csv_hash = source.sha256
     timings, started = {}, time.perf_counter()
 
     csv = Path(path_to_data)
     name = describe.run_name("pipeline", preset,
                              data_name or f"{csv.resolve().parent.name}/{csv.stem}")
     command = command or describe.process_command()
-    note = describe_pipeline(preset, path_to_data, settings, command)
+    note = describe_pipeline(preset, path_to_data, settings, command, kind=tokenizer)
     parent = tracking.create_run("pipeline", experiment, run_name=name, tags=describe.source_tags(
         {"pipeline.preset": preset, describe.NOTE_TAG: note}))
     tracking.log_params(parent, describe.run_params(
-        {"path_to_data": str(path_to_data), "preset": preset},
+        {"path_to_data": str(path_to_data), "preset": preset, "tokenizer": tokenizer},
         {f"{s}.{k}": v for s, f in settings.items() for k, v in f.items()}))
     inputs = describe.csv_inputs(table.csv_path, csv_hash, {"training": range(len(table.paths))})
-    if heldout_csv:
-        heldout_table = read_table(heldout_csv)
-        inputs += describe.csv_inputs(heldout_table.csv_path, file_sha256(heldout_csv),
-                                      {"evaluation": range(len(heldout_table.paths))})
+    if heldout is not None:
+        inputs += describe.csv_inputs(heldout.table.csv_path, heldout.sha256,
+                                      {"evaluation": range(len(heldout.table.paths))})
     describe.log_inputs(parent, inputs)
     status = "FAILED"
     try:
-        # 1. VQ-VAE
+        # 1. the tokenizer (any kind: trained by steps or fitted)
         t0 = time.perf_counter()
-        vq_model, vq_train = split_flags(settings["vqvae"], VQVAEConfig, VQTrainConfig)
-        vq_train = {**vq_train, "path_to_data": str(path_to_data), "experiment": experiment}
-        vq_key = stage_key("vqvae", csv_hash, vq_model, {k: v for k, v in vq_train.items()
-                                                          if k not in ("path_to_data", "experiment")})
-        vq_run, vq_action = run_stage("vqvae", vq_key, experiment, train_vqvae, vq_model,
-                                      vq_train, parent)
-        timings["vqvae_s"] = time.perf_counter() - t0
+        tok_model, tok_train = split_flags(settings["tokenizer"], kind.Config, train_config)
+        tok_train = {**tok_train, "path_to_data": str(path_to_data), "experiment": experiment}
+        tok_key = stage_key(tokenizer, csv_hash, tok_model,
+                            {k: v for k, v in tok_train.items()
+                             if k not in ("path_to_data", "experiment")})
+        tok_run, tok_action = run_stage(tokenizer, tok_key, experiment, train_tokenizer,
+                                        tok_model, tok_train, parent, source=source)
+        timings["tokenizer_s"] = time.perf_counter() - t0
 
         # 1b. the tokenizer's ceiling: the quality figures a perfect prior over its codes would
-        # reach (pipeline.quality.tokenizer_ceiling), logged on the VQ-VAE run
+        # reach (pipeline.quality.tokenizer_ceiling), logged on the tokenizer run
         t0 = time.perf_counter()
-        train_images, heldout, labels, heldout_labels = load_split_images(vq_run, path_to_data,
-                                                                          heldout_csv)
+        train_images, heldout_images, labels, heldout_labels = load_split_images(
+            tok_run, source, heldout)
         # the judge's own seed is fixed: --seed re-draws the training, not the yardstick (with
         # --seed 1 it had moved one prior's FD ratio from 1.43 to 1.26)
-        reference = QualityReference(heldout, train_images, labels, heldout_labels)
-        ceiling, vq_step = vqvae_ceiling(vq_run, reference)
+        reference = QualityReference(heldout_images, train_images, labels, heldout_labels)
+        ceiling, tok_step = run_ceiling(tok_run, reference)
         ceiling = {f"ceiling/{k}": v for k, v in ceiling.items() if isinstance(v, (int, float))}
-        if "ceiling/fd_ratio" not in tracking.client().get_run(vq_run).data.metrics:  # reused
-            tracking.log_metrics(vq_run, ceiling, step=vq_step)
+        if "ceiling/fd_ratio" not in tracking.client().get_run(tok_run).data.metrics:  # reused
+            tracking.log_metrics(tok_run, ceiling, step=tok_step)
         timings["ceiling_s"] = time.perf_counter() - t0
 
         # 2. quantize (skipped when the run already holds codes of this very CSV)
         t0 = time.perf_counter()
-        existing = [p for p in tracking.list_artifacts(vq_run, "codes") if p == "codes/train.npy"]
-        if not existing or tracking.load_json_artifact(vq_run, "codes/train.json")["csv_sha256"] != csv_hash:
-            quantize(vq_run, str(path_to_data), name="train")
+        existing = [p for p in tracking.list_artifacts(tok_run, "codes") if p == "codes/train.npy"]
+        if not existing or tracking.load_json_artifact(
+                tok_run, "codes/train.json")["csv_sha256"] != csv_hash:
+            quantize(tok_run, name="train", source=source)
         timings["quantize_s"] = time.perf_counter() - t0
 
         # 3. prior
         t0 = time.perf_counter()
         family = priors.family(settings["prior"].get("prior", "gpt"))
         pr_model, pr_train = split_flags(settings["prior"], family.Config, PriorTrainConfig)
-        pr_train = {**pr_train, "run_id": vq_run, "codes": "train", "experiment": experiment,
-                    "register": None}
-        pr_key = stage_key("prior", vq_run, csv_hash, pr_model,
+        # the prior holds out the tokenizer's validation rows: its split is handed down
+        split = tokenizer_split(tok_run, source)[1]
+        pr_train = {**pr_train, "run_id": tok_run, "codes": "train", "experiment": experiment,
+                    "register": None,
+                    "val_fraction": settings["tokenizer"].get("val_fraction",
+                                                              train_config.val_fraction)}
+        pr_key = stage_key("prior", tok_run, csv_hash, pr_model,
                            {k: v for k, v in pr_train.items()
                             if k not in ("experiment", "register", "log_model")})
         prior_run, prior_action = run_stage("prior", pr_key, experiment, train_prior, pr_model,
-                                            pr_train, parent)
+                                            pr_train, parent, split=split)
         timings["prior_s"] = time.perf_counter() - t0
         version = None
         if register:
@@ -322,36 +371,33 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
 
         # 4. generate and decode (cheap: always fresh, so the samples match this invocation)
         t0 = time.perf_counter()
-        sample = {k: v for k, v in settings["sample"].items() if k in SAMPLE_KEYS}
-        codes, name, sampling_s, images, tone = generate(prior_run, name=f"pipeline-{parent[:8]}",
-                                                         **sample)
+        generated = generate(prior_run, name=f"pipeline-{parent[:8]}", **settings["sample"])
+        name, images, tone, drawn = generated.name, generated.images, generated.tone, \
+            generated.generation
         samples_dir = out_dir / "samples"
         if samples_dir.is_dir():  # a previous, possibly larger, set must not mix in
             for old in samples_dir.glob("sample_*.png"):
                 old.unlink()
         save_pngs(images, samples_dir)
-        requested = tracking.load_json_artifact(prior_run, f"generated/{name}.json")["labels"]
-        save_png(sample_grid(images, requested, sample.get("labels")), out_dir / "grid.png")
+        requested = generated.labels  # the class drawn for each sample, as the .json records
+        save_png(sample_grid(images, requested, drawn.labels), out_dir / "grid.png")
         timings["generate_s"] = time.perf_counter() - t0
-        timings["sampling_codes_per_s"] = codes.numel() / sampling_s
+        timings["sampling_codes_per_s"] = generated.codes.numel() / generated.seconds
 
         # 5. quality, against held-out real images: the mean over `quality_draws` draws (the
         # saved samples, then the same settings under seeds seed+1, ...), with their spread
         t0 = time.perf_counter()
         draws = [images]
         if quality_draws > 1:
-            first_seed = sample.get("seed", 0)
-            settings_only = {k: v for k, v in sample.items() if k not in (
-                "seed", "num_samples", "batch_size", "labels", "tone_samples")}
             # the prior's tone curve for these settings maps every draw, as it maps the saved ones
-            draws += more_draws(prior_run, range(first_seed + 1, first_seed + quality_draws),
-                                sample.get("num_samples", 64), sample.get("batch_size"),
-                                sample.get("labels"), tone=tone, **settings_only)
+            draws += more_draws(prior_run, range(drawn.seed + 1, drawn.seed + quality_draws),
+                                drawn.num_samples, drawn.batch_size, drawn.labels, tone=tone,
+                                **dataclasses.asdict(generated.sampling))
         quality = report_draws(reference, draws, requested)
         timings["quality_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
 
-        runs = {"vqvae": tracking.client().get_run(vq_run),
+        runs = {"tokenizer": tracking.client().get_run(tok_run),
                 "prior": tracking.client().get_run(prior_run)}
         metrics = {**{f"{stage}/{k}": v for stage, run in runs.items()
                       for k, v in run.data.metrics.items() if k.startswith("val/")},
@@ -359,17 +405,17 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
                    **ceiling}
         tracking.log_metrics(parent, {**metrics, **{f"time/{k}": v for k, v in timings.items()}},
                              step=0)
-        tracking.client().set_tag(parent, tracking.TOKENIZER_RUN_TAG, vq_run)
+        tracking.client().set_tag(parent, tracking.TOKENIZER_RUN_TAG, tok_run)
         tracking.client().set_tag(parent, "pipeline.prior_run_id", prior_run)
         tracking.client().set_tag(parent, "quality.feature_space", quality["feature_space"])
         tracking.client().set_tag(parent, "quality.tone_matched", str(tone is not None).lower())
-        actions = {"vqvae": vq_action, "prior": prior_action}
+        actions = {"tokenizer": tok_action, "prior": prior_action}
         tracking.client().set_tag(parent, describe.NOTE_TAG, describe_pipeline(
             preset, path_to_data, settings, command,
             {stage: (run.info.run_name, run.info.run_id, actions[stage])
-             for stage, run in runs.items()}))
-        summary = {"pipeline_run_id": parent, "vqvae_run_id": vq_run, "prior_run_id": prior_run,
-                   "stages": {"vqvae": vq_action, "prior": prior_action},
+             for stage, run in runs.items()}, kind=tokenizer))
+        summary = {"pipeline_run_id": parent, "tokenizer_run_id": tok_run,
+                   "prior_run_id": prior_run, "tokenizer": tokenizer, "stages": actions,
                    "registered_model": f"models:/{register}/{version}" if register else None,
                    "generated": f"generated/{name}.npy", "samples_dir": str(samples_dir),
                    "grid": str(out_dir / "grid.png"), "preset": preset, "settings": settings,

@@ -1,4 +1,5 @@
-"""The learning-rate schedule shared by both trainers: linear warmup, then cosine decay."""
+"""The learning-rate schedule of the training loop (pipeline/train_loop.py): linear warmup, then
+cosine decay."""
 
 import math
 

@@ -5,9 +5,10 @@ pipeline/served_model.py) holding the prior's and the tokenizer's checkpoints, t
 code, an output signature and the prior's lineage; `--register NAME` adds it to the Model Registry.
 `mlflow models serve -m models:/NAME@alias --env-manager local` then answers /invocations.
 
-A request is a table, one row per request:
-    num_samples (1..MAX_SAMPLES, default 1), label (conditional priors), temperature (>= 0,
-    default 1), top_k, top_p, guidance, steps (parallel decoders), seed (default 0)
+A request is a table, one row per request (request_columns):
+    num_samples (1..MAX_SAMPLES, default 1), label (conditional priors), the prior family's
+    sampling settings (priors/settings.py: temperature (>= 0, default 1), top_k, top_p,
+    guidance; the absorbing prior's steps, sampler, ...), seed (default 0)
 and the answer one row per image: request (its row), sample, label, seed,
 image_png_base64 (a PNG, base64) and codes_json (the token grid as JSON). Each request row
 draws with its own generator seeded by `seed`, so the same request gives the same images,
@@ -19,6 +20,7 @@ columns reach `_check`, which refuses unknown ones and checks every value itself
 """
 
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -30,26 +32,38 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "priors", "transformer", "pixelcnn", "vqvae", "pixels")
+# the code the logged model ships (code_paths): every package the prior, the tokenizer and
+# the request checks import
+PACKAGES = ("core", "pipeline", "priors", "transformer", "pixelcnn", "vqvae", "pixels",
+            "image_tokenizers")
 MAX_SAMPLES = 64          # images per request row
 MAX_TOTAL_SAMPLES = 256   # images per call (all rows)
 MODEL_NAME = "generator"  # the logged model's name within the run
-REQUEST_COLUMNS = {"num_samples": "whole number", "label": "string", "temperature": "number",
-                   "top_k": "whole number", "top_p": "number", "guidance": "number",
-                   "steps": "whole number", "seed": "whole number"}
+# a request column's kind, from its sampling field's type
+KINDS = {int: "whole number", float: "number", str: "string", bool: "boolean"}
 MAX_SEED = 2 ** 63 - 1  # the answer's seed column is a signed 64-bit integer
 EXACT_FLOAT = 2 ** 53   # whole numbers a float holds exactly (a column with gaps is float)
 RESPONSE_COLUMNS = {"request": "long", "sample": "long", "label": "string", "seed": "long",
                     "image_png_base64": "string", "codes_json": "string"}
 
 
+def request_columns(family):
+    """{column: kind} of a request to a served prior of `family`: num_samples, label, the
+    family's sampling settings (priors.sampling_class; their kinds from the field types), seed."""
+    import priors
+    from core.config import field_type
+    sampling = {f.name: KINDS[field_type(f)]
+                for f in dataclasses.fields(priors.sampling_class(family))}
+    return {"num_samples": "whole number", "label": "string", **sampling, "seed": "whole number"}
+
+
 class RequestError(ValueError):
     """A request the model refuses; the pyfunc wrapper turns it into an HTTP 400."""
 
 
-def _value(row, key, default=None, where=""):
+def _value(row, key, kind, default=None, where=""):
     """One field of a request row: `default` when absent (a gap in a table is NaN), a label as
-    a string, a number checked for its kind (REQUEST_COLUMNS)."""
+    a string, a value checked for its kind (request_columns)."""
     value = row.get(key)
     if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
         value = value.item()  # a numpy scalar (pandas, a Python caller's arrays)
@@ -57,7 +71,10 @@ def _value(row, key, default=None, where=""):
         return default
     if key == "label":  # a column of labels with gaps holds floats: 3.0 is label '3'
         return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
-    kind = REQUEST_COLUMNS[key]
+    if kind in ("string", "boolean"):
+        if not isinstance(value, str if kind == "string" else bool):
+            raise RequestError(f"{where}: {key} must be a {kind}, got {value!r}")
+        return value
     if isinstance(value, (str, bool)) or not isinstance(value, (int, float)) \
             or (isinstance(value, float) and not math.isfinite(value)):
         raise RequestError(f"{where}: {key} must be a {kind}, got {value!r}")
@@ -97,6 +114,7 @@ class ServedGenerator:
 
     def __init__(self, model, tokenizer, classes):
         self.model, self.tokenizer, self.classes = model, tokenizer, classes
+        self.columns = request_columns(model.family)
 
     @classmethod
     def load(cls, prior_path, tokenizer_path, device=None):
@@ -120,7 +138,7 @@ class ServedGenerator:
             rows = _rows(requests)
             if not rows or not any(rows):
                 raise RequestError(f"no requests: send rows with any of the fields "
-                                   f"{', '.join(REQUEST_COLUMNS)}")
+                                   f"{', '.join(self.columns)}")
             settings = [self._check(i, row) for i, row in enumerate(rows)]
             total = sum(s["num_samples"] for s in settings)
             if total > MAX_TOTAL_SAMPLES:
@@ -134,25 +152,23 @@ class ServedGenerator:
         return pd.DataFrame(answers, columns=list(RESPONSE_COLUMNS))
 
     def _check(self, i, row):
-        where = f"request {i}"
-        unknown = set(row) - set(REQUEST_COLUMNS)
+        import priors
+        where, columns = f"request {i}", self.columns
+        unknown = set(row) - set(columns)
         if unknown:
             raise RequestError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
-                               f"known: {', '.join(REQUEST_COLUMNS)}")
-        n = _value(row, "num_samples", 1, where)
+                               f"known: {', '.join(columns)}")
+        n = _value(row, "num_samples", columns["num_samples"], 1, where)
         if not 1 <= n <= MAX_SAMPLES:
             raise RequestError(f"{where}: num_samples must be in 1..{MAX_SAMPLES}, got {n}")
-        from pipeline.generate import check_sampling_settings
-        temperature = _value(row, "temperature", 1.0, where)
-        top_k, top_p = _value(row, "top_k", None, where), _value(row, "top_p", None, where)
-        guidance, steps = _value(row, "guidance", None, where), _value(row, "steps", None, where)
-        check_sampling_settings(temperature, top_k, top_p, guidance, name=f"{where}: {{}}")
-        if steps is not None and steps < 1:
-            raise RequestError(f"{where}: steps must be at least 1, got {steps}")
-        seed = _value(row, "seed", 0, where)
+        # the columns between label and seed are the family's sampling settings
+        settings = {key: _value(row, key, kind, None, where) for key, kind in columns.items()
+                    if key not in ("num_samples", "label", "seed")}
+        sampling = priors.sampling_settings(self.model.family, settings, where=f"{where}: {{}}")
+        seed = _value(row, "seed", columns["seed"], 0, where)
         if not 0 <= seed <= MAX_SEED:
             raise RequestError(f"{where}: seed must be in 0..{MAX_SEED}, got {seed}")
-        label = _value(row, "label")
+        label = _value(row, "label", columns["label"])
         label_id = None
         if label is not None:
             if not self.classes:
@@ -161,9 +177,8 @@ class ServedGenerator:
                 raise RequestError(f"{where}: unknown label '{label}'; known labels: "
                                    f"{', '.join(self.classes)}")
             label_id = self.classes.index(label)
-        return {"num_samples": n, "label": label, "label_id": label_id,
-                "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                "guidance": guidance, "steps": steps, "seed": seed}
+        return {"num_samples": n, "label": label, "label_id": label_id, "sampling": sampling,
+                "seed": seed}
 
     @torch.no_grad()
     def _answer(self, i, s):
@@ -172,9 +187,8 @@ class ServedGenerator:
         generator = torch.Generator(device=device).manual_seed(s["seed"])
         labels = (torch.full((s["num_samples"],), s["label_id"], dtype=torch.long, device=device)
                   if s["label_id"] is not None else None)
-        codes = self.model.sample(s["num_samples"], labels, temperature=s["temperature"],
-                                  top_k=s["top_k"], top_p=s["top_p"], steps=s["steps"],
-                                  guidance=s["guidance"], generator=generator).cpu()
+        codes = self.model.sample(s["num_samples"], labels, generator=generator,
+                                  **dataclasses.asdict(s["sampling"])).cpu()
         images = to_uint8(self.tokenizer.decode(codes))
         answers = []
         for k, array in enumerate(images):
@@ -226,7 +240,7 @@ def log_generator(prior_run_id, register=None):
                              code_paths=[str(ROOT / p) for p in PACKAGES if (ROOT / p).is_dir()],
                              pip_requirements=requirements(), signature=signature(),
                              registered_model_name=register,
-                             metadata={"request_columns": REQUEST_COLUMNS,
+                             metadata={"request_columns": request_columns(family_of(run)),
                                        "prior_run_id": prior_run_id,
                                        "tokenizer_run_id": tokenizer_run_id,
                                        "prior": tracking.stage_of(run)[1]})
@@ -234,6 +248,12 @@ def log_generator(prior_run_id, register=None):
     print(f"logged model {info.model_uri}" + (f", registered as models:/{register}/{version}"
                                               if register else ""), file=sys.stderr)
     return info.model_uri, version
+
+
+def family_of(run):
+    """The prior family of a prior run (runs from before the families were all GPTs)."""
+    from pipeline import tracking
+    return tracking.stage_of(run)[1] or "gpt"
 
 
 def _download_checkpoint(run_id, folder):
@@ -276,7 +296,8 @@ def describe_version(client, name, version, run):
         client.update_registered_model(name, description=(
             "Images from a prior over a tokenizer's codes (this toolkit's `generator` pyfunc). "
             "Serve: `mlflow models serve -m models:/" + name + "@champion --env-manager local`. "
-            "Request rows: " + ", ".join(f"{k} ({v})" for k, v in REQUEST_COLUMNS.items())
+            "Request rows: " + ", ".join(f"{k} ({v})" for k, v in
+                                         request_columns(family_of(run)).items())
             + "; answer rows: " + ", ".join(RESPONSE_COLUMNS) + "."))
     figures = ", ".join(f"{k} {v:.3f}" for k, v in sorted(run.data.metrics.items())
                         if k.startswith("val/"))

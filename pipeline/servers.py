@@ -1,5 +1,6 @@
 """Start and stop real MLflow servers on loopback: the tracking server (`mlflow server`) and a
-model server (`mlflow models serve`). Used by the tests and by benchmarks."""
+model server (`mlflow models serve`). Used by the tests (tests/test_server.py,
+tests/test_serving.py) and by the benchmarks (benchmarks/bench_tracking.py, bench_serving.py)."""
 
 import json
 import os

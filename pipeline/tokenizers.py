@@ -1,46 +1,48 @@
-"""Tokenizer runs, whatever their kind: load one by run id, encode a CSV into codes, decode.
+"""Tokenizer runs, whatever their kind: load one by run id, encode a CSV into codes, fit one.
 
-A tokenizer run (stage `tokenizer`, tag `pipeline.tokenizer` = vqvae | pixels) holds its
-`config.json`, a checkpoint that rebuilds it (`checkpoints/best.pt`: the VQ-VAE's weights, or
-the pixel tokenizer's config and palette), and `codes/<name>.npy` + `.json` for every data set
-it encoded. Priors and generation see only the `Tokenizer` below: vocabulary, grid, image
-geometry, and the verbs encode / decode.
+A tokenizer run (stage `tokenizer`, tag `pipeline.tokenizer` = its kind) holds its
+`config.json`, a checkpoint that rebuilds it (`checkpoints/best.pt`: {"kind", "config", "model",
+...}, read by image_tokenizers.from_checkpoint), and `codes/<name>.npy` + `.json` for every
+data set it encoded. Nothing here asks which kind a tokenizer is: it calls the interface of
+image_tokenizers/base.py. Kinds trained by steps are trained by pipeline/train_tokenizer.py;
+fitted kinds by `fit_tokenizer` below.
 """
 
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-from pipeline import tracking
+import image_tokenizers
+from core.config import build, field
+from core.errors import UserError
+from pipeline import describe, tracking
+from pipeline.checkpoint import save_checkpoint
 from pipeline.codes import codes_dtype
 from pipeline.device import autocast, pick_device
-from pipeline.images import ImageData, detect_channels, file_sha256, read_table, split_indices
+from pipeline.images import read_source
 from pipeline.runs import load_run_checkpoint
 
+STAGE = "tokenizer"
 
-class Tokenizer:
-    """A loaded tokenizer: `model` is a VQVAE or a PixelTokenizer, on `device`."""
 
-    def __init__(self, kind, run_id, model, device):
-        self.kind, self.run_id, self.model, self.device = kind, run_id, model.to(device), device
-        config = model.config
-        if kind == "vqvae":
-            self.vocab_size, self.grid = config.codebook_size, (config.grid_size,) * 2
-            self.values_per_pixel, self.ordered = 1, False
-        else:
-            self.vocab_size, self.grid = config.vocab_size, config.grid
-            self.values_per_pixel, self.ordered = config.values_per_pixel, config.mode == "levels"
-        self.image_size, self.in_channels = config.image_size, config.in_channels
-        self.pixel_quantiles = None  # (C, tone.KNOTS): the training images', where recorded
+class RunTokenizer:
+    """A tokenizer model (any kind) on `device`, with the run it came from: its interface in
+    batches, results on the CPU. `pixel_quantiles` (C, tone.KNOTS): the training images'
+    pixel quantiles, where the run recorded them (what tone matching sends samples to)."""
 
-    @property
-    def image_dims(self):
-        """Dimensions of one image (pixels x channels): bits/dim are per these."""
-        return self.image_size ** 2 * self.in_channels
+    def __init__(self, model, run_id, device, pixel_quantiles=None):
+        self.model, self.run_id, self.device = model.to(device), run_id, device
+        self.pixel_quantiles = pixel_quantiles
+        self.kind = model.kind
+        self.vocab_size, self.grid = model.vocab_size, tuple(model.grid)
+        self.values_per_pixel, self.ordered = model.values_per_pixel, model.ordered
+        self.image_size, self.in_channels = model.image_size, model.in_channels
+        self.image_dims = model.image_dims
 
     def codes_meta(self):
         """What a consumer of this tokenizer's codes must check (written beside each .npy)."""
@@ -52,69 +54,56 @@ class Tokenizer:
     @torch.no_grad()
     def encode(self, images, batch_size=256):
         """(N, C, S, S) floats in [0, 1] -> (N, h, w) LongTensor on the CPU."""
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].to(self.device).float()
-            if self.kind == "vqvae":
-                chunks.append(self.model.encode_to_indices(batch).cpu())
-            else:
-                chunks.append(self.model.encode(batch).cpu())
-        return torch.cat(chunks)
+        return torch.cat([self.model.encode(images[i:i + batch_size].to(self.device).float())
+                          .cpu() for i in range(0, len(images), batch_size)])
 
     @torch.no_grad()
     def decode(self, tokens, batch_size=256):
         """(N, h, w) tokens -> (N, C, S', S') floats in [0, 1] on the CPU (S' > S for a grid
-        larger than the tokenizer's: both kinds decode any grid)."""
+        larger than the tokenizer's)."""
         out = []
         for start in range(0, len(tokens), batch_size):
             batch = tokens[start:start + batch_size].to(self.device).long()
-            if self.kind == "vqvae":
-                with autocast(self.device):
-                    out.append(self.model.decode_indices(batch).float().cpu())
-            else:
-                out.append(self.model.decode(batch).cpu())
+            with autocast(self.device):
+                out.append(self.model.decode(batch).float().cpu())
         return torch.cat(out)
 
+    def reconstruct(self, images):
+        """decode(encode(images)): what a perfect prior over these codes would give back."""
+        return self.decode(self.encode(images))
+
     def known_pixels(self, known):
-        """(N, h, w) bool, True for known tokens -> (N, 1, S, S) bool, True for pixels that the
-        known tokens determine (a VQ code covers a downsample x downsample block)."""
-        if self.kind == "vqvae":
-            factor = self.model.config.downsample
-            return known.repeat_interleave(factor, 1).repeat_interleave(factor, 2)[:, None]
         return self.model.known_pixels(known)
 
 
 def tokenizer_from_checkpoint(checkpoint, device, run_id=None):
-    """A Tokenizer from a loaded checkpoint dict (kind `vqvae` or `pixels`)."""
-    if checkpoint["kind"] == "vqvae":
-        from vqvae.model import vqvae_from_checkpoint
-        tokenizer = Tokenizer("vqvae", run_id, vqvae_from_checkpoint(checkpoint), device)
-        tokenizer.pixel_quantiles = checkpoint.get("pixel_quantiles")  # runs since tone matching
-        return tokenizer
-    from pixels.tokenizer import pixels_from_checkpoint
-    return Tokenizer("pixels", run_id, pixels_from_checkpoint(checkpoint), device)
+    """A RunTokenizer from a loaded checkpoint dict (any registered kind)."""
+    return RunTokenizer(image_tokenizers.from_checkpoint(checkpoint), run_id, device,
+                        checkpoint.get("pixel_quantiles"))
 
 
 def load_tokenizer(run_id, device=None, flag="--run_id"):
-    """The tokenizer of a tokenizer run (either kind; a run id or a models:/ URI naming one),
-    weights loaded weights-only."""
+    """The tokenizer of a tokenizer run (a run id or a models:/ URI naming one), weights
+    loaded weights-only; returns (RunTokenizer, the checkpoint's step)."""
     run_id = tracking.resolve_run_id(run_id, flag)
-    tracking.get_run(run_id, "tokenizer", flag=flag)
+    tracking.get_run(run_id, STAGE, flag=flag)
     device = pick_device(device) if not isinstance(device, torch.device) else device
-    checkpoint = load_run_checkpoint(run_id, "tokenizer", ("vqvae", "pixels"), flag=flag)
-    return tokenizer_from_checkpoint(checkpoint, device, run_id)
+    checkpoint = load_run_checkpoint(run_id, STAGE, tuple(image_tokenizers.KINDS), flag=flag)
+    tokenizer = tokenizer_from_checkpoint(checkpoint, device, run_id)
+    tokenizer.step = checkpoint.get("step", 0)
+    return tokenizer
 
 
-def log_codes(tokenizer, table, data, name):
-    """Encode every image of `data` and log codes/<name>.npy (rows in CSV order) + .json."""
+def log_codes(tokenizer, source, data, name, batch_size=256):
+    """Encode every image of `data` (an ImageData of `source`'s CSV) and log codes/<name>.npy
+    (rows in CSV order) + .json to the tokenizer's run."""
     images = torch.cat(list(data.ordered(range(len(data)), 512))).float() / 255
-    codes = tokenizer.encode(images).numpy().astype(codes_dtype(tokenizer.vocab_size))
+    codes = tokenizer.encode(images, batch_size).numpy().astype(codes_dtype(tokenizer.vocab_size))
+    table = source.table
     meta = {**tokenizer.codes_meta(), "csv_path": str(Path(table.csv_path).resolve()),
-            "csv_sha256": file_sha256(table.csv_path), "num_images": int(codes.shape[0]),
+            "csv_sha256": source.sha256, "num_images": int(codes.shape[0]),
             "rows": data.table.rows if len(data.table.rows) < len(table.rows) else None,
             "labels": data.table.labels}
-    if tokenizer.kind == "vqvae":
-        meta["vqvae_run_id"] = tokenizer.run_id  # read by versions before the families
     # The .json goes first: consumers find codes by their .npy, which must never lack its json.
     tracking.log_json(tokenizer.run_id, meta, f"codes/{name}.json")
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,65 +115,92 @@ def log_codes(tokenizer, table, data, name):
     return codes
 
 
-def quantize(run_id, path_to_data=None, name=None, batch_size=256, device=None):
-    """Encode a CSV's images with a tokenizer run and log codes/<name>.npy and .json into it."""
+def quantize(run_id, path_to_data=None, name=None, batch_size=256, device=None, source=None):
+    """Encode a CSV's images with a tokenizer run and log codes/<name>.npy and .json into it.
+    `source`: the CSV already read (images.read_source), so it is not read again."""
     tokenizer = load_tokenizer(run_id, device)
     run_id = tokenizer.run_id
     recorded = tracking.load_json_artifact(run_id, "config.json")
-    csv_path = path_to_data or recorded["train"]["path_to_data"]
-    table = read_table(csv_path)
+    source = source or read_source(path_to_data or recorded["train"]["path_to_data"])
     skip_bad = bool(recorded["train"].get("skip_bad_images", False))
-    data = ImageData(table, tokenizer.in_channels, tokenizer.image_size, skip_bad)
-    log_codes(tokenizer, table, data, name or Path(csv_path).stem)
+    data = source.images(tokenizer.in_channels, tokenizer.image_size, skip_bad)
+    log_codes(tokenizer, source, data, name or Path(source.table.csv_path).stem, batch_size)
     return run_id
 
 
-def create_pixels_tokenizer(path_to_data, mode="levels", bits=4, palette_size=16,
-                            image_size=None, in_channels=None, name=None, experiment=None,
-                            val_fraction=0.1, seed=0, skip_bad_images=False, max_fit_pixels=200_000,
-                            parent_run_id=None, tags=None):
-    """Create a `pixels` tokenizer run for a CSV (fitting the palette on the training split's
-    pixels in `palette` mode), encode the CSV into it; return the run id."""
-    from pixels.tokenizer import PixelsConfig, PixelTokenizer, kmeans_palette
-    table = read_table(path_to_data)
-    if in_channels is None:
-        in_channels, table = detect_channels(table, skip_bad_images)
-    if image_size is None:
-        from PIL import Image
-        with Image.open(table.paths[0]) as first:
-            image_size = min(first.size)
-    config = PixelsConfig(mode, bits, palette_size, image_size, in_channels)
+# fitted kinds
+
+@dataclass
+class FitConfig:
+    path_to_data: str = field("", "CSV with an image_path column (and optionally label)")
+    in_channels: Optional[int] = field(None, "1 (grayscale) or 3 (RGB); detected when unset")
+    val_fraction: float = field(0.1, "fraction of rows held out: fitting sees the rest only")
+    seed: int = field(0, "seed for the split and the fit")
+    skip_bad_images: bool = field(False, "skip unreadable images with a warning instead of "
+                                         "failing")
+    experiment: Optional[str] = field(None, "MLflow experiment (default: "
+                                            "$MLFLOW_EXPERIMENT_NAME)")
+
+
+def fit_tokenizer(kind, model_flags=None, fit_flags=None, parent_run_id=None, tags=None,
+                  source=None, codes_name=None):
+    """Create a run for a fitted tokenizer kind (image_tokenizers/base.py): fit it on the
+    training split's images, log its checkpoint and the CSV's codes (codes/<codes_name>.npy,
+    default: the CSV's stem); return the run id. `source`: the CSV already read
+    (images.read_source)."""
+    module = image_tokenizers.kind(kind)
+    if not module.Model.fitted:
+        raise UserError(f"the {kind} tokenizer is trained by steps (train_vqvae.py), not fitted")
+    fit = build(FitConfig, fit_flags or {})
+    if not fit.path_to_data:
+        raise UserError("--path_to_data is required (a CSV with an image_path column)")
+    source = source or read_source(fit.path_to_data)
+    geometry = {"in_channels": fit.in_channels or source.channels(fit.skip_bad_images),
+                "image_size": (model_flags or {}).get("image_size") or source.first_size()}
+    config = build(module.Config, model_flags or {}, geometry)
     config.validate()
-    data = ImageData(table, in_channels, image_size, skip_bad_images)
-    train_idx, _ = split_indices(len(data), val_fraction, seed)
-    palette = None
-    if mode == "palette":  # fitted on the training split only, as a prior's split will be
-        images = torch.cat(list(data.ordered(train_idx, 512))).float() / 255
-        pixels = images.permute(0, 2, 3, 1).reshape(-1, in_channels)
-        pick = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(seed))
-        palette = kmeans_palette(pixels[pick[:max_fit_pixels]], palette_size, seed=seed)
-    model = PixelTokenizer(config, palette)
-    train = {"path_to_data": str(path_to_data), "val_fraction": val_fraction, "seed": seed,
-             "skip_bad_images": skip_bad_images, "experiment": experiment}
-    run_id = tracking.create_run("tokenizer", experiment, run_name=name,
-                                 tags={tracking.TOKENIZER_TAG: "pixels", **(tags or {})},
-                                 parent_run_id=parent_run_id)
+    data = source.images(config.in_channels, config.image_size, fit.skip_bad_images)
+    train_idx, val_idx = source.split(fit.val_fraction, fit.seed, data)
+    model = module.Model.fit(config, torch.cat(list(data.ordered(train_idx, 512))).float() / 255,
+                             seed=fit.seed)
+    name = model.run_name()
+    flags = {**(fit_flags or {}), **(model_flags or {})}
+    note = describe.description(
+        f"Tokenizer `{kind}`, fitted: {config.image_size}x{config.image_size} images -> "
+        f"{model.grid[0]}x{model.grid[1]} grids of {model.vocab_size} token values",
+        command=describe.script_command("quantize_dataset.py", {"tokenizer": kind}, flags),
+        started_by=describe.process_command(),
+        data=f"`{fit.path_to_data}` (SHA-256 `{source.sha256[:12]}...`): {len(train_idx):,} "
+             f"images fitted on, {len(val_idx):,} held out (val_fraction {fit.val_fraction}, "
+             f"seed {fit.seed}); both under *Datasets*",
+        artifacts={"config.json": "every setting, and the CSV's SHA-256",
+                   "checkpoints/best.pt": "weights-only checkpoint that rebuilds the tokenizer",
+                   "<name>.npy": "what was fitted, as arrays (a palette's colours)",
+                   "codes/<name>.npy, .json": "code grids (N, h, w) of each CSV it encoded"})
+    run_id = tracking.create_run(STAGE, fit.experiment, run_name=name, tags=describe.source_tags(
+        {tracking.TOKENIZER_TAG: kind, describe.NOTE_TAG: note, **(tags or {})}),
+        parent_run_id=parent_run_id)
     status = "FAILED"
     try:
-        tracking.log_params(run_id, {**asdict(config), "vocab_size": config.vocab_size,
-                                     "num_images": len(data)})
-        tracking.log_json(run_id, {"model": asdict(config), "train": train}, "config.json")
-        checkpoint = {"kind": "pixels", "config": asdict(config), "model": model.state_dict(),
+        tracking.log_params(run_id, describe.run_params(
+            asdict(fit), asdict(config), {"vocab_size": model.vocab_size,
+                                          "num_images": len(data)}))
+        describe.log_inputs(run_id, describe.csv_inputs(
+            source.table.csv_path, source.sha256, {"training": train_idx, "validation": val_idx},
+            ["image_path"] + (["label"] if source.table.labels else [])))
+        tracking.log_json(run_id, {"model": asdict(config), "train": asdict(fit),
+                                   "data": {"csv_sha256": source.sha256,
+                                            "num_images": len(data)}}, "config.json")
+        checkpoint = {"kind": kind, "config": asdict(config), "model": model.state_dict(),
                       "step": 0, "run_id": run_id}
         with tempfile.TemporaryDirectory() as tmp:
-            from pipeline.checkpoint import save_checkpoint
             save_checkpoint(checkpoint, Path(tmp) / "best.pt")
             tracking.log_artifact(run_id, Path(tmp) / "best.pt", "checkpoints")
-            if palette is not None:
-                np.save(Path(tmp) / "palette.npy", palette.numpy())
-                tracking.log_artifact(run_id, Path(tmp) / "palette.npy")
-        tokenizer = Tokenizer("pixels", run_id, model, torch.device("cpu"))
-        log_codes(tokenizer, table, data, Path(path_to_data).stem)
+            for name, value in model.named_buffers():  # what was fitted (a palette), readable
+                np.save(Path(tmp) / f"{name}.npy", value.numpy())  # without torch
+                tracking.log_artifact(run_id, Path(tmp) / f"{name}.npy")
+        tokenizer = RunTokenizer(model, run_id, torch.device("cpu"))
+        log_codes(tokenizer, source, data, codes_name or Path(fit.path_to_data).stem)
         status = "FINISHED"
     finally:
         tracking.end_run(run_id, status)

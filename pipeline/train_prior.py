@@ -1,5 +1,5 @@
-"""Training any prior on a tokenizer run's token grids, tracked in MLflow. One plain loop for
-every family (`--prior NAME`, see priors/__init__.py).
+"""Training any prior on a tokenizer run's token grids, tracked in MLflow. One loop for every
+family (`--prior NAME`, see priors/__init__.py): pipeline/train_loop.py's.
 
 Tokens come from a tokenizer run's `codes/<name>.npy` (with its `.json` metadata: vocabulary,
 grid, image geometry, labels), or from a local .npy with `--codebook_size`. Validation reports
@@ -8,26 +8,22 @@ the prior's `nll` on the held-out rows in nats per token and in bits per image d
 is the ELBO, estimated with a fixed seed so evaluations compare.
 """
 
-import copy
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 import priors
-from pipeline import describe, distributed, tracking
+from pipeline import describe, distributed, tracking, train_loop
 from pipeline.codes import load_codes_file, load_run_codes
 from core.config import build, field
 from pipeline.device import autocast, needs_grad_scaler
 from core.errors import UserError
 from pipeline.images import split_indices
-from pipeline.runs import TrainingRun, recorded_config, resume
-from pipeline.schedule import learning_rate_at
-from pipeline.training import apply_gradients, check_finite, check_settings
+from pipeline.runs import TrainingRun, recorded_config
+from pipeline.train_loop import apply_gradients, check_finite, check_settings
 
 STAGE = "prior"
 # Named like the VQ-VAE's: quantity and unit, so the stages never share a chart by accident.
@@ -89,26 +85,6 @@ class TrainConfig:
 
 RESUME_OVERRIDES = ("max_steps", "max_minutes", "device", "eval_every", "checkpoint_every",
                     "checkpoint_dir", "log_model", "register")
-
-
-class WeightAverage:
-    """An exponential moving average of a model's weights (Polyak averaging).
-
-    It starts as a copy of the weights, not at zero, so it needs no bias correction: after one
-    update it is decay * w0 + (1 - decay) * w1. Buffers are copied, not averaged."""
-
-    def __init__(self, model, decay):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model):
-        for average, current in zip(self.model.parameters(), model.parameters()):
-            average.lerp_(current, 1 - self.decay)
-        for average, current in zip(self.model.buffers(), model.buffers()):
-            average.copy_(current)
 
 
 @torch.no_grad()
@@ -203,13 +179,16 @@ def finish_model(run_id, train, has_tokenizer):
 
 
 def train_prior(model_flags=None, train_flags=None, resume_run_id=None, parent_run_id=None,
-                tags=None, progress=True):
+                tags=None, progress=True, split=None):
     """Train (or resume) a prior; returns the MLflow run id (None on torchrun ranks > 0).
-    Under torchrun every process calls this; see pipeline/distributed.py."""
+    Under torchrun every process calls this; see pipeline/distributed.py. split: (training
+    rows, validation rows) of the codes, as the tokenizer split its CSV (the one command passes
+    it down); by default split_indices(N, --val_fraction, --split_seed or --seed), which gives
+    the same rows for the same settings."""
     train_flags = train_flags or {}
     with distributed.process_group(train_flags.get("device")) as ctx:
         return _train(ctx, model_flags or {}, train_flags, resume_run_id, parent_run_id, tags,
-                      progress)
+                      progress, split)
 
 
 def _settings(model_flags, train_flags, resume_run_id):
@@ -229,16 +208,13 @@ def _settings(model_flags, train_flags, resume_run_id):
     return module, train, None
 
 
-def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress):
+def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress,
+           split=None):
     module, train, recorded = _settings(model_flags, train_flags, resume_run_id)
     check_settings(train, ctx.world_size)
     if train.accumulate < 1 or (train.batch_size // ctx.world_size) % train.accumulate:
         raise UserError(f"--accumulate {train.accumulate} must divide each process's batch "
                         f"({train.batch_size // ctx.world_size})")
-    if train.max_minutes is not None and train.max_minutes <= 0:
-        raise UserError(f"--max_minutes must be positive, got {train.max_minutes}")
-    if train.ema_decay is not None and not 0 < train.ema_decay < 1:
-        raise UserError(f"--ema_decay must be in (0, 1), got {train.ema_decay}")
 
     if train.register and not train.run_id:
         raise UserError("--register needs --run_id (a tokenizer run): a prior trained from a "
@@ -253,7 +229,11 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
             raise UserError(f"--conditional: {where} has no labels (its CSV had no `label` "
                             f"column)")
         classes, labels = class_names(meta["labels"], where)
-    train_idx, val_idx = split_indices(n, train.val_fraction, train.rows_seed)
+    if split is not None and sum(map(len, split)) != n:
+        raise UserError(f"{where}: {n} code grids, but the split given covers "
+                        f"{sum(map(len, split))} rows")
+    train_idx, val_idx = split if split is not None else split_indices(
+        n, train.val_fraction, train.rows_seed)
     if len(val_idx) == 0:
         print("warning: no validation split; evaluating on the training codes", file=sys.stderr)
         val_idx = train_idx
@@ -282,8 +262,6 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                                   fused=True)  # one kernel for all tensors: 4% off a CPU step
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device))
     generator = torch.Generator().manual_seed(train.seed)  # batch order, identical on all ranks
-    average = WeightAverage(model, train.ema_decay) if train.ema_decay else None
-    step, best_val_loss, trained_s = 0, float("inf"), 0.0
     lineage = {"tokenizer_run_id": meta.get("tokenizer_run_id"),
                "tokenizer": meta.get("tokenizer"), "codes_name": meta.get("codes_name"),
                "codebook_size": meta["codebook_size"], "grid": [grid_h, grid_w],
@@ -293,15 +271,10 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                "class_counts": (train_labels.bincount(minlength=len(classes)).tolist()
                                 if classes else None)}
 
-    if resume_run_id:
-        run, checkpoint = resume(ctx, STAGE, "prior", resume_run_id, train.checkpoint_dir, model,
-                                 optimizer, generator)
-        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        trained_s = checkpoint.get("trained_s", 0.0)
-        if average is not None:
-            average.model.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
-    else:
-        run_tags = {tracking.PRIOR_TAG: module.Model.family, **(tags or {})}
+    family = module.Model.family
+
+    def start_run():
+        run_tags = {tracking.PRIOR_TAG: family, **(tags or {})}
         if lineage["tokenizer_run_id"]:
             run_tags[tracking.TOKENIZER_RUN_TAG] = lineage["tokenizer_run_id"]
         config = {"model": asdict(model_config), "train": asdict(train), "data": lineage}
@@ -311,105 +284,55 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         datasets = (describe.codes_inputs(lineage["tokenizer_run_id"], meta["codes_name"], meta,
                                           tokens, splits) if train.run_id else
                     describe.npy_inputs(train.path_to_data, tokens, splits))
-        note = run_description(module.Model.family, model_config, train,
-                               {**train_flags, **model_flags}, where, len(train_idx),
-                               len(val_idx), classes)
-        run = distributed.on_main(ctx, lambda: TrainingRun.start(
-            STAGE, config, params, train.checkpoint_dir, train.experiment,
-            run_name=run_name(module.Model.family, model_config), tags=run_tags,
-            parent_run_id=parent_run_id, description=note, datasets=datasets))
-    run_id = distributed.broadcast_str(ctx, run.run_id if ctx.is_main else None)
+        note = run_description(family, model_config, train, {**train_flags, **model_flags},
+                               where, len(train_idx), len(val_idx), classes)
+        return TrainingRun.start(STAGE, config, params, train.checkpoint_dir, train.experiment,
+                                 run_name=run_name(family, model_config), tags=run_tags,
+                                 parent_run_id=parent_run_id, description=note,
+                                 datasets=datasets)
+
+    state, _ = train_loop.open_run(ctx, STAGE, "prior", train, model, optimizer, generator,
+                                   resume_run_id, start_run)
     ddp_model = distributed.wrap(ctx, model)
     if ctx.enabled:
         torch.manual_seed(train.seed + ctx.rank)  # different dropout masks on different ranks
-    evaluated = average.model if average is not None else model
 
-    def checkpoint_dict():
-        return {"kind": "prior", "family": module.Model.family, "config": asdict(model_config),
-                "model": model.state_dict(),
-                "ema": average.model.state_dict() if average is not None else None,
-                "optimizer": optimizer.state_dict(), "step": step,
-                "best_val_loss": best_val_loss, "trained_s": trained_s, "train": asdict(train),
-                "rng": generator.get_state(), "run_id": run_id, "data": lineage}
+    def take_step(step, lr):
+        # every rank draws the same global batch and trains on its slice of it
+        pick = distributed.shard(ctx, torch.randint(len(train_tokens), (train.batch_size,),
+                                                     generator=generator))
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for i, micro in enumerate(pick.chunk(train.accumulate)):
+            batch = train_tokens[micro].to(device, non_blocking=True)
+            batch_labels = train_labels[micro].to(device) if train_labels is not None else None
+            last = i == train.accumulate - 1
+            with distributed.no_sync(ctx, ddp_model, sync=last), autocast(device):
+                _, loss = ddp_model(batch, batch_labels)
+                scaler.scale(loss / train.accumulate).backward()
+            loss_sum = loss_sum + loss.detach() / train.accumulate
+        mean_loss = distributed.mean(ctx, loss_sum)  # every rank stops on a NaN anywhere
+        check_finite(mean_loss, state.run_id, step)
+        apply_gradients(model, optimizer, scaler, train.grad_clip)
+        return {"train/nats_per_token": mean_loss}, len(pick) * tokens[0].numel() * ctx.world_size
 
-    bar = tqdm(total=train.max_steps, initial=step, desc=f"prior ({module.Model.family})",
-               unit="step", disable=not (progress and ctx.is_main), file=sys.stderr,
-               dynamic_ncols=True)
-    window_start, window_tokens = time.perf_counter(), 0
-    # With --max_minutes the schedule's step is the share of the time budget spent, so the
-    # learning rate decays fully whatever the speed; trained_s survives a resume.
-    budget_s = 60 * train.max_minutes if train.max_minutes else None
-    clock = time.perf_counter() - trained_s
+    def validate(evaluated):
+        val_nll = evaluate(evaluated, val_tokens, val_labels, device, seed=train.seed)
+        metrics = {"val/nats_per_token": val_nll / tokens[0].numel()}
+        if image_dims:
+            metrics["val/bits_per_dim"] = val_nll / (image_dims * math.log(2))
+        return metrics, val_nll  # the nll per image picks best.pt
 
-    def time_spent():  # rank 0's clock on every rank, so all take the same lr and stop together
-        spent = time.perf_counter() - clock
-        return float(distributed.broadcast_str(ctx, repr(spent) if ctx.is_main else None))
+    def summary(metrics):
+        return (f"val {metrics['val/nats_per_token']:.4f} nats/token"
+                + (f", {metrics['val/bits_per_dim']:.4f} bits/dim" if image_dims else ""))
 
-    status = "FAILED"
-    try:
-        model.train()
-        while step < train.max_steps:
-            scheduled = int(train.max_steps * trained_s / budget_s) if budget_s else step
-            lr = learning_rate_at(scheduled, train.learning_rate, train.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # every rank draws the same global batch and trains on its slice of it
-            pick = distributed.shard(ctx, torch.randint(len(train_tokens), (train.batch_size,),
-                                                         generator=generator))
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for i, micro in enumerate(pick.chunk(train.accumulate)):
-                batch = train_tokens[micro].to(device, non_blocking=True)
-                batch_labels = train_labels[micro].to(device) if train_labels is not None else None
-                last = i == train.accumulate - 1
-                with distributed.no_sync(ctx, ddp_model, sync=last), autocast(device):
-                    _, loss = ddp_model(batch, batch_labels)
-                    scaler.scale(loss / train.accumulate).backward()
-                loss_sum = loss_sum + loss.detach() / train.accumulate
-            mean_loss = distributed.mean(ctx, loss_sum)  # every rank stops on a NaN anywhere
-            check_finite(mean_loss, run_id, step)
-            apply_gradients(model, optimizer, scaler, train.grad_clip)
-            if average is not None:
-                average.update(model)
-            step += 1
-            trained_s = time_spent() if budget_s else time.perf_counter() - clock
-            final = step == train.max_steps or (budget_s is not None and trained_s >= budget_s)
-            window_tokens += len(pick) * tokens[0].numel() * ctx.world_size
-            bar.update(1)
-            if not ctx.is_main:  # the rest (logging, evaluation, checkpoints) is rank 0's
-                if final:
-                    break
-                continue
-
-            if step % 10 == 0 or final:
-                speed = window_tokens / (time.perf_counter() - window_start)
-                window_start, window_tokens = time.perf_counter(), 0
-                run.log_metrics({"train/nats_per_token": mean_loss.item(), "train/lr": lr,
-                                 "train/tokens_per_sec": speed}, step)
-                bar.set_postfix(loss=f"{mean_loss.item():.3f}", tok_s=f"{speed:.0f}")
-            if step % train.eval_every == 0 or final:
-                val_nll = evaluate(evaluated, val_tokens, val_labels, device, seed=train.seed)
-                metrics = {"val/nats_per_token": val_nll / tokens[0].numel()}
-                if image_dims:
-                    metrics["val/bits_per_dim"] = val_nll / (image_dims * math.log(2))
-                run.log_metrics(metrics, step)
-                bar.write(f"step {step}: val {metrics['val/nats_per_token']:.4f} nats/token"
-                          + (f", {metrics['val/bits_per_dim']:.4f} bits/dim" if image_dims else ""))
-                if val_nll < best_val_loss:
-                    best_val_loss = val_nll
-                    run.save("best.pt", checkpoint_dict())
-                window_start = time.perf_counter()
-            if step % train.checkpoint_every == 0 or final:
-                run.save("last.pt", checkpoint_dict())
-            if final:
-                if step < train.max_steps:
-                    bar.write(f"stopped at step {step}: --max_minutes {train.max_minutes} spent")
-                break
-        status = "FINISHED"
-    finally:
-        bar.close()
-        if ctx.is_main:
-            run.finish(status)
+    trainer = train_loop.Trainer(
+        label=f"prior ({family})", unit="tokens", loss="train/nats_per_token", loss_digits=3,
+        step=take_step, evaluate=validate, summary=summary,
+        checkpoint=lambda: {"kind": "prior", "family": family, "config": asdict(model_config),
+                            "data": lineage})
+    run_id = train_loop.loop(ctx, trainer, train, model, optimizer, generator, state, progress)
     if ctx.is_main:
         finish_model(run_id, train, bool(lineage["tokenizer_run_id"]))
-    return run_id if ctx.is_main else None
+    return run_id

@@ -1,22 +1,20 @@
-"""Training a VQ-VAE on a CSV of images, tracked in MLflow. A plain loop."""
+"""Training a VQ-VAE on a CSV of images, tracked in MLflow, in the loop of pipeline/train_loop.py
+(the VQ-VAE's own: the adversary, codebook metrics, reconstructions, deferred codebook updates)."""
 
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
-from pipeline import describe, distributed, tone, tracking
+from pipeline import describe, distributed, tone, tracking, train_loop
 from core.config import build, field
 from pipeline.device import autocast, needs_grad_scaler
 from core.errors import UserError
-from pipeline.images import ImageData, detect_channels, file_sha256, read_table, split_indices
-from pipeline.runs import TrainingRun, recorded_config, resume
-from pipeline.schedule import learning_rate_at
-from pipeline.training import apply_gradients, check_finite, check_settings
+from pipeline.images import read_source
+from pipeline.runs import TrainingRun, recorded_config
+from pipeline.train_loop import apply_gradients, check_finite, check_settings
 from pipeline.visual import reconstruction_grid
 from vqvae.discriminator import (DiscriminatorConfig, PatchDiscriminator, adaptive_weight,
                                  discriminator_loss, generator_loss)
@@ -243,17 +241,20 @@ def log_reconstructions(run, model, preview, step):
 
 
 def train_vqvae(model_flags=None, train_flags=None, resume_run_id=None, parent_run_id=None,
-                tags=None, progress=True):
+                tags=None, progress=True, source=None):
     """Train (or resume) a VQ-VAE; returns the MLflow run id (None on torchrun ranks > 0).
 
     model_flags / train_flags: the VQVAEConfig / TrainConfig fields the user set. Under torchrun
-    every process calls this; see pipeline/distributed.py."""
+    every process calls this; see pipeline/distributed.py. source: the CSV already read
+    (images.Source; the one command's), else --path_to_data is read."""
     train_flags = train_flags or {}
     with distributed.process_group(train_flags.get("device")) as ctx:
-        return _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress)
+        return _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress,
+                      source)
 
 
-def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress):
+def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress,
+           source=None):
     if resume_run_id:
         recorded = recorded_config(STAGE, resume_run_id, KIND)
         overrides = {k: v for k, v in train_flags.items() if k in RESUME_OVERRIDES}
@@ -276,16 +277,15 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         raise UserError(f"--adversarial_start {train.adversarial_start} is not before --max_steps "
                         f"{train.max_steps}: the adversarial loss would never start")
 
-    table = read_table(train.path_to_data)
-    channels = train.in_channels
-    if channels is None:
-        channels, table = detect_channels(table, train.skip_bad_images)
+    source = source or read_source(train.path_to_data)
+    table = source.table
+    channels = train.in_channels or source.channels(train.skip_bad_images)
     if model_config is None:
         model_config = build(VQVAEConfig, model_flags, {"in_channels": channels})
         model_config.validate()
-    data = ImageData(table, model_config.in_channels, model_config.image_size,
-                     train.skip_bad_images, train.num_workers)
-    train_idx, val_idx = split_indices(len(data), train.val_fraction, train.seed)
+    data = source.images(model_config.in_channels, model_config.image_size,
+                         train.skip_bad_images, train.num_workers)
+    train_idx, val_idx = source.split(train.val_fraction, train.seed, data)
     if len(val_idx) == 0:
         print("warning: no validation split; evaluating on the training images", file=sys.stderr)
         val_idx = train_idx
@@ -306,21 +306,13 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         discriminator_config.validate(model_config.image_size)
         adversary = Adversary(discriminator_config, train, ctx)
     generator = torch.Generator().manual_seed(train.seed)  # batch order, identical on all ranks
-    step, best_val_loss = 0, float("inf")
     # read before the run opens, so an unreadable image cannot leave a run stuck at RUNNING
     preview = next(data.ordered(val_idx[:8], 8)).to(device).float() / 255
     quantiles = training_quantiles(data, train_idx, train.seed)
 
-    if resume_run_id:
-        run, checkpoint = resume(ctx, STAGE, KIND, resume_run_id, train.checkpoint_dir, model,
-                                 optimizer, generator)
-        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        if adversary is not None and "discriminator" in checkpoint:
-            adversary.load_state_dict(checkpoint["discriminator"])  # runs.resume does not know it
-        del checkpoint
-    else:
+    def start_run():
         config = {"model": asdict(model_config), "train": asdict(train),
-                  "data": {"csv_sha256": file_sha256(table.csv_path), "num_images": len(data),
+                  "data": {"csv_sha256": source.sha256, "num_images": len(data),
                            "num_train": len(train_idx), "num_val": len(val_idx)}}
         params = {**asdict(train), **asdict(model_config), "num_images": len(data),
                   "world_size": ctx.world_size}  # resolved model values win
@@ -331,70 +323,46 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         datasets = describe.csv_inputs(table.csv_path, config["data"]["csv_sha256"],
                                        {"training": train_idx, "validation": val_idx},
                                        ["image_path"] + (["label"] if table.labels else []))
-        run = distributed.on_main(ctx, lambda: TrainingRun.start(
+        return TrainingRun.start(
             STAGE, config, params, train.checkpoint_dir, train.experiment, run_name=name,
             tags={tracking.TOKENIZER_TAG: KIND, **(tags or {})}, parent_run_id=parent_run_id,
-            description=note, datasets=datasets))
-    run_id = distributed.broadcast_str(ctx, run.run_id if ctx.is_main else None)
+            description=note, datasets=datasets)
+
+    state, checkpoint = train_loop.open_run(ctx, STAGE, KIND, train, model, optimizer, generator,
+                                            resume_run_id, start_run)
+    if checkpoint is not None and adversary is not None and "discriminator" in checkpoint:
+        adversary.load_state_dict(checkpoint["discriminator"])  # runs.resume does not know it
+    del checkpoint
     ddp_model = distributed.wrap(ctx, model)
-
-    def checkpoint_dict():
-        return {"kind": "vqvae", "config": asdict(model_config), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step,
-                "best_val_loss": best_val_loss, "train": asdict(train),
-                "rng": generator.get_state(), "run_id": run_id,
-                "pixel_quantiles": quantiles,  # what tone matching sends samples to
-                **({"discriminator": adversary.state_dict()} if adversary else {})}
-
     batches = data.batches(train_idx, train.batch_size, generator, ctx.rank, ctx.world_size)
-    bar = tqdm(total=train.max_steps, initial=step, desc="vqvae", unit="step",
-               disable=not (progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
-    window_start, window_images = time.perf_counter(), 0
-    status = "FAILED"
-    try:
-        if ctx.is_main and not resume_run_id:  # the slider's step 0: before any training
-            log_reconstructions(run, model, preview, 0)
-        model.train()
-        while step < train.max_steps:
-            lr = learning_rate_at(step, train.learning_rate, train.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = next(batches).to(device, non_blocking=True).float() / 255
-            images = images.contiguous(memory_format=torch.channels_last)
-            logs = train_step(model, ddp_model, optimizer, scaler, images, train, ctx, run_id,
-                              step, lr, adversary)
-            step += 1
-            window_images += len(images) * ctx.world_size
-            bar.update(1)
-            if not ctx.is_main:  # the rest (logging, evaluation, checkpoints) is rank 0's
-                continue
 
-            if step % 10 == 0 or step == train.max_steps:
-                elapsed = time.perf_counter() - window_start
-                speed = window_images / elapsed
-                window_start, window_images = time.perf_counter(), 0
-                run.log_metrics({**{k: v.item() for k, v in logs.items()}, "train/lr": lr,
-                                 "train/images_per_sec": speed}, step)
-                bar.set_postfix(loss=f"{logs['train/vq_loss'].item():.4f}", img_s=f"{speed:.0f}")
-            if step % train.eval_every == 0 or step == train.max_steps:
-                metrics = evaluate(model, data, val_idx, device)
-                run.log_metrics(metrics, step)
-                log_reconstructions(run, model, preview, step)
-                bar.write(f"step {step}: val/psnr_db {metrics['val/psnr_db']:.2f}, "
-                          f"val/codebook_usage {metrics['val/codebook_usage']:.3f}, "
-                          f"val/codebook_perplexity {metrics['val/codebook_perplexity']:.1f}")
-                if adversary and step - train.eval_every < train.adversarial_start <= step:
-                    # the objective changed at the start: best.pt is the best since then
-                    best_val_loss = float("inf")
-                if metrics["val/vq_loss"] < best_val_loss:
-                    best_val_loss = metrics["val/vq_loss"]
-                    run.save("best.pt", checkpoint_dict())
-                window_start = time.perf_counter()  # keep evaluation out of the throughput
-            if step % train.checkpoint_every == 0 or step == train.max_steps:
-                run.save("last.pt", checkpoint_dict())
-        status = "FINISHED"
-    finally:
-        bar.close()
-        if ctx.is_main:
-            run.finish(status)
-    return run_id if ctx.is_main else None
+    def take_step(step, lr):
+        images = next(batches).to(device, non_blocking=True).float() / 255
+        images = images.contiguous(memory_format=torch.channels_last)
+        logs = train_step(model, ddp_model, optimizer, scaler, images, train, ctx, state.run_id,
+                          step, lr, adversary)
+        return logs, len(images) * ctx.world_size
+
+    def validate(evaluated):
+        metrics = evaluate(evaluated, data, val_idx, device)
+        return metrics, metrics["val/vq_loss"]
+
+    def summary(metrics):
+        return (f"val/psnr_db {metrics['val/psnr_db']:.2f}, "
+                f"val/codebook_usage {metrics['val/codebook_usage']:.3f}, "
+                f"val/codebook_perplexity {metrics['val/codebook_perplexity']:.1f}")
+
+    def adversary_started(step):  # the objective changed: best.pt is the best since then
+        return adversary is not None and step - train.eval_every < train.adversarial_start <= step
+
+    trainer = train_loop.Trainer(
+        label="vqvae", unit="images", loss="train/vq_loss", loss_digits=4,
+        step=take_step, evaluate=validate, summary=summary,
+        checkpoint=lambda: {"kind": "vqvae", "config": asdict(model_config),
+                            "pixel_quantiles": quantiles,  # what tone matching sends samples to
+                            **({"discriminator": adversary.state_dict()} if adversary else {})},
+        # the slider's step 0, before any training; then one image per evaluation
+        begin=lambda run, model: log_reconstructions(run, model, preview, 0),
+        after_evaluation=lambda run, model, step: log_reconstructions(run, model, preview, step),
+        objective_changed=adversary_started)
+    return train_loop.loop(ctx, trainer, train, model, optimizer, generator, state, progress)

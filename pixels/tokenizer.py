@@ -1,4 +1,4 @@
-"""Pixel tokenizers: an image's own pixels as tokens, with no learned encoder.
+"""The pixel tokenizer (kind `pixels`): an image's own pixels as tokens, with no learned encoder.
 
 - `levels`: each channel's value cut into 2^bits evenly spaced levels, 0 and 1 included
   (level l decodes to l / (2^bits - 1)). Levels are ordered, so a logistic-mixture head can
@@ -8,24 +8,31 @@
   (Image GPT's colour clusters); an (S, S) grid of unordered tokens.
 
 encode((N, C, S, S) floats in [0, 1]) -> (N, h, w) LongTensor; decode(tokens) -> images.
-Decoding is exact: encode(decode(tokens)) == tokens.
+Decoding is exact: encode(decode(tokens)) == tokens. A fitted kind (image_tokenizers/base.py):
+`PixelTokenizer.fit` fits the palette on training pixels; levels need nothing fitted.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
-import torch.nn as nn
 
+from core.config import field
 from core.errors import UserError
+from image_tokenizers.base import Tokenizer
+
+MAX_FIT_PIXELS = 200_000  # training pixels the palette's k-means sees (a seeded sample)
 
 
 @dataclass
 class PixelsConfig:
-    mode: str = "levels"       # levels | palette
-    bits: int = 4              # levels: 2^bits values per channel
-    palette_size: int = 16     # palette: k colours
-    image_size: int = 16       # images are resized and center-cropped to this square
-    in_channels: int = 1       # 1 grey, 3 RGB
+    mode: str = field("levels", "levels (2^bits values per channel; RGB: the r g b byte "
+                                "stream) or palette (k-means colours of the training pixels)")
+    bits: int = field(4, "levels: bits per channel value")
+    palette_size: int = field(16, "palette: k colours")
+    image_size: Optional[int] = field(None, "images are resized and center-cropped to this "
+                                            "square (unset: the first image's shorter side)")
+    in_channels: int = field(1, "1 (grey) or 3 (RGB)")
 
     @property
     def vocab_size(self):
@@ -46,7 +53,7 @@ class PixelsConfig:
             raise UserError(f"--bits must be in 1..8, got {self.bits}")
         if self.mode == "palette" and not 2 <= self.palette_size <= 4096:
             raise UserError(f"--palette_size must be in 2..4096, got {self.palette_size}")
-        if self.image_size < 1 or self.in_channels not in (1, 3):
+        if self.image_size is None or self.image_size < 1 or self.in_channels not in (1, 3):
             raise UserError(f"--image_size must be positive and --in_channels 1 or 3, got "
                             f"{self.image_size} and {self.in_channels}")
 
@@ -72,16 +79,49 @@ def kmeans_palette(pixels, k, iters=20, seed=0):
     return centres
 
 
-class PixelTokenizer(nn.Module):
+class PixelTokenizer(Tokenizer):
+    kind = "pixels"
+    fitted = True    # a palette is fitted on training pixels; levels need nothing
+    lossless = True  # a level decodes to its own value, a palette entry to its own colour
 
     def __init__(self, config, palette=None):
-        super().__init__()
-        config.validate()
-        self.config = config
+        super().__init__(config)
         if config.mode == "palette" and palette is None:
             palette = torch.zeros(config.palette_size, config.in_channels)
         # (k, C) colours in [0, 1]; a buffer, so it travels in the checkpoint's weights
         self.register_buffer("palette", palette if config.mode == "palette" else None)
+
+    @classmethod
+    def fit(cls, config, images, seed=0):
+        """(N, C, S, S) training images in [0, 1] -> the tokenizer (palette: k-means on at most
+        MAX_FIT_PIXELS of their pixels, a seeded sample)."""
+        if config.mode != "palette":
+            return cls(config)
+        pixels = images.float().permute(0, 2, 3, 1).reshape(-1, config.in_channels)
+        pick = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(seed))
+        return cls(config, kmeans_palette(pixels[pick[:MAX_FIT_PIXELS]], config.palette_size,
+                                          seed=seed))
+
+    @property
+    def vocab_size(self):
+        return self.config.vocab_size
+
+    @property
+    def grid(self):
+        return self.config.grid
+
+    @property
+    def values_per_pixel(self):
+        return self.config.values_per_pixel
+
+    @property
+    def ordered(self):
+        return self.config.mode == "levels"
+
+    def run_name(self):
+        config = self.config
+        detail = f"{config.bits}bit" if config.mode == "levels" else f"K{config.palette_size}"
+        return f"pixels {config.mode} {detail} {config.image_size}px"
 
     def encode(self, images):
         """(N, C, S, S) floats in [0, 1] -> (N, h, w) LongTensor."""
@@ -106,15 +146,6 @@ class PixelTokenizer(nn.Module):
             return values.permute(0, 3, 1, 2).contiguous()
         return self.palette[tokens].permute(0, 3, 1, 2).contiguous()
 
-    def known_pixels(self, known):
-        """(N, h, w) bool, True for known tokens -> (N, 1, S, S) bool: a pixel is known when
-        all of its tokens are."""
-        n, h, w = known.shape
-        c = self.config.values_per_pixel
-        return known.view(n, h, w // c, c).all(-1)[:, None]
 
-
-def pixels_from_checkpoint(checkpoint):
-    config = PixelsConfig(**checkpoint["config"])
-    model = PixelTokenizer(config, checkpoint["model"].get("palette"))
-    return model.eval()
+# the registry's names (image_tokenizers/__init__.py)
+Config, Model = PixelsConfig, PixelTokenizer

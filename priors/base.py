@@ -7,6 +7,9 @@
                                                   absorbing diffusion (`nll_is_bound`)
     sample(n, labels=None, known=None, known_mask=None, temperature=1.0, top_k=None,
            top_p=None, steps=None, guidance=None, generator=None, **options) -> (n, h, w)
+        the keyword settings are the fields of the family's sampling dataclass
+        (priors/settings.py; `sampling_settings` builds and checks it); a prior refuses an
+        option its family does not take
 
 tokens are (N, grid_h, grid_w) integers in [0, vocab_size); labels (N,) class ids in
 [0, num_classes). `known`/`known_mask` (n, h, w) is completion: keep those tokens, draw the
@@ -99,6 +102,23 @@ class Prior(nn.Module):
             labels = labels.masked_fill(drop, self.config.num_classes)
         return labels
 
+    def sampling_settings(self, **settings):
+        """sample()'s keyword settings as this family's sampling dataclass, checked (None: not
+        given); a UserError for an option the family does not take."""
+        import priors
+        if self.family in priors.FAMILIES:
+            return priors.sampling_settings(self.family, settings)
+        import dataclasses
+        from priors.settings import SamplingConfig  # a model outside the registry
+        given = {k: v for k, v in settings.items() if v is not None}
+        names = {f.name for f in dataclasses.fields(SamplingConfig)}
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            raise UserError(f"the {self.family} prior does not take --{', --'.join(unknown)}")
+        config = SamplingConfig(**given)
+        config.validate()
+        return config
+
     def check_sample_args(self, guidance, labels):
         if guidance is not None and guidance != 1:
             if self.config.num_classes == 0:
@@ -139,12 +159,10 @@ class RasterPrior(Prior):
     def sample(self, n, labels=None, known=None, known_mask=None, temperature=1.0, top_k=None,
                top_p=None, steps=None, guidance=None, generator=None, **options):
         from priors.sampling import sample_raster
-        if steps is not None:
-            raise UserError(f"the {self.family} prior draws one position per step; --steps is "
-                            f"for the absorbing prior")
-        unknown = [k for k, v in options.items() if v is not None]
-        if unknown:
-            raise UserError(f"the {self.family} prior does not take --{', --'.join(unknown)}")
-        self.check_sample_args(guidance, labels)
-        return sample_raster(self, n, labels, known, known_mask, temperature, top_k, top_p,
-                             guidance, generator)
+        # one position per step: `steps` (the parallel decoders') is refused like any option
+        # the family's sampling dataclass lacks
+        s = self.sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p,
+                                   steps=steps, guidance=guidance, **options)
+        self.check_sample_args(s.guidance, labels)
+        return sample_raster(self, n, labels, known, known_mask, s.temperature, s.top_k, s.top_p,
+                             s.guidance, generator)

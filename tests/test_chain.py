@@ -30,11 +30,11 @@ def test_quantized_codes_match_encoding_each_image_alone(chain):
     import torch
     from pipeline.images import decode_image
     from pipeline.runs import load_run_checkpoint
-    from vqvae.model import vqvae_from_checkpoint
-    model = vqvae_from_checkpoint(load_run_checkpoint(chain["vqvae"], "tokenizer", "vqvae"))
+    from image_tokenizers import from_checkpoint as tokenizer_from_checkpoint
+    model = tokenizer_from_checkpoint(load_run_checkpoint(chain["vqvae"], "tokenizer", "vqvae"))
     codes, meta = load_run_codes(chain["vqvae"], "train")
     path = chain["csv"].parent / "imgs" / "img_007.png"
-    alone = model.encode_to_indices(torch.from_numpy(decode_image(path, 1, 16))[None].float() / 255)
+    alone = model.encode(torch.from_numpy(decode_image(path, 1, 16))[None].float() / 255)
     assert torch.equal(alone[0], codes[7])
 
 
@@ -70,9 +70,9 @@ def test_generate_decodes_to_pngs_and_logs_them(chain, tmp_path):
 
 def test_same_seed_same_samples(chain):
     from pipeline.generate import generate
-    a, _, _, _, _ = generate(chain["prior"], 4, seed=11, no_decode=True, name="seed_a")
-    b, _, _, _, _ = generate(chain["prior"], 4, seed=11, no_decode=True, name="seed_b")
-    c, _, _, _, _ = generate(chain["prior"], 4, seed=12, no_decode=True, name="seed_c")
+    a = generate(chain["prior"], 4, seed=11, no_decode=True, name="seed_a").codes
+    b = generate(chain["prior"], 4, seed=11, no_decode=True, name="seed_b").codes
+    c = generate(chain["prior"], 4, seed=12, no_decode=True, name="seed_c").codes
     assert (a == b).all() and not (a == c).all()
 
 

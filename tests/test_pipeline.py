@@ -27,18 +27,18 @@ def test_end_to_end_then_reuse(store, digits_like, tmp_path):
     parent = pipeline(digits_like, out, "pipe-e2e")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pipeline_run_id"] == parent
-    assert summary["stages"] == {"vqvae": "new", "prior": "new"}
+    assert summary["stages"] == {"tokenizer": "new", "prior": "new"}
     assert len(list((out / "samples").glob("sample_*.png"))) == 64 and (out / "grid.png").is_file()
     run_ids = {k: v for k, v in summary.items() if k.endswith("run_id")}
-    assert set(run_ids) == {"pipeline_run_id", "vqvae_run_id", "prior_run_id"}
-    for stage, key in (("tokenizer", "vqvae_run_id"), ("prior", "prior_run_id")):
+    assert set(run_ids) == {"pipeline_run_id", "tokenizer_run_id", "prior_run_id"}
+    for stage, key in (("tokenizer", "tokenizer_run_id"), ("prior", "prior_run_id")):
         run = tracking.client().get_run(summary[key])
         assert run.data.tags[tracking.STAGE_TAG] == stage
         assert run.data.tags["mlflow.parentRunId"] == parent
     prior = tracking.client().get_run(summary["prior_run_id"])
-    assert prior.data.tags[tracking.TOKENIZER_RUN_TAG] == summary["vqvae_run_id"]
+    assert prior.data.tags[tracking.TOKENIZER_RUN_TAG] == summary["tokenizer_run_id"]
     metrics = summary["metrics"]
-    for key in ("vqvae/val/psnr_db", "prior/val/bits_per_dim", "quality/fd_ratio",
+    for key in ("tokenizer/val/psnr_db", "prior/val/bits_per_dim", "quality/fd_ratio",
                 "quality/nn_ratio", "quality/classes_present", "quality/precision",
                 "quality/real_recall", "ceiling/psnr", "ceiling/fd_ratio", "ceiling/recall"):
         assert key in metrics, key
@@ -47,9 +47,9 @@ def test_end_to_end_then_reuse(store, digits_like, tmp_path):
     # the figures are means over 8 draws (the saved samples, then seeds 1-7), which differ
     assert metrics["quality/draws"] == 8 and metrics["quality/fd_ratio_sd"] > 0
     # the tokenizer's ceiling is also on the VQ-VAE run, at its checkpoint's step
-    vq_metrics = tracking.client().get_run(summary["vqvae_run_id"]).data.metrics
+    vq_metrics = tracking.client().get_run(summary["tokenizer_run_id"]).data.metrics
     assert vq_metrics["ceiling/psnr"] == pytest.approx(metrics["ceiling/psnr"])
-    (logged,) = tracking.client().get_metric_history(summary["vqvae_run_id"], "ceiling/fd_ratio")
+    (logged,) = tracking.client().get_metric_history(summary["tokenizer_run_id"], "ceiling/fd_ratio")
     assert logged.step in (15, 30)  # best.pt's step (the tiny preset evaluates at 15 and 30)
     assert tracking.client().get_run(parent).data.metrics["quality/fd_ratio"] == pytest.approx(
         metrics["quality/fd_ratio"])
@@ -63,10 +63,10 @@ def test_end_to_end_then_reuse(store, digits_like, tmp_path):
 
     again = pipeline(digits_like, out, "pipe-e2e")
     second = json.loads((out / "summary.json").read_text())
-    assert again != parent and second["stages"] == {"vqvae": "reuse", "prior": "reuse"}
-    assert second["vqvae_run_id"] == summary["vqvae_run_id"]
+    assert again != parent and second["stages"] == {"tokenizer": "reuse", "prior": "reuse"}
+    assert second["tokenizer_run_id"] == summary["tokenizer_run_id"]
     assert second["metrics"]["ceiling/psnr"] == pytest.approx(metrics["ceiling/psnr"])
-    assert len(tracking.client().get_metric_history(summary["vqvae_run_id"],
+    assert len(tracking.client().get_metric_history(summary["tokenizer_run_id"],
                                                     "ceiling/psnr")) == 1  # not logged twice
     assert second["prior_run_id"] == summary["prior_run_id"]
 
@@ -74,7 +74,39 @@ def test_end_to_end_then_reuse(store, digits_like, tmp_path):
                                        "--preset", "tiny", "--experiment", "pipe-e2e",
                                        "--prior.n_layer", "1"])
     third = json.loads((out / "summary.json").read_text())
-    assert third["stages"] == {"vqvae": "reuse", "prior": "new"} and changed != again
+    assert third["stages"] == {"tokenizer": "reuse", "prior": "new"} and changed != again
+    # --vqvae.<flag> is --tokenizer.<flag> for the VQ-VAE: the same settings, the same stage
+    run_main(pipeline_main, ["--path_to_data", str(digits_like), "--out_dir", str(out),
+                             "--preset", "tiny", "--experiment", "pipe-e2e",
+                             "--vqvae.max_steps", "30", "--tokenizer.codebook_size", "16"])
+    fourth = json.loads((out / "summary.json").read_text())
+    assert fourth["stages"]["tokenizer"] == "reuse"
+    assert fourth["tokenizer_run_id"] == summary["tokenizer_run_id"]
+
+
+def test_pixels_tokenizer_end_to_end(store, digits_like, tmp_path):
+    """`--tokenizer pixels`: a fitted tokenizer runs the same chain and gets the same figures,
+    its ceiling included (2-bit levels lose detail: the ceiling says how much)."""
+    out = tmp_path / "out"
+    run_main(pipeline_main, ["--path_to_data", str(digits_like), "--out_dir", str(out),
+                             "--preset", "tiny", "--experiment", "pipe-pixels",
+                             "--tokenizer", "pixels", "--tokenizer.bits", "2",
+                             "--sample.num_samples", "16", "--quality_draws", "2"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tokenizer"] == "pixels" and summary["stages"] == {"tokenizer": "new",
+                                                                      "prior": "new"}
+    assert len(list((out / "samples").glob("sample_*.png"))) == 16
+    tokenizer = tracking.client().get_run(summary["tokenizer_run_id"])
+    assert tokenizer.data.tags[tracking.TOKENIZER_TAG] == "pixels"
+    assert tokenizer.data.params["bits"] == "2" and tokenizer.info.run_name == \
+        "pixels levels 2bit 16px"
+    metrics = summary["metrics"]
+    for key in ("quality/fd_ratio", "quality/precision", "quality/recall", "ceiling/fd_ratio",
+                "ceiling/psnr", "ceiling/precision", "prior/val/bits_per_dim"):
+        assert key in metrics, key
+    # 4 grey levels: lossy, but far from noise (an 8-bit image would read PSNR 59 dB)
+    assert 10 < metrics["ceiling/psnr"] < 40
+    assert summary["tone_matched"] is False  # a pixel tokenizer records no quantiles
 
 
 def test_seed_redraws_the_training_but_not_the_judge(store, digits_like, tmp_path):
@@ -91,7 +123,7 @@ def test_seed_redraws_the_training_but_not_the_judge(store, digits_like, tmp_pat
                                  "--heldout", str(heldout), "--seed", str(seed)])
         summaries.append(json.loads((out / "summary.json").read_text()))
     first, second = summaries
-    assert first["vqvae_run_id"] != second["vqvae_run_id"]  # a new training...
+    assert first["tokenizer_run_id"] != second["tokenizer_run_id"]  # a new training...
     assert first["metrics"]["quality/fd"] != second["metrics"]["quality/fd"]
     for key in ("quality/fd_real", "quality/real_precision", "quality/real_recall",
                 "quality/real_classifier_confidence", "quality/classifier_heldout_accuracy"):
@@ -117,9 +149,9 @@ def test_an_interrupted_stage_resumes_in_the_same_run(store, digits_like, tmp_pa
 
     pipeline(digits_like, tmp_path / "out", "pipe-resume")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["stages"]["vqvae"] == "resume"
-    assert summary["vqvae_run_id"] == interrupted[0].info.run_id
-    steps = [m.step for m in tracking.client().get_metric_history(summary["vqvae_run_id"],
+    assert summary["stages"]["tokenizer"] == "resume"
+    assert summary["tokenizer_run_id"] == interrupted[0].info.run_id
+    steps = [m.step for m in tracking.client().get_metric_history(summary["tokenizer_run_id"],
                                                                   "train/vq_loss")]
     assert steps[-1] == 30 and 10 in steps
 
@@ -138,7 +170,7 @@ def test_too_few_heldout_images_or_samples_fail_before_any_run(store, image_csv,
                                                                 capsys):
     from pipeline.cli import run_cli
     for flags, message in (
-            (["--vqvae.val_fraction", "0.05"], "(--vqvae.val_fraction 0.05): 2 images; the "
+            (["--vqvae.val_fraction", "0.05"], "(--tokenizer.val_fraction 0.05): 2 images; the "
                                                "quality figures need more than 3"),
             (["--vqvae.val_fraction", "0.95"], "the training split of"),
             (["--sample.num_samples", "3"], "3 samples (--sample.num_samples or"),
@@ -177,7 +209,7 @@ def test_conditional_and_sampler_flags_reach_training_and_sampling(store, digits
                              "--prior.prior", "absorbing", "--no-prior.log_model",
                              "--sample.sampler", "maskgit", "--sample.steps", "3"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stages"]["vqvae"] == "reuse"
+    assert summary["stages"]["tokenizer"] == "reuse"
     assert tracking.client().get_run(summary["prior_run_id"]).data.tags["pipeline.prior"] == \
         "absorbing"
     record = tracking.load_json_artifact(summary["prior_run_id"],

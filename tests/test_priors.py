@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from core.errors import UserError
-from pipeline.train_prior import WeightAverage, evaluate
+from pipeline.train_loop import WeightAverage
+from pipeline.train_prior import evaluate
 from priors.dropout import Dropout
 from priors.heads import MixtureHead
 from transformer.gpt import GPT, GPTConfig

@@ -20,9 +20,9 @@ import train_vqvae
 import transformer_generation
 import pipeline.train_tokenizer as vqvae_trainer
 from conftest import TINY_PRIOR, TINY_VQVAE, run_main
-from mlflow_server import MlflowServer, free_port
 from pipeline import runs, tracking
 from pipeline.checkpoint import load_checkpoint
+from pipeline.servers import MlflowServer, free_port
 from core.errors import UserError
 
 

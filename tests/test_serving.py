@@ -14,9 +14,9 @@ from PIL import Image
 import train as train_prior_script
 import transformer_generation
 from conftest import TINY_PRIOR, run_main
-from mlflow_server import ModelServer, free_port
 from pipeline import tracking
 from pipeline.__main__ import main as pipeline_main
+from pipeline.servers import ModelServer, free_port
 from test_bad_input import cli_error
 
 NAME = "digits-test"

@@ -63,16 +63,16 @@ def test_vqvae_records_training_quantiles_and_generation_applies_them(chain, tmp
     assert torch.allclose(checkpoint["pixel_quantiles"], pixel_quantiles(images))
 
     before = set(tracking.list_artifacts(chain["prior"], "tone"))
-    codes, name, _, toned, tone = generate(chain["prior"], 6, seed=5, name="toned",
-                                           tone_samples=256)
-    plain_codes, _, _, plain, no_tone = generate(chain["prior"], 6, seed=5, name="plain",
-                                                 tone_samples=0)
+    toned_run = generate(chain["prior"], 6, seed=5, name="toned", tone_samples=256)
+    codes, toned, tone = toned_run.codes, toned_run.images, toned_run.tone
+    plain_run = generate(chain["prior"], 6, seed=5, name="plain", tone_samples=0)
+    plain_codes, plain, no_tone = plain_run.codes, plain_run.images, plain_run.tone
     assert tone is not None and no_tone is None
     assert torch.equal(codes, plain_codes)  # the calibration draw has its own stream
     # fitted once per setting and kept on the prior run; another seed reads the same curve
     kept = set(tracking.list_artifacts(chain["prior"], "tone"))
     assert len(kept - before) == 1
-    _, _, _, _, again_tone = generate(chain["prior"], 3, seed=6, tone_samples=256)
+    again_tone = generate(chain["prior"], 3, seed=6, tone_samples=256).tone
     assert set(tracking.list_artifacts(chain["prior"], "tone")) == kept
     assert torch.equal(again_tone.source, tone.source)
     tokenizer = load_tokenizer(chain["vqvae"], "cpu")

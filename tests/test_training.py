@@ -10,7 +10,7 @@ from conftest import TINY_PRIOR, TINY_VQVAE, run_main
 from pipeline import tracking
 from pipeline.checkpoint import load_checkpoint
 from pipeline.runs import load_run_checkpoint
-from vqvae.model import vqvae_from_checkpoint
+from image_tokenizers import from_checkpoint as tokenizer_from_checkpoint
 
 
 def metric_history(run_id, key):
@@ -53,14 +53,14 @@ def test_checkpoint_alone_rebuilds_a_model_better_than_untrained(chain):
     from vqvae.model import VQVAE, VQVAEConfig
     checkpoint = download_checkpoint(chain["vqvae"], "last.pt")
     assert checkpoint["step"] == 80 and "optimizer" in checkpoint
-    trained = vqvae_from_checkpoint(checkpoint)
+    trained = tokenizer_from_checkpoint(checkpoint)
     images = next(ImageData(read_table(chain["csv"]), 1, 16).ordered(range(48), 48)).float() / 255
     untrained = VQVAE(VQVAEConfig(**checkpoint["config"]))
     untrained(images)  # k-means init only
     untrained.eval()
     error = lambda model: (model(images)[0].clamp(0, 1) - images).pow(2).mean()
     assert error(trained) < 0.5 * error(untrained)
-    assert trained.encode_to_indices(images).shape == (48, 4, 4)
+    assert trained.encode(images).shape == (48, 4, 4)
 
 
 def test_resume_continues_the_same_run_with_its_settings(store, image_csv):

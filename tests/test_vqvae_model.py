@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from vqvae.model import VQVAE, VQVAEConfig, vqvae_from_checkpoint
+from vqvae.model import VQVAE, VQVAEConfig
+from image_tokenizers import from_checkpoint as tokenizer_from_checkpoint
 from vqvae.quantizer import VectorQuantizer, kmeans
 
 CONFIG = VQVAEConfig(in_channels=3, image_size=16, channels=16, downsample=4, n_res_blocks=1,
@@ -20,7 +21,7 @@ def trained_once(config=CONFIG):
 
 def test_indices_in_range_and_shaped_like_the_grid():
     model = trained_once().eval()
-    indices = model.encode_to_indices(torch.rand(5, 3, 16, 16))
+    indices = model.encode(torch.rand(5, 3, 16, 16))
     assert indices.shape == (5, 4, 4) and indices.dtype == torch.long
     assert indices.min() >= 0 and indices.max() < CONFIG.codebook_size
 
@@ -29,8 +30,8 @@ def test_decode_of_encode_equals_forward_reconstruction():
     model = trained_once().eval()
     images = torch.rand(4, 3, 16, 16)
     recon, _, indices = model(images)
-    assert torch.equal(indices, model.encode_to_indices(images))
-    torch.testing.assert_close(model.decode_indices(indices), recon.clamp(0, 1))
+    assert torch.equal(indices, model.encode(images))
+    torch.testing.assert_close(model.decode(indices), recon.clamp(0, 1))
 
 
 def test_straight_through_gradient_reaches_the_encoder():
@@ -89,8 +90,8 @@ def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path):
     path = tmp_path / "model.pt"
     save_checkpoint({"kind": "vqvae", "config": vars(CONFIG).copy(), "model": model.state_dict(),
                      "step": 1}, path)
-    loaded = vqvae_from_checkpoint(load_checkpoint(path, "vqvae"))
+    loaded = tokenizer_from_checkpoint(load_checkpoint(path, "vqvae"))
     images = torch.rand(3, 3, 16, 16)
-    assert torch.equal(model.encode_to_indices(images), loaded.encode_to_indices(images))
+    assert torch.equal(model.encode(images), loaded.encode(images))
     torch.testing.assert_close(model(images)[0], loaded(images)[0])
     assert not list(tmp_path.glob("*.tmp"))

@@ -64,13 +64,14 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from core.config import field
 from core.errors import UserError
 from priors.base import Prior, PriorConfig
 from priors.dropout import Dropout
 from priors.sampling import filter_logits, guided
+from priors.settings import SamplingConfig, setting_name
+from transformer.block import Block, SelfAttention
 from transformer.init import init_gpt2
 
 LOSSES = ("elbo", "reweighted_elbo", "mlm")
@@ -142,42 +143,6 @@ def nearest_window(size, window, starts, unit=1):
 
 # main classes
 
-class SelfAttention(nn.Module):
-    """Bidirectional multi-head attention: every position reads every position (no mask), so
-    the fused scaled_dot_product_attention kernel runs without a mask tensor."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.n_head, self.dropout = config.n_head, config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
-        self.proj_dropout = Dropout(config.dropout)
-
-    def forward(self, x):
-        b, length, c = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.n_head, c // self.n_head).permute(
-            2, 0, 3, 1, 4)  # 3 x (B, nh, L, hs)
-        y = F.scaled_dot_product_attention(q, k, v,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.proj_dropout(self.proj(y.transpose(1, 2).reshape(b, length, c)))
-
-
-class Block(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(config.n_embd)
-        self.attn = SelfAttention(config)
-        self.ln2 = nn.LayerNorm(config.n_embd)
-        self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
-                                 nn.Linear(4 * config.n_embd, config.n_embd),
-                                 Dropout(config.dropout))
-
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
 class Absorbing(Prior):
     family = "absorbing"
     nll_is_bound = True
@@ -189,7 +154,9 @@ class Absorbing(Prior):
         self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
         self.label_embedding = self.make_label_embedding(config.n_embd)
         self.dropout = Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        # bidirectional: every position reads every position, the mask token included
+        self.blocks = nn.ModuleList(Block(config, SelfAttention(config, causal=False))
+                                    for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.head_proj = nn.Linear(config.n_embd, self.head.out_dim, bias=False)
         init_gpt2(self, config.n_layer)
@@ -254,21 +221,17 @@ class Absorbing(Prior):
     def sample(self, n, labels=None, known=None, known_mask=None, temperature=1.0, top_k=None,
                top_p=None, steps=None, guidance=None, generator=None, sampler=None,
                choice_temperature=None, grid_h=None, grid_w=None, **options):
-        """(n, grid_h, grid_w) tokens in `steps` network evaluations (module docstring)."""
-        unknown = [k for k, v in options.items() if v is not None]
-        if unknown:
-            raise UserError(f"the absorbing prior does not take --{', --'.join(unknown)}")
-        self.check_sample_args(guidance, labels)
-        sampler = sampler or "absorbing"
-        if sampler not in SAMPLERS:
-            raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}, got '{sampler}'")
-        if choice_temperature is not None and sampler != "maskgit":
-            raise UserError("--choice_temperature is for --sampler maskgit")
-        if choice_temperature is not None and choice_temperature < 0:
-            raise UserError(f"--choice_temperature must be >= 0, got {choice_temperature}")
-        height, width = self._sample_grid(grid_h, grid_w)
+        """(n, grid_h, grid_w) tokens in `steps` network evaluations (module docstring); the
+        settings are AbsorbingSampling's."""
+        s = self.sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p,
+                                   steps=steps, guidance=guidance, sampler=sampler,
+                                   choice_temperature=choice_temperature, grid_h=grid_h,
+                                   grid_w=grid_w, **options)
+        self.check_sample_args(s.guidance, labels)
+        sampler = s.sampler or "absorbing"
+        height, width = self._sample_grid(s.grid_h, s.grid_w)
         length = height * width
-        steps = length if steps is None else steps
+        steps = length if s.steps is None else s.steps
         if not 1 <= steps <= length:
             raise UserError(f"--steps must be in 1..{length} (the tokens of a {height}x{width} "
                             f"grid), got {steps}")
@@ -279,12 +242,12 @@ class Absorbing(Prior):
                 raise ValueError(f"known and known_mask must be ({n}, {height}, {width})")
             tokens = torch.where(known_mask.to(device).reshape(n, length),
                                  known.to(device).reshape(n, length), tokens)
-        predict = Predictor(self, n, (height, width), labels, guidance, temperature, top_k, top_p,
-                            device)
+        predict = Predictor(self, n, (height, width), labels, s.guidance, s.temperature, s.top_k,
+                            s.top_p, device)
         if sampler == "absorbing":
             tokens = absorbing_decode(predict, tokens, self.mask_token, steps, generator)
         else:
-            choice = 4.5 if choice_temperature is None else choice_temperature
+            choice = 4.5 if s.choice_temperature is None else s.choice_temperature
             tokens = maskgit_decode(predict, tokens, self.mask_token, steps, choice, generator)
         return tokens.view(n, height, width)
 
@@ -404,6 +367,36 @@ def maskgit_decode(predict, tokens, mask_token, steps, choice_temperature, gener
     return tokens
 
 
+@dataclass
+class AbsorbingSampling(SamplingConfig):
+    """The absorbing prior's sampling settings: those of every prior, and its parallel
+    decoding's (module docstring). The checks that need the model (steps against the grid's
+    tokens, a grid at least the trained one) are sample()'s."""
+    steps: Optional[int] = field(None, "network evaluations per grid (unset: as many as "
+                                       "tokens)")
+    sampler: Optional[str] = field(None, "absorbing (the reverse process; unset: this one) "
+                                         "or maskgit (confidence decoding)")
+    choice_temperature: Optional[float] = field(None, "maskgit: scale of the Gumbel noise on "
+                                                      "the confidences that pick which drawn "
+                                                      "tokens stay, annealed linearly to 0 over "
+                                                      "the steps (unset: 4.5)")
+    grid_h: Optional[int] = field(None, "sample a grid taller than the training one")
+    grid_w: Optional[int] = field(None, "sample a grid wider than the training one")
+
+    def validate(self, where="--{}"):
+        super().validate(where)
+        sampler = self.sampler or "absorbing"
+        if sampler not in SAMPLERS:
+            raise UserError(f"{where.format('sampler')} must be one of {', '.join(SAMPLERS)}, "
+                            f"got '{sampler}'")
+        if self.choice_temperature is not None and sampler != "maskgit":
+            raise UserError(f"{where.format('choice_temperature')} is for "
+                            f"{setting_name(where, 'sampler')} maskgit")
+        if self.choice_temperature is not None and not 0 <= self.choice_temperature < math.inf:
+            raise UserError(f"{where.format('choice_temperature')} must be >= 0, got "
+                            f"{self.choice_temperature}")
+
+
 # the registry's names (priors/__init__.py)
-Config, Model = AbsorbingConfig, Absorbing
+Config, Model, Sampling = AbsorbingConfig, Absorbing, AbsorbingSampling
 TRAIN_DEFAULTS = {}

@@ -6,9 +6,10 @@ token before it: a start token (id = vocab_size) at t = 0, token t-1 after that.
 — every token is scored, the first one included. A class label, when the prior is conditional,
 is added to every position's input (so a local window cannot hide it).
 
-`attention` picks how positions read each other: `softmax` (here; with `window_size` set,
-position t attends only to positions s <= t whose grid cells are within `window_size` rows and
-columns of t's, a local 2-D causal window), or `linear` / `momentum` (transformer/attention.py:
+`attention` picks how positions read each other: `softmax` (transformer/block.py; with
+`window_size` set, position t attends only to positions s <= t whose grid cells are within
+`window_size` rows and columns of t's, a local 2-D causal window, the mask built here), or
+`linear` / `momentum` (transformer/attention.py:
 trained in parallel, sampled by a recurrence on a fixed-size state). Sampling runs one forward
 step per new token on a cache of the kind's own: keys and values for softmax (KVCache), the
 running sums for the linear kinds (RecurrentState).
@@ -19,13 +20,13 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from core.config import field
 from core.errors import UserError
 from priors.base import PriorConfig, RasterPrior
 from priors.dropout import Dropout
 from transformer.attention import LinearAttention, RecurrentState
+from transformer.block import Block, SelfAttention
 from transformer.init import init_gpt2
 
 ATTENTION_KINDS = ("softmax", "linear", "momentum")
@@ -88,57 +89,11 @@ class KVCache:
 
 # main classes
 
-class SelfAttention(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        self.n_head, self.dropout = config.n_head, config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
-        self.proj_dropout = Dropout(config.dropout)
-
-    def forward(self, x, mask, cache=None, layer=0, start=0):
-        """x (B, L, C) at positions start..start+L-1; mask (L, start+L) bool, or None: causal
-        attention for L > 1, and for one query (a sampling step) every key up to it."""
-        b, length, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
-        q, k, v = (z.view(b, length, self.n_head, c // self.n_head).transpose(1, 2)
-                   for z in (q, k, v))  # (B, nh, L, hs)
-        if cache is not None:
-            cache.k[layer, :, :, start:start + length] = k
-            cache.v[layer, :, :, start:start + length] = v
-            k = cache.k[layer, :, :, :start + length]  # (B, nh, start+L, hs)
-            v = cache.v[layer, :, :, :start + length]
-        dropout = self.dropout if self.training else 0.0
-        # is_causal aligns the queries with the first keys, so a lone query (the newest
-        # position) takes no mask at all: it reads the whole cache
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                           is_causal=mask is None and length > 1)
-        y = y.transpose(1, 2).contiguous().view(b, length, c)
-        return self.proj_dropout(self.proj(y))
-
-
 def make_attention(config):
     """The attention layer of config.attention (configs without the field: softmax)."""
     if getattr(config, "attention", "softmax") == "softmax":
         return SelfAttention(config)
     return LinearAttention(config)
-
-
-class Block(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(config.n_embd)
-        self.attn = make_attention(config)
-        self.ln2 = nn.LayerNorm(config.n_embd)
-        self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
-                                 nn.Linear(4 * config.n_embd, config.n_embd),
-                                 Dropout(config.dropout))
-
-    def forward(self, x, mask, cache=None, layer=0, start=0):
-        x = x + self.attn(self.ln1(x), mask, cache, layer, start)
-        return x + self.mlp(self.ln2(x))
 
 
 class GPT(RasterPrior):
@@ -151,7 +106,8 @@ class GPT(RasterPrior):
         self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
         self.label_embedding = self.make_label_embedding(config.n_embd)
         self.dropout = Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, make_attention(config))
+                                    for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.head_proj = nn.Linear(config.n_embd, self.head.out_dim, bias=False)
         # The window mask is a buffer (moves with .to(device)) but not state: rebuilt from config.

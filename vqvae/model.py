@@ -1,9 +1,10 @@
-"""The VQ-VAE: a convolutional encoder and decoder with residual blocks around a quantizer.
+"""The VQ-VAE tokenizer (kind `vqvae`): a convolutional encoder and decoder with residual blocks
+around a quantizer, trained by gradient steps (pipeline/train_tokenizer.py).
 
-Stage 2 needs exactly two verbs from it:
-    encode_to_indices(images)  (B, C, S, S) floats in [0, 1] -> (B, h, w) LongTensor
-    decode_indices(indices)    (B, h, w)                    -> (B, C, S, S) floats in [0, 1]
-with h = w = image_size / downsample.
+The tokenizer's two verbs (image_tokenizers/base.py):
+    encode(images)  (B, C, S, S) floats in [0, 1] -> (B, h, w) LongTensor of code indices
+    decode(indices) (B, h, w)                    -> (B, C, S, S) floats in [0, 1]
+with h = w = image_size / downsample; `forward` is the training objective.
 """
 
 import math
@@ -13,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.errors import UserError
+from image_tokenizers.base import Tokenizer
 from vqvae.quantizer import VectorQuantizer
 
 
@@ -34,7 +37,6 @@ class VQVAEConfig:
         return self.image_size // self.downsample
 
     def validate(self):
-        from core.errors import UserError
         if self.downsample not in (2, 4, 8):
             raise UserError(f"--downsample must be 2, 4 or 8, got {self.downsample}")
         if self.image_size % self.downsample:
@@ -93,12 +95,12 @@ class Decoder(nn.Module):
         return self.net[-1].weight
 
 
-class VQVAE(nn.Module):
+class VQVAE(Tokenizer):
+    kind = "vqvae"
+    fitted = False  # trained by steps: pipeline/train_tokenizer.py
 
     def __init__(self, config):
-        super().__init__()
-        config.validate()
-        self.config = config
+        super().__init__(config)
         self.encoder = Encoder(config)
         self.quantizer = VectorQuantizer(config.codebook_size, config.code_dim, config.commitment,
                                          config.ema_decay, config.dead_code_threshold)
@@ -115,21 +117,29 @@ class VQVAE(nn.Module):
         loss = F.mse_loss(out.float(), x.float()) + commitment_loss
         return (out + 1) / 2, loss, indices
 
+    @property
+    def vocab_size(self):
+        return self.config.codebook_size
+
+    @property
+    def grid(self):
+        return (self.config.grid_size,) * 2
+
+    def run_name(self):
+        config = self.config
+        return f"vqvae f{config.downsample} K{config.codebook_size} {config.image_size}px"
+
     @torch.no_grad()
-    def encode_to_indices(self, images):
+    def encode(self, images):
         """(B, C, S, S) in [0, 1] -> (B, h, w) LongTensor of code indices."""
         return self.quantizer.indices(self.encoder(images * 2 - 1))
 
     @torch.no_grad()
-    def decode_indices(self, indices):
+    def decode(self, indices):
         """(B, h, w) code indices -> (B, C, S, S) images clamped to [0, 1]."""
         out = self.decoder(self.quantizer.lookup(indices))
         return ((out + 1) / 2).clamp(0, 1)
 
 
-def vqvae_from_checkpoint(checkpoint):
-    """Rebuild the model from a checkpoint dict alone (see pipeline.checkpoint)."""
-    model = VQVAE(VQVAEConfig(**checkpoint["config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.eval()
-
+# the registry's names (image_tokenizers/__init__.py)
+Config, Model = VQVAEConfig, VQVAE

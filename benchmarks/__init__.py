@@ -1,0 +1,1 @@
+"""Speed and comparison benchmarks: `python -m benchmarks.NAME` from the repository root."""

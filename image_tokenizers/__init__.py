@@ -1,0 +1,37 @@
+"""The registry of tokenizer kinds: `--tokenizer NAME` -> the module holding its config and model.
+
+A kind module defines `Config` (a dataclass with `image_size`, `in_channels` and a `validate()`)
+and `Model` (subclassing image_tokenizers.base.Tokenizer). Adding a kind is one line here.
+"""
+
+import importlib
+
+from core.config import build as build_config
+from core.errors import UserError
+
+KINDS = {
+    "vqvae": "vqvae.model",
+    "pixels": "pixels.tokenizer",
+}
+
+
+def kind(name):
+    """The module of tokenizer kind `name` (a UserError naming the known ones otherwise)."""
+    if name not in KINDS:
+        raise UserError(f"--tokenizer must be one of {', '.join(KINDS)}, got '{name}'")
+    return importlib.import_module(KINDS[name])
+
+
+def build(name, config_dict):
+    """A fresh tokenizer of kind `name` from a config dict (unknown keys ignored, missing ones
+    take their defaults, so checkpoints from older versions still load)."""
+    module = kind(name)
+    return module.Model(build_config(module.Config, config_dict))
+
+
+def from_checkpoint(checkpoint):
+    """Rebuild a tokenizer from a checkpoint dict alone ({"kind", "config", "model", ...}), in
+    eval mode."""
+    model = build(checkpoint["kind"], checkpoint["config"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
