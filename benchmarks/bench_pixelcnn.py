@@ -33,7 +33,7 @@ import torch
 from pixelcnn.base import ConvPrior
 
 CONV_FAMILIES = ["pixelcnn", "gated_pixelcnn", "pixelcnnpp", "pixelsnail"]
-# the GPT: the README's small prior, at the same tokens (dropout 0: on the CPU, attention
+# the GPT: docs/gpt.md's small prior, at the same tokens (dropout 0: on the CPU, attention
 # dropout forces the unfused attention path and costs more than the rest of the step)
 GPT_FLAGS = {"n_layer": 4, "n_head": 4, "n_embd": 64, "dropout": 0.0}
 GPT_TRAIN = {"batch_size": 32, "learning_rate": 2e-3, "weight_decay": 0.0}

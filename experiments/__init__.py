@@ -1,1 +1,2 @@
-"""Research scripts behind the README: `python -m experiments.NAME` from the repository root."""
+"""Research scripts behind docs/ (results and quality): `python -m experiments.NAME` from the
+repository root."""

@@ -1,5 +1,5 @@
 """Training recipes for the demo's class-conditional GPT, compared on the VALIDATION split: the
-experiments behind README's *What the demo reaches* that need no flag of train.py.
+experiments behind docs/results.md that need no flag of train.py.
 
     python -m experiments.prior_recipes --vqvae_run_id <VQ-VAE> --path_to_data demo_data/train.csv
     python -m experiments.prior_recipes ... --token_noise 0.1          # corrupted input tokens

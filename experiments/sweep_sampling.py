@@ -21,7 +21,7 @@ not sufficient. It is also noisy: one prior read 1.07 here and 1.63 on the held-
 another 1.27 and 1.51. `FD to train` has far less noise: the Fréchet distance of all the
 seeds' samples pooled (2,400 by default) against every training image (1,350 on the demo), in
 the same space. It sees the samples' systematic offsets from the data the prior learned, such
-as the extra faint ink of a high temperature (README, *What the demo reaches*). Use it to rank
+as the extra faint ink of a high temperature (docs/results.md). Use it to rank
 the sampling settings of one prior. Do not use it to rank training recipes, since a prior that
 memorised its training images would score best; the nn ratio tells those apart.
 """

@@ -4,10 +4,8 @@ A kind module defines `Config` (a dataclass with `image_size`, `in_channels` and
 and `Model` (subclassing image_tokenizers.base.Tokenizer). Adding a kind is one line here.
 """
 
-import importlib
-
+from core import registry
 from core.config import build as build_config
-from core.errors import UserError
 
 KINDS = {
     "vqvae": "vqvae.model",
@@ -17,9 +15,7 @@ KINDS = {
 
 def kind(name):
     """The module of tokenizer kind `name` (a UserError naming the known ones otherwise)."""
-    if name not in KINDS:
-        raise UserError(f"--tokenizer must be one of {', '.join(KINDS)}, got '{name}'")
-    return importlib.import_module(KINDS[name])
+    return registry.load(KINDS, name, "--tokenizer")
 
 
 def build(name, config_dict):

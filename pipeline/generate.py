@@ -52,11 +52,10 @@ class GenerationConfig:
     labels: Optional[str] = field(None, "conditional priors: one sample per listed label, in "
                                         "order ('3,3,7'), or 'all' (each class in turn for "
                                         "num_samples)")
-    tone_samples: int = field(TONE_SAMPLES, "VQ-VAE tokenizers: grids of the draw that fits "
-                                            "tone matching, which gives the samples the training "
-                                            "images' distribution of pixel values (README, *Tone "
-                                            "matching*); drawn once per setting and kept on the "
-                                            "prior run; 0 = off")
+    tone_samples: int = field(TONE_SAMPLES, "tokenizers that record their training images' "
+                                            "pixel quantiles (the VQ-VAE): grids of the draw "
+                                            "that fits tone matching (docs/quality.md); drawn "
+                                            "once per setting and kept on the prior run; 0 = off")
 
     def validate(self):
         if self.num_samples < 1:

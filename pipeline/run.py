@@ -40,7 +40,7 @@ PRESETS = {
     # 1,200 VQ-VAE steps (PSNR 30.1 dB, was 28.4 at 600) lifted the samples' recall from 0.82
     # to 0.88, and 2,400 steps (30.9 dB) their validation FD ratio from 1.11 to 1.02 (8 seeds);
     # 2,400 prior steps and the sampling settings were picked on the validation split with
-    # experiments/sweep_sampling.py (README, *What the demo reaches*).
+    # experiments/sweep_sampling.py (docs/results.md).
     "small": {
         "pixels": {"image_size": 16, "mode": "levels", "bits": 4},
         "vqvae": {"image_size": 16, "channels": 64, "downsample": 4, "codebook_size": 64,

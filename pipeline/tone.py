@@ -5,7 +5,7 @@ Why: a VQ-VAE trained with MSE renders an uncertain stroke edge as a grey averag
 sampled above temperature 1 picks such edge codes more often than the data does. The samples
 then carry a faint halo: on the demo digits 35.4% of their pixels are blank (< 0.05) against
 37.2% of the training digits', and that one offset was half of their excess Frechet distance
-(README, *Why the held-out digits judge harder*). The halo is a property of the prior at its
+(docs/quality.md, *Why the held-out digits judge harder*). The halo is a property of the prior at its
 sampling settings, not of one image, so the map is fitted once per generation on a separate,
 class-balanced calibration draw (never on the judged samples, never on held-out images):
 per channel, the draw's pixel quantiles are sent to the training images' quantiles, which the

@@ -7,7 +7,12 @@ where it takes more than priors.settings.SamplingConfig (which it subclasses). A
 is one line here.
 """
 
-import importlib
+import dataclasses
+
+from core import registry
+from core.config import build as build_config
+from core.errors import UserError
+from priors.settings import SamplingConfig
 
 FAMILIES = {
     "gpt": "transformer.gpt",
@@ -21,16 +26,12 @@ FAMILIES = {
 
 def family(name):
     """The module of family `name` (a UserError naming the known ones otherwise)."""
-    from core.errors import UserError
-    if name not in FAMILIES:
-        raise UserError(f"--prior must be one of {', '.join(FAMILIES)}, got '{name}'")
-    return importlib.import_module(FAMILIES[name])
+    return registry.load(FAMILIES, name, "--prior")
 
 
 def sampling_class(name):
     """The dataclass of family `name`'s sampling settings: its module's `Sampling`, else the
     settings every prior takes (priors.settings.SamplingConfig)."""
-    from priors.settings import SamplingConfig
     return getattr(family(name), "Sampling", SamplingConfig)
 
 
@@ -39,7 +40,6 @@ def all_sampling():
     field where several declare a name): the flags of a script that learns the family only when
     it loads the run. A field not every family takes says which ones do in its help; the family
     refuses the others (sampling_settings)."""
-    import dataclasses
     takers, first = {}, {}
     for name in FAMILIES:
         for f in dataclasses.fields(sampling_class(name)):
@@ -59,8 +59,6 @@ def sampling_settings(name, settings, where="--{}"):
     """Family `name`'s sampling dataclass from a dict of settings (None: not given, the field's
     default), validated. An option the family does not take is a UserError that names the
     families taking it; `where` formats a setting's name ("--{}", "request 3: {}")."""
-    import dataclasses
-    from core.errors import UserError
     kind = sampling_class(name)
     names = {f.name for f in dataclasses.fields(kind)}
     given = {k: v for k, v in settings.items() if v is not None}
@@ -80,7 +78,6 @@ def sampling_settings(name, settings, where="--{}"):
 def build(name, config_dict):
     """A fresh model of family `name` from a config dict (unknown keys are ignored, missing
     ones take their defaults, so checkpoints from older versions still load)."""
-    from core.config import build as build_config
     module = family(name)
     model = module.Model(build_config(module.Config, config_dict))
     return model

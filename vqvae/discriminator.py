@@ -10,7 +10,7 @@ loss, and the adaptive weight of VQGAN (Esser et al. 2021).
   large the raw losses are.
 
 VQGAN also adds a perceptual (LPIPS) loss on VGG features; pretrained networks cannot be
-downloaded here, so there is none (see the README for what was measured without it).
+downloaded here, so there is none (see docs/tokenizers.md for what was measured without it).
 """
 
 from dataclasses import dataclass
