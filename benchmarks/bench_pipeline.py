@@ -46,19 +46,19 @@ def main():
         again = json.loads((tmp / "out" / "summary.json").read_text())
 
     t, m, s = summary["timings"], summary["metrics"], summary["settings"]
-    vq, pr = s["vqvae"], s["prior"]
+    vq, pr = s["tokenizer"], s["prior"]
     print(f"preset {args.preset}: 1,500 training digits, judged against 297 held-out digits")
-    print(f"first run : {first:6.1f} s wall (process), stages: vqvae {t['vqvae_s']:.1f} s "
-          f"({vq['max_steps'] * vq['batch_size'] / t['vqvae_s']:.0f} images/s incl. eval), "
+    print(f"first run : {first:6.1f} s wall (process), stages: vqvae {t['tokenizer_s']:.1f} s "
+          f"({vq['max_steps'] * vq['batch_size'] / t['tokenizer_s']:.0f} images/s incl. eval), "
           f"quantize {t['quantize_s']:.1f} s, prior {t['prior_s']:.1f} s "
           f"({pr['max_steps'] * pr['batch_size'] * 16 / t['prior_s']:.0f} tokens/s incl. eval), "
           f"generate+decode {t['generate_s']:.1f} s "
           f"({t['sampling_codes_per_s']:.0f} codes/s sampling), quality {t['quality_s']:.1f} s")
     print(f"second run: {second:6.1f} s wall ({second / first:.0%} of the first; stages "
           f"{again['stages']})")
-    print(f"VQ-VAE: val/psnr_db {m['vqvae/val/psnr_db']:.2f}, val/codebook_usage "
-          f"{m['vqvae/val/codebook_usage']:.3f}, val/codebook_perplexity "
-          f"{m['vqvae/val/codebook_perplexity']:.1f}")
+    print(f"VQ-VAE: val/psnr_db {m['tokenizer/val/psnr_db']:.2f}, val/codebook_usage "
+          f"{m['tokenizer/val/codebook_usage']:.3f}, val/codebook_perplexity "
+          f"{m['tokenizer/val/codebook_perplexity']:.1f}")
     print("prior: " + ", ".join(f"{k[len('prior/'):]} {v:.3f}" for k, v in sorted(m.items())
                                 if k.startswith("prior/val/")))
     print(f"samples: FD {m['quality/fd']:.5f} vs real-vs-real {m['quality/fd_real']:.5f} "

@@ -23,7 +23,7 @@ def field_type(f):
 
 def add_flags(parser, config_class, skip=(), prefix="", hidden=False):
     """One `--{prefix}name` flag per dataclass field, defaulting to argparse.SUPPRESS (= not
-    given). The prefix (e.g. "vqvae.") lets one command take the flags of several stages;
+    given). The prefix (e.g. "prior.") lets one command take the flags of several stages;
     `hidden` leaves them out of --help (a second spelling of flags listed elsewhere)."""
     for f in dataclasses.fields(config_class):
         if f.name in skip or not f.init:

@@ -81,7 +81,7 @@ def main():
     real, judged, labels, judged_labels = load_split_images(tokenizer.run_id, args.path_to_data,
                                                             args.heldout_csv)
     reference = QualityReference(judged, real, labels, judged_labels)
-    recon = reconstruct_all(lambda x: tokenizer.decode(tokenizer.encode(x)), real)
+    recon = reconstruct_all(tokenizer.reconstruct, real)
     guidance = args.guidance if prior.classes and args.guidance != 1 else None
     label_ids, num_samples = prior.label_ids("all" if prior.classes else None, args.num_samples)
     settings = {"temperature": args.temperature, "guidance": guidance, "top_p": args.top_p}

@@ -125,7 +125,7 @@ def main():
                                                                      args.path_to_data)
             reference = QualityReference(val, train, train_labels, val_labels)
             train_stats = gaussian_stats(reference.embed(train))
-            reconstruct = lambda x: tokenizer.decode(tokenizer.encode(x))
+            reconstruct = tokenizer.reconstruct
             ceiling = tokenizer_ceiling(reconstruct, reference)
             ceiling["fd_train"] = fd_to_train(reference, reconstruct_all(reconstruct, train),
                                               train_stats)

@@ -16,8 +16,9 @@ How a kind is made: `fitted = True` means one pass over the training split's ima
 `fitted = False` means gradient steps (pipeline/train_tokenizer.py, where `forward(images)`
 returns (reconstruction, loss, tokens)).
 
-A kind is a model file with a config dataclass (with `image_size` and `in_channels`) and a
-`Tokenizer` subclass, plus one line in image_tokenizers/__init__.py.
+A kind is a model file with a config dataclass (with `image_size`, `in_channels` and
+`validate()`) and a `Tokenizer` subclass, named `Config` and `Model` at the module's end, plus one
+line in image_tokenizers/__init__.py.
 """
 
 import torch.nn as nn

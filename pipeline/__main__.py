@@ -20,21 +20,19 @@ from pathlib import Path
 import image_tokenizers
 import priors
 from core.config import add_flags, given
-from pipeline.run import PRESETS, run_pipeline, tokenizer_trainer
-from pipeline.train_prior import TrainConfig as PriorTrainConfig
-from priors.base import DATA_FIELDS
 from core.errors import UserError
 from pipeline.cli import run_cli
+from pipeline.generate import GenerationConfig
+from pipeline.run import NOT_IN_PIPELINE, PRESETS, run_pipeline, tokenizer_trainer
 from pipeline.tracking import resolve_run_id
+from pipeline.train_prior import TrainConfig as PriorTrainConfig
+from priors.base import DATA_FIELDS
 
 
 def sample_flags(parser, family_name):
     """--sample.<flag>: the generation's settings (transformer_generation.py's, less --seed,
     which is the pipeline's own) and those of the prior family's sampling dataclass, less the
     ones the pipeline cannot judge (pipeline.run.NOT_IN_PIPELINE)."""
-    import priors
-    from pipeline.generate import GenerationConfig
-    from pipeline.run import NOT_IN_PIPELINE
     group = parser.add_argument_group("sampling (--sample.<flag>, transformer_generation.py's)")
     add_flags(group, GenerationConfig, skip=("seed",), prefix="sample.")
     add_flags(group, priors.sampling_class(family_name), skip=NOT_IN_PIPELINE, prefix="sample.")
@@ -65,7 +63,7 @@ def main(argv=None):
         parser.add_argument("--path_to_data", required=True, help="CSV with an image_path column")
         parser.add_argument("--out_dir", required=True)
         parser.add_argument("--heldout", help="CSV of held-out images to judge samples against "
-                                              "(default: the VQ-VAE's validation split)")
+                                              "(default: the tokenizer's validation split)")
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--register", default="demo-digits" if demo else None,
                         help="register the prior's MLflow Model under this name (alias "

@@ -141,7 +141,7 @@ def fits_in_memory(table, channels, size):
 
 def split_indices(n, val_fraction, seed):
     """Deterministic train/validation split of range(n): the same (n, fraction, seed) always
-    gives the same rows, so later stages can hold out exactly the rows the VQ-VAE held out."""
+    gives the same rows, so later stages can hold out exactly the rows the tokenizer held out."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     n_val = int(round(n * val_fraction))
@@ -236,7 +236,7 @@ class Source:
 
     def __init__(self, table):
         self.table = table
-        self._sha256, self._channels, self._images, self._splits = None, {}, {}, {}
+        self._sha256, self._readable, self._images, self._splits = None, {}, {}, {}
 
     @property
     def sha256(self):
@@ -244,22 +244,29 @@ class Source:
             self._sha256 = file_sha256(self.table.csv_path)
         return self._sha256
 
-    def channels(self, skip_bad=False):
-        """1 when every image is grayscale, else 3 (headers only; see detect_channels)."""
-        if skip_bad not in self._channels:
-            self._channels[skip_bad] = detect_channels(self.table, skip_bad)[0]
-        return self._channels[skip_bad]
+    def readable(self, skip_bad=False):
+        """(channels, table): 1 when every image is grayscale, else 3, and the table less the
+        files whose header cannot be read when skip_bad (each named once in a warning; without
+        skip_bad the first one is a one-line error). Headers only: see detect_channels."""
+        if skip_bad not in self._readable:
+            self._readable[skip_bad] = detect_channels(self.table, skip_bad)
+        return self._readable[skip_bad]
 
-    def first_size(self):
-        """The first image's shorter side: a default image size for tokenizers that keep it."""
-        with Image.open(self.table.paths[0]) as first:
+    def channels(self, skip_bad=False):
+        return self.readable(skip_bad)[0]
+
+    def first_size(self, skip_bad=False):
+        """The first readable image's shorter side: a default size for tokenizers that keep it."""
+        with Image.open(self.readable(skip_bad)[1].paths[0]) as first:
             return min(first.size)
 
     def images(self, channels, size, skip_bad=False, num_workers=2):
-        """The ImageData of this CSV at (channels, size), decoded on the first call only."""
+        """The ImageData of this CSV at (channels, size), decoded on the first call only (with
+        skip_bad, of the readable rows: see `readable`)."""
         key = (channels, size, skip_bad)
         if key not in self._images:
-            self._images[key] = ImageData(self.table, channels, size, skip_bad, num_workers)
+            table = self.readable(True)[1] if skip_bad else self.table
+            self._images[key] = ImageData(table, channels, size, skip_bad, num_workers)
         return self._images[key]
 
     def split(self, val_fraction, seed, data=None):

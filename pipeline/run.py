@@ -21,10 +21,12 @@ import torch
 from pipeline import describe, tracking
 import image_tokenizers
 import priors
+from priors.settings import LARGER_IMAGES
 from pipeline.quality import K_NEIGHBOURS, QualityReference, report_draws, run_ceiling
 from pipeline.tokenizers import FitConfig, fit_tokenizer, quantize
 from pipeline.train_prior import TrainConfig as PriorTrainConfig, train_prior
-from pipeline.train_tokenizer import TrainConfig as TokenizerTrainConfig, train_vqvae
+from pipeline.train_tokenizer import KIND as TOKENIZER_KIND, TrainConfig as TokenizerTrainConfig
+from pipeline.train_tokenizer import train_vqvae
 from core.errors import UserError
 from pipeline.generate import generate, more_draws
 from pipeline.images import Source, read_source
@@ -79,7 +81,7 @@ PRESETS = {
 # refuses the ones it does not take; labels ('3,3,7' or 'all') and guidance need a conditional
 # prior. These sampling settings are not --sample.<flag>s: they change the images' size, and the
 # quality figures compare the samples with held-out images of the tokenizer's size.
-NOT_IN_PIPELINE = ("grid_h", "grid_w")
+NOT_IN_PIPELINE = LARGER_IMAGES
 # The parent run's metrics; the stages' own names keep their units (val/psnr_db, ...).
 METRICS = {
     "tokenizer/val/*": "the tokenizer run's last validation figures, under that run's names "
@@ -110,6 +112,11 @@ METRICS = {
 }
 
 
+# The trainers of the tokenizer kinds trained by steps (image_tokenizers/base.py: fitted False);
+# fitted kinds all share tokenizers.fit_tokenizer.
+STEP_TRAINERS = {TOKENIZER_KIND: (TokenizerTrainConfig, train_vqvae)}
+
+
 def tokenizer_trainer(kind):
     """(train config class, train function) for tokenizer kind `kind`: fitted kinds are fitted
     in one pass (tokenizers.fit_tokenizer), the others trained by steps
@@ -118,10 +125,14 @@ def tokenizer_trainer(kind):
     if image_tokenizers.kind(kind).Model.fitted:
         def fit(model_flags=None, train_flags=None, resume_run_id=None, parent_run_id=None,
                 tags=None, source=None):
+            # a fitted run never writes last.pt, so find_stage_run never asks to resume one
             return fit_tokenizer(kind, model_flags, train_flags, parent_run_id, tags, source,
                                  codes_name="train")
         return FitConfig, fit
-    return TokenizerTrainConfig, train_vqvae
+    if kind not in STEP_TRAINERS:
+        raise UserError(f"--tokenizer {kind} is trained by steps, and no trainer is registered "
+                        f"for it in pipeline/run.py STEP_TRAINERS")
+    return STEP_TRAINERS[kind]
 
 
 def stage_key(*parts):
@@ -286,6 +297,10 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     heldout = read_source(heldout_csv) if heldout_csv else None
     out_dir = Path(out_dir)
     overrides = overrides or {}
+    unknown = set(overrides) - {"tokenizer", "prior", "sample"}
+    if unknown:
+        raise UserError(f"unknown stage(s) {', '.join(sorted(unknown))} in the overrides; the "
+                        f"stages are tokenizer, prior and sample")
     presets = {**PRESETS[preset], "tokenizer": PRESETS[preset].get(tokenizer, {})}
     settings = {stage: {"seed": seed, **presets[stage], **overrides.get(stage, {})}
                 for stage in ("tokenizer", "prior", "sample")}
@@ -358,9 +373,10 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
                     "register": None,
                     "val_fraction": settings["tokenizer"].get("val_fraction",
                                                               train_config.val_fraction)}
+        # (val_fraction is the tokenizer's, which its run id already fixes)
         pr_key = stage_key("prior", tok_run, csv_hash, pr_model,
                            {k: v for k, v in pr_train.items()
-                            if k not in ("experiment", "register", "log_model")})
+                            if k not in ("experiment", "register", "log_model", "val_fraction")})
         prior_run, prior_action = run_stage("prior", pr_key, experiment, train_prior, pr_model,
                                             pr_train, parent, split=split)
         timings["prior_s"] = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""The life of one training run in MLflow, shared by the VQ-VAE and prior trainers.
+"""The life of one training run in MLflow, shared by every trainer (pipeline/train_loop.py).
 
 A run records `config.json` ({"model": ..., "train": ...}) and every setting as a param, logs
 metrics and images through a background `Uploader`, and keeps two checkpoints,

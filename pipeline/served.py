@@ -52,8 +52,10 @@ def request_columns(family):
     family's sampling settings (priors.sampling_class; their kinds from the field types), seed."""
     import priors
     from core.config import field_type
+    from priors.settings import LARGER_IMAGES  # not served: a request could ask for any size
     sampling = {f.name: KINDS[field_type(f)]
-                for f in dataclasses.fields(priors.sampling_class(family))}
+                for f in dataclasses.fields(priors.sampling_class(family))
+                if f.name not in LARGER_IMAGES}
     return {"num_samples": "whole number", "label": "string", **sampling, "seed": "whole number"}
 
 

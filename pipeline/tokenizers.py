@@ -35,9 +35,9 @@ class RunTokenizer:
     batches, results on the CPU. `pixel_quantiles` (C, tone.KNOTS): the training images'
     pixel quantiles, where the run recorded them (what tone matching sends samples to)."""
 
-    def __init__(self, model, run_id, device, pixel_quantiles=None):
+    def __init__(self, model, run_id, device, pixel_quantiles=None, step=0):
         self.model, self.run_id, self.device = model.to(device), run_id, device
-        self.pixel_quantiles = pixel_quantiles
+        self.pixel_quantiles, self.step = pixel_quantiles, step  # step: the checkpoint's
         self.kind = model.kind
         self.vocab_size, self.grid = model.vocab_size, tuple(model.grid)
         self.values_per_pixel, self.ordered = model.values_per_pixel, model.ordered
@@ -79,19 +79,17 @@ class RunTokenizer:
 def tokenizer_from_checkpoint(checkpoint, device, run_id=None):
     """A RunTokenizer from a loaded checkpoint dict (any registered kind)."""
     return RunTokenizer(image_tokenizers.from_checkpoint(checkpoint), run_id, device,
-                        checkpoint.get("pixel_quantiles"))
+                        checkpoint.get("pixel_quantiles"), checkpoint.get("step", 0))
 
 
 def load_tokenizer(run_id, device=None, flag="--run_id"):
     """The tokenizer of a tokenizer run (a run id or a models:/ URI naming one), weights
-    loaded weights-only; returns (RunTokenizer, the checkpoint's step)."""
+    loaded weights-only: a RunTokenizer."""
     run_id = tracking.resolve_run_id(run_id, flag)
     tracking.get_run(run_id, STAGE, flag=flag)
     device = pick_device(device) if not isinstance(device, torch.device) else device
     checkpoint = load_run_checkpoint(run_id, STAGE, tuple(image_tokenizers.KINDS), flag=flag)
-    tokenizer = tokenizer_from_checkpoint(checkpoint, device, run_id)
-    tokenizer.step = checkpoint.get("step", 0)
-    return tokenizer
+    return tokenizer_from_checkpoint(checkpoint, device, run_id)
 
 
 def log_codes(tokenizer, source, data, name, batch_size=256):
@@ -156,7 +154,8 @@ def fit_tokenizer(kind, model_flags=None, fit_flags=None, parent_run_id=None, ta
         raise UserError("--path_to_data is required (a CSV with an image_path column)")
     source = source or read_source(fit.path_to_data)
     geometry = {"in_channels": fit.in_channels or source.channels(fit.skip_bad_images),
-                "image_size": (model_flags or {}).get("image_size") or source.first_size()}
+                "image_size": (model_flags or {}).get("image_size")
+                or source.first_size(fit.skip_bad_images)}
     config = build(module.Config, model_flags or {}, geometry)
     config.validate()
     data = source.images(config.in_channels, config.image_size, fit.skip_bad_images)
@@ -196,9 +195,9 @@ def fit_tokenizer(kind, model_flags=None, fit_flags=None, parent_run_id=None, ta
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(checkpoint, Path(tmp) / "best.pt")
             tracking.log_artifact(run_id, Path(tmp) / "best.pt", "checkpoints")
-            for name, value in model.named_buffers():  # what was fitted (a palette), readable
-                np.save(Path(tmp) / f"{name}.npy", value.numpy())  # without torch
-                tracking.log_artifact(run_id, Path(tmp) / f"{name}.npy")
+            for buffer, value in model.named_buffers():  # what was fitted (a palette),
+                np.save(Path(tmp) / f"{buffer}.npy", value.numpy())  # readable without torch
+                tracking.log_artifact(run_id, Path(tmp) / f"{buffer}.npy")
         tokenizer = RunTokenizer(model, run_id, torch.device("cpu"))
         log_codes(tokenizer, source, data, codes_name or Path(fit.path_to_data).stem)
         status = "FINISHED"

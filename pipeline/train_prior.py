@@ -26,7 +26,7 @@ from pipeline.runs import TrainingRun, recorded_config
 from pipeline.train_loop import apply_gradients, check_finite, check_settings
 
 STAGE = "prior"
-# Named like the VQ-VAE's: quantity and unit, so the stages never share a chart by accident.
+# Named like the tokenizer's: quantity and unit, so the stages never share a chart by accident.
 METRICS = {
     "train/nats_per_token": "training objective per batch: mean negative log-likelihood of a "
                             "token, in nats (absorbing: its weighted masked-token loss)",

@@ -316,8 +316,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                            "num_train": len(train_idx), "num_val": len(val_idx)}}
         params = {**asdict(train), **asdict(model_config), "num_images": len(data),
                   "world_size": ctx.world_size}  # resolved model values win
-        name = describe.run_name(KIND, f"f{model_config.downsample}",
-                                 f"K{model_config.codebook_size}", f"{model_config.image_size}px")
+        name = model.run_name()
         note = run_description(model_config, train, {**train_flags, **(model_flags or {})},
                                config["data"]["csv_sha256"], len(train_idx), len(val_idx))
         datasets = describe.csv_inputs(table.csv_path, config["data"]["csv_sha256"],
@@ -358,7 +357,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     trainer = train_loop.Trainer(
         label="vqvae", unit="images", loss="train/vq_loss", loss_digits=4,
         step=take_step, evaluate=validate, summary=summary,
-        checkpoint=lambda: {"kind": "vqvae", "config": asdict(model_config),
+        checkpoint=lambda: {"kind": KIND, "config": asdict(model_config),
                             "pixel_quantiles": quantiles,  # what tone matching sends samples to
                             **({"discriminator": adversary.state_dict()} if adversary else {})},
         # the slider's step 0, before any training; then one image per evaluation

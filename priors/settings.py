@@ -23,6 +23,12 @@ from core.errors import UserError
 from priors.sampling import MAX_GUIDANCE
 
 
+# Settings (of some families) that make images larger than the tokenizer's: the pipeline cannot
+# judge such samples against held-out images, and a served model would let one request ask for
+# any size, so neither takes them (transformer_generation.py does).
+LARGER_IMAGES = ("grid_h", "grid_w")
+
+
 @dataclass
 class SamplingConfig:
     temperature: float = field(1.0, "divides the log-probabilities of every drawn token (0 = "

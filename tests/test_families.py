@@ -63,6 +63,22 @@ def test_palette_tokenizer_fits_k_colours_and_round_trips(store, rgb_csv):
     assert palette.max() > 0.8 and palette.min() < 0.15
 
 
+def test_a_fitted_tokenizer_skips_an_unreadable_first_image(store, tmp_path, capsys):
+    """--skip_bad_images: the broken first row is named once and left out of the fit, of the
+    image size taken from the first image, and of the codes."""
+    names = make_images(tmp_path / "imgs", n=12, size=8)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")
+    csv = write_csv(tmp_path / "data.csv", ["imgs/broken.png,0"] + [f"imgs/{n},0" for n in names])
+    run_id = run_main(quantize_dataset.main, ["--path_to_data", str(csv), "--tokenizer",
+                                              "pixels", "--bits", "2", "--skip_bad_images"])
+    codes, meta = load_run_codes(run_id)
+    assert codes.shape == (12, 8, 8) and meta["rows"] == list(range(1, 13))
+    assert capsys.readouterr().err.count("warning: skipping") == 1  # named once
+    message = cli_error(quantize_dataset.main, ["--path_to_data", str(csv), "--tokenizer",
+                                                "pixels"], capsys)
+    assert "data.csv row 1" in message and "broken.png" in message
+
+
 def test_a_prior_on_pixel_levels_with_the_mixture_head_generates_images(store, rgb_csv, tmp_path):
     tokenizer = run_main(quantize_dataset.main, ["--path_to_data", str(rgb_csv), "--pixels",
                                                  "levels", "--bits", "2"])
