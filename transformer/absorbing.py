@@ -395,7 +395,8 @@ class AbsorbingSampling(SamplingConfig):
         if self.choice_temperature is not None and not 0 <= self.choice_temperature < math.inf:
             raise UserError(f"{where.format('choice_temperature')} must be >= 0, got "
                             f"{self.choice_temperature}")
-        for name in ("steps", "grid_h", "grid_w"):  # their upper bounds need the model
+        # (steps: sample() says "must be in 1..N", N the grid's tokens, which it alone knows)
+        for name in ("grid_h", "grid_w"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{where.format(name)} must be at least 1, got "
                                 f"{getattr(self, name)}")
