@@ -60,7 +60,7 @@ def main(argv=None):
         if args.pixels:
             model_flags.setdefault("mode", args.pixels)
         fit_flags = {**given(args, FitConfig), "path_to_data": args.path_to_data}
-        run_id = fit_tokenizer(kind, model_flags, fit_flags)
+        run_id = fit_tokenizer(kind, model_flags, fit_flags, codes_name=args.name)
     elif args.run_id:
         run_id = quantize(resolve_run_id(args.run_id), args.path_to_data, args.name,
                           args.batch_size, args.device)

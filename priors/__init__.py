@@ -55,11 +55,12 @@ def all_sampling():
     return dataclasses.make_dataclass("AllSampling", fields)
 
 
-def sampling_settings(name, settings, where="--{}"):
-    """Family `name`'s sampling dataclass from a dict of settings (None: not given, the field's
-    default), validated. An option the family does not take is a UserError that names the
-    families taking it; `where` formats a setting's name ("--{}", "request 3: {}")."""
-    kind = sampling_class(name)
+def sampling_settings(name, settings, where="--{}", kind=None):
+    """Family `name`'s sampling dataclass (`kind`, default sampling_class(name)) from a dict of
+    settings (None: not given, the field's default), validated. An option the family does not
+    take is a UserError that names the families taking it; `where` formats a setting's name
+    ("--{}", "request 3: {}")."""
+    kind = kind or sampling_class(name)
     names = {f.name for f in dataclasses.fields(kind)}
     given = {k: v for k, v in settings.items() if v is not None}
     unknown = [k for k in given if k not in names]

@@ -24,7 +24,9 @@ import torch.nn as nn
 
 from core.config import field
 from core.errors import UserError
+import priors  # the registry: a family's own sampling dataclass
 from priors.heads import make_head
+from priors.settings import SamplingConfig
 
 
 # PriorConfig fields set from the tokens, never by a flag
@@ -105,19 +107,9 @@ class Prior(nn.Module):
     def sampling_settings(self, **settings):
         """sample()'s keyword settings as this family's sampling dataclass, checked (None: not
         given); a UserError for an option the family does not take."""
-        import priors
-        if self.family in priors.FAMILIES:
-            return priors.sampling_settings(self.family, settings)
-        import dataclasses
-        from priors.settings import SamplingConfig  # a model outside the registry
-        given = {k: v for k, v in settings.items() if v is not None}
-        names = {f.name for f in dataclasses.fields(SamplingConfig)}
-        unknown = [k for k in given if k not in names]
-        if unknown:
-            raise UserError(f"the {self.family} prior does not take --{', --'.join(unknown)}")
-        config = SamplingConfig(**given)
-        config.validate()
-        return config
+        registered = self.family in priors.FAMILIES  # else a model outside the registry
+        return priors.sampling_settings(self.family, settings,
+                                        kind=None if registered else SamplingConfig)
 
     def check_sample_args(self, guidance, labels):
         if guidance is not None and guidance != 1:

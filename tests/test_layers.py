@@ -49,7 +49,7 @@ def import_graph(modules):
     graph = {}
     for module, path in modules.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        targets = set()
+        explicit, implied = set(), set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names = []
             if isinstance(node, ast.Import):
@@ -59,15 +59,16 @@ def import_graph(modules):
                 if node.level:  # relative: from . import x, from ..a import b
                     up = package.split(".")[:len(package.split(".")) - node.level + 1]
                     base = ".".join(up + ([base] if base else []))
-                names = [f"{base}.{alias.name}" for alias in node.names] + [base]
+                # `from a import b`: the module a.b if there is one, else a (resolve)
+                names = [f"{base}.{alias.name}" for alias in node.names]
             for name in names:
                 target = resolve(name)
                 if target:
-                    targets |= with_parents(target)
-        targets.discard(module)
-        # a module's own packages are run before it: not an import of its own making
-        targets -= with_parents(module)
-        graph[module] = targets
+                    explicit.add(target)
+                    implied |= with_parents(target)
+        # a module's own packages run before it: implied, not an import of its own making
+        # (an explicit `import priors` inside priors/base.py still counts)
+        graph[module] = (explicit | (implied - with_parents(module))) - {module}
     return graph
 
 
@@ -126,10 +127,11 @@ def test_the_scan_sees_function_level_imports(tmp_path):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "__init__.py").write_text("")
     (tmp_path / "pkg" / "m.py").write_text("from . import n\n")
-    (tmp_path / "pkg" / "n.py").write_text("")
+    (tmp_path / "pkg" / "n.py").write_text("import pkg\n")
     found = import_graph(project_modules(tmp_path))
     assert found["a"] == {"b"} and found["b"] == {"a"}
-    assert found["pkg.m"] == {"pkg.n"}
+    assert found["pkg.m"] == {"pkg.n"}  # its own package `pkg` runs first: implied
+    assert found["pkg.n"] == {"pkg"}  # an explicit import of its package counts
     assert cycles(found) == [["a", "b"]]
 
 
