@@ -219,19 +219,25 @@ def load_split_images(tokenizer_run_id, source, heldout=None):
     source = source if isinstance(source, Source) else read_source(source)
     if heldout is not None and not isinstance(heldout, Source):
         heldout = read_source(heldout)
-    data, (train_idx, val_idx) = tokenizer_split(tokenizer_run_id, source)
+    return judged_images(*tokenizer_split(tokenizer_run_id, source), heldout)
+
+
+def judged_images(data, split, heldout=None):
+    """load_split_images from the tokenizer's ImageData and (training rows, validation rows)
+    (tokenizer_split) and the held-out CSV (a Source, or None)."""
+    train_idx, val_idx = split
     load = lambda d, idx: torch.cat(list(d.ordered(idx, 512))).float() / 255
     if heldout is not None:
         train_idx = range(len(data))
         heldout_data = heldout.images(data.channels, data.size)
-        heldout = load(heldout_data, range(len(heldout_data)))
+        heldout_images = load(heldout_data, range(len(heldout_data)))
         heldout_labels = heldout_data.table.labels
     else:
-        heldout = load(data, val_idx)
+        heldout_images = load(data, val_idx)
         heldout_labels = None if data.table.labels is None else [data.table.labels[i]
                                                                  for i in val_idx]
     labels = None if data.table.labels is None else [data.table.labels[i] for i in train_idx]
-    return load(data, train_idx), heldout, labels, heldout_labels
+    return load(data, train_idx), heldout_images, labels, heldout_labels
 
 
 def describe_pipeline(preset, path_to_data, settings, command, stages=None, kind="vqvae"):
@@ -344,8 +350,9 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         # 1b. the tokenizer's ceiling: the quality figures a perfect prior over its codes would
         # reach (pipeline.quality.tokenizer_ceiling), logged on the tokenizer run
         t0 = time.perf_counter()
-        train_images, heldout_images, labels, heldout_labels = load_split_images(
-            tok_run, source, heldout)
+        tok_data, split = tokenizer_split(tok_run, source)  # also the prior's split, below
+        train_images, heldout_images, labels, heldout_labels = judged_images(tok_data, split,
+                                                                             heldout)
         # the judge's own seed is fixed: --seed re-draws the training, not the yardstick (with
         # --seed 1 it had moved one prior's FD ratio from 1.43 to 1.26)
         reference = QualityReference(heldout_images, train_images, labels, heldout_labels)
@@ -368,7 +375,6 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         family = priors.family(settings["prior"].get("prior", "gpt"))
         pr_model, pr_train = split_flags(settings["prior"], family.Config, PriorTrainConfig)
         # the prior holds out the tokenizer's validation rows: its split is handed down
-        split = tokenizer_split(tok_run, source)[1]
         pr_train = {**pr_train, "run_id": tok_run, "codes": "train", "experiment": experiment,
                     "register": None,
                     "val_fraction": settings["tokenizer"].get("val_fraction",

@@ -245,7 +245,7 @@ def log_generator(prior_run_id, register=None):
                              metadata={"request_columns": request_columns(family_of(run)),
                                        "prior_run_id": prior_run_id,
                                        "tokenizer_run_id": tokenizer_run_id,
-                                       "prior": tracking.stage_of(run)[1]})
+                                       "prior": family_of(run)})
     version = getattr(info, "registered_model_version", None)
     print(f"logged model {info.model_uri}" + (f", registered as models:/{register}/{version}"
                                               if register else ""), file=sys.stderr)
