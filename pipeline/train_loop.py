@@ -16,9 +16,11 @@ What differs between trainers comes in a `Trainer`: how to take one step and wha
 to evaluate and which score picks best.pt, its own checkpoint entries, what to do after an
 evaluation, the throughput's unit. The loop's settings are fields of the trainer's TrainConfig:
 batch_size, max_steps, learning_rate, eval_every, checkpoint_every, checkpoint_dir, and, where the
-trainer offers them as flags, ema_decay and max_minutes:
-    ema_decay    keep an exponential moving average of the weights (WeightAverage), which is
-                 what evaluation sees; its checkpoints then have an `ema` entry (None when off)
+trainer offers them as flags, ema_decay and max_minutes; and lr_schedule, lr_decay and epochs
+(pipeline/schedule.py):
+    ema_decay    keep an exponential moving average of the weights (WeightAverage, with a
+                 warm-up), which is what evaluation sees; its checkpoints then have an `ema`
+                 entry (None when off)
     max_minutes  a time budget, on which the learning-rate schedule then runs; its checkpoints
                  then have a `trained_s` entry, so that a resume goes on spending the same budget
 """
@@ -35,7 +37,7 @@ from tqdm import tqdm
 from core.errors import UserError
 from pipeline import distributed
 from pipeline.runs import resume
-from pipeline.schedule import learning_rate_at
+from pipeline.schedule import SCHEDULES, epochs_to_steps, learning_rate_at, steps_per_epoch
 
 SPEED_LABELS = {"images": "img_s", "tokens": "tok_s"}  # the progress bar's throughput
 
@@ -57,6 +59,31 @@ def check_settings(train, world_size):
     ema_decay = getattr(train, "ema_decay", None)
     if ema_decay is not None and not 0 < ema_decay < 1:
         raise UserError(f"--ema_decay must be in (0, 1), got {ema_decay}")
+    if train.lr_schedule not in SCHEDULES:
+        raise UserError(f"--lr_schedule must be one of {', '.join(SCHEDULES)}, got "
+                        f"'{train.lr_schedule}'")
+    if train.lr_decay is not None and not 0 < train.lr_decay <= 1:
+        raise UserError(f"--lr_decay must be in (0, 1], got {train.lr_decay}")
+    if train.epochs is not None and train.epochs <= 0:
+        raise UserError(f"--epochs must be positive, got {train.epochs}")
+
+
+def settle_budget(train, flags, resumed):
+    """--epochs or --max_steps, not both: a resume that is given --max_steps extends the run
+    in steps, whatever budget it started with. `flags`: the flags given on the command line."""
+    if "epochs" in flags and "max_steps" in flags:
+        raise UserError("--epochs and --max_steps both set the length of training: give one")
+    if resumed and "max_steps" in flags:
+        train.epochs = None
+
+
+def apply_epochs(train, train_items):
+    """With --epochs, set max_steps to that many passes over `train_items` items; returns the
+    steps in one epoch (what the step schedule decays by)."""
+    epoch_steps = steps_per_epoch(train_items, train.batch_size)
+    if train.epochs is not None:
+        train.max_steps = epochs_to_steps(train.epochs, train_items, train.batch_size)
+    return epoch_steps
 
 
 def check_finite(loss, run_id, step):
@@ -77,10 +104,14 @@ def apply_gradients(model, optimizer, scaler, grad_clip):
 
 
 class WeightAverage:
-    """An exponential moving average of a model's weights (Polyak averaging).
+    """An exponential moving average of a model's weights (Polyak averaging), with a warm-up.
 
-    It starts as a copy of the weights, not at zero, so it needs no bias correction: after one
-    update it is decay * w0 + (1 - decay) * w1. Buffers are copied, not averaged."""
+    The update after step t (0-based) uses the decay min(decay, (1 + t) / (10 + t)): 0.1 at the
+    first step, 0.5 at t = 8, 0.9 at t = 80, reaching 0.999 only after ~9,000 steps. A constant
+    0.999 from a copy of the initial weights would still be 74% initial weights after 300
+    steps, and short trainings and early evaluations would judge the initialisation. The step
+    comes from the loop, so a resumed run goes on where it was; the checkpoint's `ema` entry is
+    unchanged. Buffers are copied, not averaged."""
 
     def __init__(self, model, decay):
         self.decay = decay
@@ -88,10 +119,14 @@ class WeightAverage:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    def decay_at(self, step):
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, model):
+    def update(self, model, step):
+        weight = 1 - self.decay_at(step)
         for average, current in zip(self.model.parameters(), model.parameters()):
-            average.lerp_(current, 1 - self.decay)
+            average.lerp_(current, weight)
         for average, current in zip(self.model.buffers(), model.buffers()):
             average.copy_(current)
 
@@ -121,6 +156,8 @@ class Trainer:
     after_evaluation(run, model, step)   after an evaluation's metrics are logged
     objective_changed(step)  True when the objective changed since the last evaluation:
                        best.pt then starts over
+    epoch_steps        optimizer steps per pass over the training split (apply_epochs): the
+                       step schedule decays once per epoch
     """
     label: str
     unit: str
@@ -133,6 +170,7 @@ class Trainer:
     begin: Callable = _nothing
     after_evaluation: Callable = _nothing
     objective_changed: Callable = _nothing
+    epoch_steps: int = 1
 
 
 @dataclass
@@ -211,12 +249,13 @@ def loop(ctx, trainer, train, model, optimizer, generator, state, progress=True)
         model.train()
         while step < train.max_steps:
             scheduled = int(train.max_steps * trained_s / budget_s) if budget_s else step
-            lr = learning_rate_at(scheduled, train.learning_rate, train.max_steps)
+            lr = learning_rate_at(scheduled, train.learning_rate, train.max_steps,
+                                  train.lr_schedule, train.lr_decay, trainer.epoch_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             logs, items = trainer.step(step, lr)
             if average is not None:
-                average.update(model)
+                average.update(model, step)
             step += 1
             trained_s = time_spent() if budget_s else time.perf_counter() - clock
             final = step == train.max_steps or (budget_s is not None and trained_s >= budget_s)

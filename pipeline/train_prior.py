@@ -56,7 +56,14 @@ class TrainConfig:
     max_minutes: Optional[float] = field(None, "also stop after this many minutes (wall time, "
                                                "validation included: equal-time comparisons); "
                                                "the learning-rate schedule then runs on the clock")
-    learning_rate: float = field(6e-4, "peak AdamW learning rate (warmup, then cosine)")
+    learning_rate: float = field(6e-4, "peak AdamW learning rate (warmup, then --lr_schedule)")
+    lr_schedule: str = field("cosine", "after warmup: cosine (down to --lr_decay x peak), "
+                                       "constant, or step (x --lr_decay every epoch)")
+    lr_decay: Optional[float] = field(None, "cosine: the last rate as a share of the peak "
+                                            "(default 0.1); step: the factor per epoch "
+                                            "(default 0.9)")
+    epochs: Optional[float] = field(None, "train this many passes over the training split "
+                                          "instead of --max_steps")
     weight_decay: float = field(0.1, "AdamW weight decay on matrices (not on norms/biases)")
     grad_clip: float = field(1.0, "clip the gradient norm to this")
     ema_decay: Optional[float] = field(None, "keep an exponential moving average of the weights "
@@ -83,8 +90,8 @@ class TrainConfig:
         return self.seed if self.split_seed is None else self.split_seed
 
 
-RESUME_OVERRIDES = ("max_steps", "max_minutes", "device", "eval_every", "checkpoint_every",
-                    "checkpoint_dir", "log_model", "register")
+RESUME_OVERRIDES = ("max_steps", "epochs", "max_minutes", "device", "eval_every",
+                    "checkpoint_every", "checkpoint_dir", "log_model", "register")
 
 
 @torch.no_grad()
@@ -211,6 +218,7 @@ def _settings(model_flags, train_flags, resume_run_id):
 def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress,
            split=None):
     module, train, recorded = _settings(model_flags, train_flags, resume_run_id)
+    train_loop.settle_budget(train, train_flags, bool(resume_run_id))
     check_settings(train, ctx.world_size)
     if train.accumulate < 1 or (train.batch_size // ctx.world_size) % train.accumulate:
         raise UserError(f"--accumulate {train.accumulate} must divide each process's batch "
@@ -238,6 +246,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         print("warning: no validation split; evaluating on the training codes", file=sys.stderr)
         val_idx = train_idx
     train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
+    epoch_steps = train_loop.apply_epochs(train, len(train_idx))
     train_tokens, val_tokens = tokens[train_idx], tokens[val_idx]
     train_labels = labels[train_idx] if labels is not None else None
     val_labels = labels[val_idx] if labels is not None else None
@@ -331,7 +340,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         label=f"prior ({family})", unit="tokens", loss="train/nats_per_token", loss_digits=3,
         step=take_step, evaluate=validate, summary=summary,
         checkpoint=lambda: {"kind": "prior", "family": family, "config": asdict(model_config),
-                            "data": lineage})
+                            "data": lineage},
+        epoch_steps=epoch_steps)
     run_id = train_loop.loop(ctx, trainer, train, model, optimizer, generator, state, progress)
     if ctx.is_main:
         finish_model(run_id, train, bool(lineage["tokenizer_run_id"]))

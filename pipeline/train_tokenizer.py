@@ -55,7 +55,14 @@ class TrainConfig:
     accumulate: int = field(1, "micro-batches per optimizer step: each process's share of "
                                "--batch_size is split into this many, gradients summed")
     max_steps: int = field(5000, "optimizer steps")
-    learning_rate: float = field(1e-3, "peak AdamW learning rate (warmup, then cosine)")
+    learning_rate: float = field(1e-3, "peak AdamW learning rate (warmup, then --lr_schedule)")
+    lr_schedule: str = field("cosine", "after warmup: cosine (down to --lr_decay x peak), "
+                                       "constant, or step (x --lr_decay every epoch)")
+    lr_decay: Optional[float] = field(None, "cosine: the last rate as a share of the peak "
+                                            "(default 0.1); step: the factor per epoch "
+                                            "(default 0.9)")
+    epochs: Optional[float] = field(None, "train this many passes over the training split "
+                                          "instead of --max_steps")
     weight_decay: float = field(0.0, "AdamW weight decay")
     grad_clip: float = field(1.0, "clip the gradient norm to this")
     val_fraction: float = field(0.1, "fraction of rows held out for validation")
@@ -76,8 +83,8 @@ class TrainConfig:
 
 
 # Settings that may change when a run is resumed; everything else is the run's recorded value.
-RESUME_OVERRIDES = ("max_steps", "device", "eval_every", "checkpoint_every", "num_workers",
-                    "checkpoint_dir", "skip_bad_images", "accumulate")
+RESUME_OVERRIDES = ("max_steps", "epochs", "device", "eval_every", "checkpoint_every",
+                    "num_workers", "checkpoint_dir", "skip_bad_images", "accumulate")
 
 
 class Adversary:
@@ -265,6 +272,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         model_config = None
     if not train.path_to_data:
         raise UserError("--path_to_data is required (a CSV with an image_path column)")
+    train_loop.settle_budget(train, train_flags, bool(resume_run_id))
     check_settings(train, ctx.world_size)
     if train.accumulate < 1 or train.batch_size % (ctx.world_size * train.accumulate):
         raise UserError(f"--accumulate {train.accumulate} must be at least 1 and split each "
@@ -273,10 +281,6 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     if train.adversarial_weight < 0 or train.adversarial_start < 0:
         raise UserError(f"--adversarial_weight and --adversarial_start must not be negative, got "
                         f"{train.adversarial_weight} and {train.adversarial_start}")
-    if train.adversarial_weight > 0 and train.adversarial_start >= train.max_steps:
-        raise UserError(f"--adversarial_start {train.adversarial_start} is not before --max_steps "
-                        f"{train.max_steps}: the adversarial loss would never start")
-
     source = source or read_source(train.path_to_data)
     table = source.table
     channels = train.in_channels or source.channels(train.skip_bad_images)
@@ -289,6 +293,10 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     if len(val_idx) == 0:
         print("warning: no validation split; evaluating on the training images", file=sys.stderr)
         val_idx = train_idx
+    epoch_steps = train_loop.apply_epochs(train, len(train_idx))
+    if train.adversarial_weight > 0 and train.adversarial_start >= train.max_steps:
+        raise UserError(f"--adversarial_start {train.adversarial_start} is not before --max_steps "
+                        f"{train.max_steps}: the adversarial loss would never start")
 
     device = ctx.device
     torch.manual_seed(train.seed)  # the same initial weights on every rank
@@ -363,5 +371,5 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         # the slider's step 0, before any training; then one image per evaluation
         begin=lambda run, model: log_reconstructions(run, model, preview, 0),
         after_evaluation=lambda run, model, step: log_reconstructions(run, model, preview, step),
-        objective_changed=adversary_started)
+        objective_changed=adversary_started, epoch_steps=epoch_steps)
     return train_loop.loop(ctx, trainer, train, model, optimizer, generator, state, progress)
