@@ -64,7 +64,7 @@ def flops_per_step(config, position):
 
 
 def fill_randomly(cache):
-    for name in ("k", "v", "S", "P"):
+    for name in ("k", "v", "S", "P", "k_last", "v_last"):
         if getattr(cache, name, None) is not None:
             getattr(cache, name).normal_()
     if hasattr(cache, "z"):
@@ -89,7 +89,7 @@ def cached_windows(model, batch, positions, window, rounds, device, statistic=st
                 steps[start].append(time.perf_counter() - begin)
     times = [statistic(steps[start]) for start in positions]
     cache = state["cache"]
-    nbytes = sum(getattr(cache, n).nbytes for n in ("k", "v", "S", "z", "P")
+    nbytes = sum(getattr(cache, n).nbytes for n in ("k", "v", "S", "z", "P", "k_last", "v_last")
                  if getattr(cache, n, None) is not None)
     return times, nbytes / batch
 

@@ -9,10 +9,12 @@ is added to every position's input (so a local window cannot hide it).
 `attention` picks how positions read each other: `softmax` (transformer/block.py; with
 `window_size` set, position t attends only to positions s <= t whose grid cells are within
 `window_size` rows and columns of t's, a local 2-D causal window, the mask built here), or
-`linear` / `momentum` (transformer/attention.py:
-trained in parallel, sampled by a recurrence on a fixed-size state). Sampling runs one forward
-step per new token on a cache of the kind's own: keys and values for softmax (KVCache), the
-running sums for the linear kinds (RecurrentState).
+`linear` / `momentum` / `adaptive_momentum` (transformer/attention.py: trained in parallel,
+sampled by a recurrence on a fixed-size state). Sampling runs one forward step per new token on
+a cache of the kind's own: keys and values for softmax (KVCache), the running sums for the
+linear kinds (RecurrentState). With any kind, `res_mu`, `res_stepsize`, `adaptive_type nc` or
+`is_resw` give the attention's residual connection momentum across layers
+(transformer/block.py's MomentumBlock), which needs nothing kept between sampling steps.
 """
 
 from dataclasses import dataclass
@@ -25,11 +27,13 @@ from core.config import field
 from core.errors import UserError
 from priors.base import PriorConfig, RasterPrior
 from priors.dropout import Dropout
+from priors.settings import SamplingConfig
 from transformer.attention import LinearAttention, RecurrentState
-from transformer.block import Block, SelfAttention
+from transformer.block import Block, MomentumBlock, SelfAttention
 from transformer.init import init_gpt2
 
-ATTENTION_KINDS = ("softmax", "linear", "momentum")
+ATTENTION_KINDS = ("softmax", "linear", "momentum", "adaptive_momentum")
+ADAPTIVE_TYPES = ("none", "nc")
 
 
 @dataclass
@@ -41,10 +45,27 @@ class GPTConfig(PriorConfig):
     window_size: Optional[int] = field(None, "attend only to earlier tokens within this many "
                                              "rows and columns (default: full causal attention)")
     attention: str = field("softmax", "softmax | linear (elu+1 features) | momentum (linear "
-                                      "attention with momentum)")
+                                      "attention with momentum) | adaptive_momentum (momentum "
+                                      "computed at every position)")
     mu: float = field(0.6, "momentum attention: the momentum, in [0, 1)")
     # a key d positions back weighs s (1 - mu^(d+1)) / (1 - mu), from s up to s / (1 - mu)
-    stepsize: float = field(0.4, "momentum attention: the step size s")
+    stepsize: float = field(0.4, "momentum and adaptive_momentum attention: the step size s")
+    delta: float = field(1e-4, "adaptive_momentum attention: the momentum stays <= 1 - delta")
+    # the residual connection around attention, with momentum across layers (MomentumBlock);
+    # res_mu 0, res_stepsize 1, adaptive_type none, no is_resw: the plain x + attention
+    res_mu: float = field(0.0, "momentum of the residual connection across layers, in [0, 1)")
+    res_stepsize: float = field(1.0, "step size of the residual connection")
+    adaptive_type: str = field("none", "none | nc: the residual connection's momentum computed "
+                                       "at every layer and position (instead of --res_mu)")
+    res_delta: float = field(1e-4, "--adaptive_type nc: the momentum stays <= 1 - res_delta")
+    is_resw: bool = field(False, "residual connection with two learned maps, W x - s W' v "
+                                 "(they start as the identity)")
+
+    @property
+    def momentum_residual(self):
+        """Whether the residual connection is MomentumBlock's rather than the plain one."""
+        return (self.res_mu != 0 or self.res_stepsize != 1 or self.adaptive_type != "none"
+                or self.is_resw)
 
     def validate(self):
         super().validate()
@@ -61,6 +82,24 @@ class GPTConfig(PriorConfig):
         if not 0 <= self.mu < 1 or self.stepsize <= 0:
             raise UserError(f"--mu must be in [0, 1) and --stepsize positive, got {self.mu} and "
                             f"{self.stepsize}")
+        if not 0 < self.delta < 1 or not 0 < self.res_delta < 1:
+            raise UserError(f"--delta and --res_delta must be in (0, 1), got {self.delta} and "
+                            f"{self.res_delta}")
+        if self.attention != "adaptive_momentum" and self.delta != 1e-4:
+            raise UserError(f"--delta is adaptive_momentum attention's (the bound on its "
+                            f"momentum); --attention is {self.attention}")
+        if not 0 <= self.res_mu < 1 or self.res_stepsize <= 0:
+            raise UserError(f"--res_mu must be in [0, 1) and --res_stepsize positive, got "
+                            f"{self.res_mu} and {self.res_stepsize}")
+        if self.adaptive_type not in ADAPTIVE_TYPES:
+            raise UserError(f"--adaptive_type must be one of {', '.join(ADAPTIVE_TYPES)}, got "
+                            f"'{self.adaptive_type}'")
+        if self.adaptive_type == "nc" and self.res_mu != 0:
+            raise UserError("--adaptive_type nc computes the residual connection's momentum "
+                            "itself: drop --res_mu")
+        if self.adaptive_type != "nc" and self.res_delta != 1e-4:
+            raise UserError("--res_delta bounds the momentum of --adaptive_type nc, which is "
+                            "not set")
 
 
 # helpers
@@ -106,7 +145,8 @@ class GPT(RasterPrior):
         self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
         self.label_embedding = self.make_label_embedding(config.n_embd)
         self.dropout = Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, make_attention(config))
+        block = MomentumBlock if config.momentum_residual else Block
+        self.blocks = nn.ModuleList(block(config, make_attention(config))
                                     for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.head_proj = nn.Linear(config.n_embd, self.head.out_dim, bias=False)
@@ -116,6 +156,9 @@ class GPT(RasterPrior):
                                                     config.window_size) if windowed else None,
                              persistent=False)
         init_gpt2(self, config.n_layer)
+        if config.momentum_residual:
+            for block in self.blocks:
+                block.reset_residual_weights()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before the prior family called the output projection `head`
@@ -148,8 +191,12 @@ class GPT(RasterPrior):
             mask = None  # plain causal (fused kernel), or one query that sees everything
         if hidden is not None:
             hidden.append(x)
+        carry = None  # MomentumBlock's velocity and attention output, up the layers
         for layer, block in enumerate(self.blocks):
-            x = block(x, mask, cache, layer, start)
+            if self.config.momentum_residual:
+                x, carry = block(x, carry, mask, cache, layer, start)
+            else:
+                x = block(x, mask, cache, layer, start)
             if hidden is not None:
                 hidden.append(x)
         return self.head_proj(self.ln_f(x))
@@ -179,7 +226,7 @@ class GPT(RasterPrior):
         self(tokens, labels, hidden=hidden)
         return hidden
 
-    # incremental decoding: a KV cache (softmax) or the running sums (linear, momentum)
+    # incremental decoding: a KV cache (softmax) or the running sums (the linear kinds)
 
     def new_cache(self, batch_size, device=None, dtype=None):
         parameter = next(self.parameters())
@@ -195,8 +242,13 @@ class GPT(RasterPrior):
 
     # the raster sampler's hooks (priors/sampling.py)
 
-    def begin(self, batch, labels):
-        return {"cache": self.new_cache(batch), "labels": labels}
+    def begin(self, batch, labels, cache_dtype=None):
+        dtype = CACHE_DTYPES[cache_dtype] if cache_dtype else None  # None: the weights' (fp32)
+        return {"cache": self.new_cache(batch, dtype=dtype), "labels": labels}
+
+    def begin_options(self, settings):
+        # getattr: a sampling dataclass registered in place of GPTSampling may lack the field
+        return {"cache_dtype": getattr(settings, "cache_dtype", None)}
 
     def step(self, state, p, tokens):
         previous = (torch.full_like(tokens[:, 0, :1], self.start_token) if p == 0
@@ -219,6 +271,31 @@ def sample_without_cache(model, num_samples, temperature=1.0, generator=None, la
     return codes.view(num_samples, config.grid_h, config.grid_w)
 
 
+# sampling settings
+
+# The KV cache's dtypes. fp32 by default, also under bf16 autocast, where the attention then
+# runs in fp32 on the cache as stored (transformer/block.py). Under bf16 autocast the cached keys
+# and values are the qkv projection's bf16 outputs either way, so a bf16 cache loses only the
+# fp32 attention arithmetic and halves the bytes a step reads; in an fp32 forward it rounds
+# them to 8 bits of mantissa. The softmax statistics are fp32 in every case (the attention
+# kernels accumulate in fp32). The linear kinds' RecurrentState is fp32 whatever is asked.
+CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class GPTSampling(SamplingConfig):
+    """The GPT's sampling settings: those of every prior, and the KV cache's dtype."""
+    cache_dtype: Optional[str] = field(None, "softmax attention's KV cache: fp32 (unset: this "
+                                             "one) or bf16 (half the memory and the bytes read "
+                                             "per step)")
+
+    def validate(self, where="--{}"):
+        super().validate(where)
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
+            raise UserError(f"{where.format('cache_dtype')} must be one of "
+                            f"{', '.join(CACHE_DTYPES)}, got '{self.cache_dtype}'")
+
+
 # the registry's names (priors/__init__.py)
-Config, Model = GPTConfig, GPT
+Config, Model, Sampling = GPTConfig, GPT, GPTSampling
 TRAIN_DEFAULTS = {}
