@@ -2,6 +2,7 @@
 tokens), the ELBO against its exact sum, a toy distribution with a known optimum, labels, larger
 grids, and the scripts end to end on the chain's VQ codes."""
 
+import dataclasses
 import itertools
 import math
 import tempfile
@@ -20,9 +21,10 @@ from pipeline.__main__ import main as pipeline_main
 from pipeline.codes import load_run_codes
 from core.errors import UserError
 from pipeline.evaluate import image_nll
+from pipeline.runs import load_run_checkpoint
 from test_bad_input import cli_error
-from transformer.absorbing import (Absorbing, AbsorbingConfig, Predictor, nearest_window,
-                                   reveal_subset, window_starts)
+from transformer.absorbing import (IMPORTANCE_WARMUP, Absorbing, AbsorbingConfig, Predictor,
+                                   nearest_window, reveal_subset, stride_times, window_starts)
 
 SAMPLERS = ("absorbing", "maskgit")
 
@@ -89,6 +91,138 @@ def test_sampler_finishes_in_exactly_s_steps_revealing_at_least_one_token_per_st
         assert (masked[0] == 12).all()
         assert (masked[1:] < masked[:-1]).all()  # every step revealed at least one token
         assert drawn.max() < 8  # and the last step revealed the rest
+
+
+def test_stride_times_are_the_seeds_lists():
+    """Times of the network calls for n = 16 tokens (module docstring, Strides)."""
+    assert stride_times("magic", 8, 16) == [8, 7, 6, 5, 4, 3, 2, 1]
+    assert stride_times("magic", None, 16) == list(range(16, 0, -1))
+    assert stride_times("all", None, 16) == list(range(16, 0, -1))
+    assert stride_times("even", 8, 16) == [16, 13, 11, 9, 7, 5, 3, 1]  # floor(linspace(1, 16, 8))
+    assert stride_times("even", 1, 16) == [1]
+    assert stride_times("quadratic", 4, 16) == [16, 9, 4, 1]
+    assert stride_times("quadratic", None, 16) == [16, 9, 4, 1]  # isqrt(16) calls
+    assert stride_times("cosine", 2, 16) == [1.0, math.cos(math.pi / 4)]
+    assert stride_times("1,2,4,9", None, 16) == [16, 15, 13, 9]  # what is still masked
+    assert stride_times("magic", 20, 5) == [5, 4, 3, 2, 1]  # no more calls than tokens
+    assert stride_times("even", 8, 0) == []
+
+
+STRIDE_CALLS = {"magic": lambda steps, n: steps, "even": lambda steps, n: steps,
+                "quadratic": lambda steps, n: steps, "cosine": lambda steps, n: steps,
+                "all": lambda steps, n: n}
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_each_stride_makes_exactly_its_network_calls(sampler):
+    """On the trained 3x4 grid and on a 5x7 grid (windows, one batch per call): every named
+    stride at several --steps, and lists, whose calls reveal exactly the counts listed."""
+    model = tiny()
+    seen = record_inputs(model)
+    cases = [((3, 4), stride, steps) for stride in STRIDE_CALLS for steps in (1, 5, 12)
+             if stride != "all" or steps == 1]
+    cases += [((5, 7), stride, 8) for stride in STRIDE_CALLS if stride != "all"]
+    for (height, width), stride, steps in cases:
+        n = height * width
+        seen.clear()
+        drawn = model.sample(3, steps=None if stride == "all" else steps, stride=stride,
+                             sampler=sampler, grid_h=height, grid_w=width,
+                             generator=torch.Generator().manual_seed(steps))
+        assert len(seen) == STRIDE_CALLS[stride](steps, n), (stride, steps, n)
+        assert (seen[0] == model.mask_token).all() and drawn.max() < 8  # all masked, all drawn
+        if n == 12:  # (a larger grid's windows overlap)
+            masked = torch.stack([(x == model.mask_token).sum(1) for x in seen])  # (calls, 3)
+            assert (masked[1:] < masked[:-1]).all(), (stride, steps)  # each call reveals
+    for counts in ([1, 2, 4, 5], [12], [6, 1, 1, 1, 1, 1, 1]):
+        seen.clear()
+        model.sample(4, stride=",".join(map(str, counts)), sampler=sampler,
+                     generator=torch.Generator().manual_seed(0))
+        still_masked = [int((x[0] == model.mask_token).sum()) for x in seen]
+        assert still_masked == [12 - sum(counts[:i]) for i in range(len(counts))]
+
+
+def test_strides_reveal_their_schedule_on_average():
+    """The absorbing sampler reveals m (t_i - t_(i+1)) / t_i of the m masked tokens at call i,
+    by randomised rounding: on a fresh grid of n tokens, about n t_(i+1) / t_1 stay masked."""
+    model = tiny(vocab_size=4, grid_h=4, grid_w=5)  # n = 20
+    seen = record_inputs(model)
+    model.sample(2000, stride="quadratic", steps=4, generator=torch.Generator().manual_seed(0))
+    mean_masked = [(x == model.mask_token).sum(1).float().mean().item() for x in seen]
+    expected = [20 * t / 16 for t in (16, 9, 4, 1)]  # 20, 11.25, 5, 1.25
+    assert all(abs(a - b) < 0.1 for a, b in zip(mean_masked, expected)), mean_masked
+
+
+def test_the_fixed_mask_schedule_masks_exactly_its_share():
+    model = tiny(timesteps=4)  # 12 tokens, T = 4: round(12 t / 4) = 3, 6, 9 or 12 masked
+    tokens = torch.randint(8, (4000, 12))
+    generator = torch.Generator().manual_seed(0)
+    t, masked = model.corrupt(tokens, generator, schedule="fixed")
+    assert torch.equal(masked.sum(1), 3 * t)
+    for time in range(1, 5):  # at uniformly random positions
+        share = masked[t == time].float().mean(0)
+        assert (share - time / 4).abs().max() < 0.06
+    t, masked = model.corrupt(tokens, generator)  # random: each token with probability t/4
+    assert not torch.equal(masked.sum(1), 3 * t)
+    assert abs(masked.float().mean().item() - (t / 4).mean().item()) < 0.01
+    assert tiny(timesteps=40).corrupt(tokens, generator, torch.full((4000,), 1),
+                                      "fixed")[1].sum(1).eq(1).all()  # round(0.3): at least 1
+    fixed = tiny(timesteps=4, mask_schedule="fixed").train()
+    seen = record_inputs(fixed)
+    fixed(torch.randint(8, (64, 3, 4)))
+    assert set(((seen[0] == fixed.mask_token).sum(1)).tolist()) <= {3, 6, 9, 12}
+
+
+def test_importance_sampling_follows_the_history_and_keeps_the_objective():
+    model = tiny(time_sampling="importance").train()  # T = 12
+    tokens = torch.randint(8, (32, 3, 4))
+    assert model.training_times(5, "cpu")[1] is None  # uniform during the warm-up
+    while not model.importance_ready():
+        model(tokens)
+    assert model.loss_count[0] == 0 and (model.loss_count[1:] >= IMPORTANCE_WARMUP).all()
+    assert (model.loss_sq_history[1:] > 0).all()
+
+    # a known history: times are drawn in proportion to sqrt(E[L_t^2]) + 1e-4, weighted 1/(T p)
+    history = torch.arange(13.0) ** 2  # E[L_t^2] = t^2: p(t) about t / 78
+    model.loss_sq_history.copy_(history)
+    torch.manual_seed(0)
+    t, weight = model.training_times(200000, "cpu")
+    p = (history[1:].sqrt() + 1e-4) / (history[1:].sqrt() + 1e-4).sum()
+    frequency = torch.bincount(t, minlength=13)[1:] / len(t)
+    assert (frequency - p).abs().max() < 0.005  # sd at most 0.001
+    assert torch.allclose(weight, 1 / (12 * p[t - 1]))
+    # unbiased: the weighted mean of any per-t loss under p is its mean under uniform times
+    loss_at = torch.rand(13, generator=torch.Generator().manual_seed(1)) * 5
+    estimate = (weight * loss_at[t]).mean()
+    assert abs(estimate.item() - loss_at[1:].mean().item()) < 0.02 * loss_at[1:].mean().item()
+
+    # forward: the loss is the weighted mean, and eval mode neither samples nor records
+    count = model.loss_count.clone()
+    model.eval()
+    assert model.training_times(5, "cpu")[1] is None
+    model(tokens)
+    assert torch.equal(model.loss_count, count)
+    model.train()
+    model(tokens)
+    assert model.loss_count.sum() == count.sum() + 32
+
+
+def test_a_checkpoint_without_the_new_fields_loads_and_trains_as_before():
+    """Configs written before --mask_schedule and --time_sampling: the defaults, no buffers,
+    the same loss draw for draw; the importance history is in a new model's state dict."""
+    model = tiny(num_classes=3)
+    old_config = {k: v for k, v in dataclasses.asdict(model.config).items()
+                  if k not in ("mask_schedule", "time_sampling")}
+    checkpoint = {"family": "absorbing", "config": old_config, "model": model.state_dict()}
+    loaded = priors.from_checkpoint(checkpoint).train()
+    assert (loaded.config.mask_schedule, loaded.config.time_sampling) == ("random", "uniform")
+    assert not any(name.startswith("loss_") for name, _ in loaded.named_buffers())
+    tokens, labels = torch.randint(8, (16, 3, 4)), torch.randint(3, (16,))
+    torch.manual_seed(2)
+    expected = model.train()(tokens, labels)[1]
+    torch.manual_seed(2)
+    assert torch.equal(loaded(tokens, labels)[1], expected)
+    importance = tiny(time_sampling="importance")
+    assert {"loss_sq_history", "loss_count"} <= set(importance.state_dict())
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -209,13 +343,27 @@ def test_bad_settings_are_one_line_errors():
                           ({"choice_temperature": 2.0}, "--choice_temperature is for --sampler "
                                                         "maskgit"),
                           ({"grid_h": 2}, "at least the trained grid"),
-                          ({"window_size": 2}, "does not take --window_size")):
+                          ({"window_size": 2}, "does not take --window_size"),
+                          ({"stride": "linear"}, "--stride must be one of magic, all, even, "
+                                                 "quadratic, cosine or a list of tokens per "
+                                                 "network call such as 1,2,4,9, got 'linear'"),
+                          ({"stride": "1,0,11"}, "--stride must be one of"),
+                          ({"stride": "all", "steps": 4}, "--stride all calls the network once "
+                                                          "per token: leave --steps unset"),
+                          ({"stride": "3,9", "steps": 3}, "--steps 3 does not match --stride "
+                                                          "3,9 \\(2 calls\\)"),
+                          ({"stride": "1,2,4,8"}, "--stride 1,2,4,8 reveals 15 tokens, but a "
+                                                  "3x4 grid has 12")):
         with pytest.raises(UserError, match=match):
             model.sample(1, **kwargs)
     with pytest.raises(UserError, match="softmax head only"):
         tiny(head="mixture", ordered=True)
     with pytest.raises(UserError, match="--loss must be one of"):
         tiny(loss="l2")
+    with pytest.raises(UserError, match="--mask_schedule must be one of random, fixed"):
+        tiny(mask_schedule="cosine")
+    with pytest.raises(UserError, match="--time_sampling must be one of uniform, importance"):
+        tiny(time_sampling="sqrt")
 
 
 # through the scripts, on the chain's VQ codes (4x4 grid, 3 labels)
@@ -238,6 +386,10 @@ def test_scripts_train_generate_complete_and_evaluate(chain, absorbing_prior, tm
         record = tracking.load_json_artifact(absorbing_prior, f"generated/{sampler}.json")
         assert record["sampler"] == sampler and record["steps"] == 4
         assert Image.open(tmp_path / sampler / "sample_0002.png").size == (16, 16)
+    run_main(transformer_generation.main, ["--run_id", absorbing_prior, "--stride", "1,3,12",
+                                           "--num_samples", "2", "--name", "list", "--no_decode"])
+    assert tracking.load_json_artifact(absorbing_prior, "generated/list.json")["stride"] == \
+        "1,3,12"
 
     run_main(transformer_generation.main, ["--run_id", absorbing_prior, "--grid_h", "6",
                                            "--grid_w", "8", "--num_samples", "2", "--steps", "6",
@@ -263,11 +415,29 @@ def test_scripts_train_generate_complete_and_evaluate(chain, absorbing_prior, tm
     assert 0 < summary["bits_per_dim"] < 16 * 4 / 256 * 3  # 16 codes of 4 bits, plus the gap
 
 
+def test_importance_history_survives_a_resume_and_the_settings_are_recorded(chain):
+    run_id = run_main(train_prior_script.main, [
+        "--run_id", chain["vqvae"], "--prior", "absorbing", "--time_sampling", "importance",
+        "--mask_schedule", "fixed", "--max_steps", "4", "--eval_every", "4",
+        "--checkpoint_every", "4", *TINY_PRIOR])
+    first = load_run_checkpoint(run_id, "prior", "prior", prefer="last.pt")
+    assert first["config"]["time_sampling"] == "importance"
+    assert first["model"]["loss_count"].sum() == 4 * 16  # every image's time, batch 16
+    run_main(train_prior_script.main, ["--resume_run_id", run_id, "--max_steps", "6"])
+    resumed = load_run_checkpoint(run_id, "prior", "prior", prefer="last.pt")
+    assert resumed["step"] == 6 and resumed["model"]["loss_count"].sum() == 6 * 16
+    params = tracking.client().get_run(run_id).data.params
+    assert (params["time_sampling"], params["mask_schedule"]) == ("importance", "fixed")
+
+
 def test_script_errors(chain, absorbing_prior, capsys):
     for flags, message in ((["--steps", "0"], "--steps must be in 1..16"),
                            (["--steps", "17"], "--steps must be in 1..16"),
                            (["--sampler", "greedy"], "--sampler must be one of absorbing, maskgit"),
-                           (["--grid_w", "3"], "at least the trained grid")):
+                           (["--grid_w", "3"], "at least the trained grid"),
+                           (["--stride", "1,2"], "--stride 1,2 reveals 3 tokens, but a 4x4 grid "
+                                                 "has 16"),
+                           (["--stride", "squares"], "--stride must be one of")):
         assert message in cli_error(transformer_generation.main,
                                     ["--run_id", absorbing_prior, "--no_decode", *flags], capsys)
     assert "the absorbing prior has a softmax head only" in cli_error(
