@@ -9,8 +9,12 @@ classes of images. `python -m pipeline probe --run_id <prior> --path_to_data lab
 - Fine-tuning (--finetune): a classifier (LayerNorm + linear) on the average-pooled last layer,
   trained together with the prior on L = L_class + aux_weight * L_generative (the prior's own
   loss on the same images, kept as an auxiliary term as Image GPT does); the evaluation with
-  the best validation accuracy is scored on the held-out images.
+  the best validation accuracy is scored on the held-out images, and its weights are logged
+  as the MLflow Model `classifier` (pipeline/classify.py; --register NAME registers it).
 - Baseline: the same logistic regression on the raw pixels, same splits and choice of C.
+
+Every prior with per-layer features can be probed (`hidden_states`: the GPT's causal streams,
+the absorbing prior's with no token masked); the convolutional families have none.
 
 Splits (fixed seed): without --heldout the CSV is cut into train / validation / held-out; with
 it, the CSV into train / validation, and every --heldout image is held out. Held-out images
@@ -21,15 +25,17 @@ accuracies as metrics (`*/heldout_accuracy`), `probe.json` with the per-layer ta
 """
 
 import copy
+import inspect
 import sys
 import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+import priors
 from pipeline import tracking
+from pipeline.classify import Classifier, PooledClassifier, log_classifier
 from pipeline.device import pick_device
 from core.errors import UserError
 from pipeline.generate import LoadedPrior
@@ -111,23 +117,24 @@ def linear_probes(features, y, splits, seed):
 
 # fine-tuning
 
-class PooledClassifier(nn.Module):
-    """Class logits from the average-pooled last layer of the prior."""
-
-    def __init__(self, width, num_classes):
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.linear = nn.Linear(width, num_classes)
-
-    def forward(self, last_layer):  # (B, T, width) -> (B, num_classes)
-        return self.linear(self.norm(last_layer.mean(1)))
+def features_and_loss(model, tokens):
+    """A training batch's last layer (B, T, width) and generative loss. One pass where forward
+    also gives the streams (the GPT's: causal, as when evaluated); else the loss, then the
+    streams of the whole grid (the absorbing prior's loss masks tokens at random, and the
+    classifier reads them all, as when evaluated)."""
+    if "hidden" in inspect.signature(model.forward).parameters:
+        hidden = []
+        _, loss = model(tokens, hidden=hidden)
+        return hidden[-1], loss
+    _, loss = model(tokens)
+    return model.hidden_states(tokens)[-1], loss
 
 
 def finetune(prior, tokens, labels, splits, width, num_classes, device, steps=300,
              batch_size=32, learning_rate=1e-3, aux_weight=1.0, eval_every=50, seed=0, log=None):
     """Train a copy of the prior (features `width` wide) and a PooledClassifier on the
-    training split; return (validation accuracy, held-out accuracy, step) of the evaluation
-    with the best validation accuracy."""
+    training split; return (validation accuracy, held-out accuracy, step, the prior's copy,
+    the classifier) of the evaluation with the best validation accuracy, in eval mode."""
     train, val, heldout = (torch.as_tensor(s) for s in splits)
     torch.manual_seed(seed)
     model = copy.deepcopy(prior).to(device).train()
@@ -149,9 +156,8 @@ def finetune(prior, tokens, labels, splits, width, num_classes, device, steps=30
     best = (-1.0, None, 0)  # (validation accuracy, weights, step)
     for step in range(1, steps + 1):
         pick = train[torch.randint(len(train), (batch_size,), generator=generator)]
-        hidden = []
-        _, generative = model(tokens[pick].to(device), hidden=hidden)
-        classification = F.cross_entropy(classifier(hidden[-1]), labels[pick].to(device))
+        last, generative = features_and_loss(model, tokens[pick].to(device))
+        classification = F.cross_entropy(classifier(last), labels[pick].to(device))
         loss = classification + aux_weight * generative
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -168,16 +174,17 @@ def finetune(prior, tokens, labels, splits, width, num_classes, device, steps=30
                 best = (val_accuracy, weights, step)
     model.load_state_dict(best[1][0])
     classifier.load_state_dict(best[1][1])
-    return best[0], accuracy(heldout), best[2]
+    return best[0], accuracy(heldout), best[2], model.eval(), classifier.eval()
 
 
 # main function
 
 def probe(run_id, path_to_data, heldout=None, val_fraction=0.15, heldout_fraction=0.2,
           finetune_steps=None, finetune_lr=1e-3, aux_weight=1.0, batch_size=32, seed=0,
-          device=None, experiment=None):
+          device=None, experiment=None, register=None):
     """Probe a prior run; log a `probe` run; return (probe run id, summary dict).
-    finetune_steps None: no fine-tuning."""
+    finetune_steps None: no fine-tuning; with it, the fine-tuned classifier is logged to the
+    probe run as an MLflow Model, registered as `register` when given."""
     for name, value in (("--val_fraction", val_fraction), ("--heldout_fraction", heldout_fraction)):
         if not 0 < value < 1:
             raise UserError(f"{name} must be in (0, 1), got {value}")
@@ -185,8 +192,12 @@ def probe(run_id, path_to_data, heldout=None, val_fraction=0.15, heldout_fractio
     prior = LoadedPrior(run_id, device)
     run_id = prior.run_id  # a models:/ URI resolved to its run
     if not hasattr(prior.model, "hidden_states"):
+        probed = [name for name in priors.FAMILIES
+                  if hasattr(priors.family(name).Model, "hidden_states")]
         raise UserError(f"--run_id {run_id}: the {prior.family} prior has no per-layer "
-                        f"features to probe (the gpt prior has)")
+                        f"features to probe (the {' and '.join(probed)} priors have)")
+    if register and not finetune_steps:
+        raise UserError("--register NAME registers the fine-tuned classifier: add --finetune")
     tokenizer = prior.tokenizer()
     images, names = read_labelled(path_to_data, tokenizer)
     heldout_n = 0
@@ -241,7 +252,7 @@ def probe(run_id, path_to_data, heldout=None, val_fraction=0.15, heldout_fractio
                    **params}
         if finetune_steps:
             log = lambda values, step: tracking.log_metrics(probe_run, values, step)
-            tune_val, tune_heldout, tune_step = finetune(
+            tune_val, tune_heldout, tune_step, tuned, head = finetune(
                 prior.model, tokens, labels, splits, features.shape[2], len(classes), device,
                 finetune_steps,
                 batch_size, finetune_lr, aux_weight, seed=seed, log=log)
@@ -250,6 +261,9 @@ def probe(run_id, path_to_data, heldout=None, val_fraction=0.15, heldout_fractio
                                              "finetune/best_step": tune_step}, finetune_steps)
             summary.update(finetune_heldout_accuracy=tune_heldout, finetune_val_accuracy=tune_val,
                            finetune_best_step=tune_step)
+            summary["classifier_uri"], summary["registered_version"] = log_classifier(
+                probe_run, Classifier(tuned, head, classes, tokenizer), prior, register,
+                summary)
         summary["seconds"] = time.perf_counter() - started
         tracking.log_json(probe_run, summary, "probe.json")
         status = "FINISHED"

@@ -76,13 +76,30 @@ def _with_header(blocks, titles, pad, gap):
     return image
 
 
+def _with_row_titles(block, titles, pad):
+    """A column of titles left of a block of len(titles) equal rows, each beside its row."""
+    font = ImageFont.load_default_imagefont()
+    width = max(int(font.getlength(t)) for t in titles) + 2 * pad + 4
+    canvas = Image.new("RGB", (width + pad + block.shape[1], block.shape[0]), HEADER)
+    canvas.paste(Image.fromarray(block), (width + pad, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_height = (block.shape[0] + pad) / len(titles)
+    for r, title in enumerate(titles):
+        draw.text((pad + 2, int(r * row_height + (row_height - pad) / 2) - 5), title,
+                  fill=(0, 0, 0), font=font)
+    return np.array(canvas)
+
+
 # grids
 
-def image_grid(images, ncol=8, min_cell=64, pad=2, title=None):
+def image_grid(images, ncol=8, min_cell=64, pad=2, title=None, row_titles=None):
     """(B, C, S, S) in [0, 1] -> one PIL image, ncol images a row, each enlarged (nearest) to at
-    least `min_cell` pixels; with a title, under a header that says it (e.g. "16 samples")."""
+    least `min_cell` pixels; with a title, under a header that says it (e.g. "16 samples");
+    with row_titles, each row's (e.g. "row 15") in a column on the left."""
     ncol = min(ncol, len(images))
     block = _block(_cells(images, min_cell), ncol, pad)
+    if row_titles is not None:
+        block = _with_row_titles(block, row_titles, pad)
     if title is None:
         framed = np.empty((block.shape[0] + 2 * pad, block.shape[1] + 2 * pad, 3), np.uint8)
         framed[:] = GAP

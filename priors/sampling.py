@@ -6,6 +6,8 @@ conditional and the unconditional model: log p = log p_u + w (log p_c - log p_u)
 w = 1 is plain conditional sampling, w = 0 unconditional, w > 1 sharpens towards the class.
 """
 
+import itertools
+
 import torch
 
 from core.errors import UserError
@@ -33,7 +35,54 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
 def draw(log_probs, temperature=1.0, top_k=None, top_p=None, generator=None):
     """(B, V) log-probabilities -> (B,) values drawn after filtering."""
     probs = filter_logits(log_probs, temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return multinomial(probs, generator)
+
+
+# random numbers for batches of independent requests
+
+class RowGenerators:
+    """A batch made of blocks of consecutive rows, each with its own torch.Generator: block i
+    (sizes[i] rows) draws exactly the numbers it would draw alone, as a batch of its own size,
+    from generators[i]. So requests with their own seeds sample in one batch and get what they
+    get alone (pipeline/served.py); the network's outputs must match too, which holds while no
+    completion makes one block skip a step that another takes. Pass it as `generator`."""
+
+    def __init__(self, generators, sizes):
+        if len(generators) != len(sizes) or min(sizes, default=1) < 1:
+            raise ValueError("one generator per block of at least one row")
+        self.generators, self.sizes = list(generators), list(sizes)
+
+    def blocks(self, per_row=None):
+        """[(generator, start, stop)]: the items of a draw that each block owns. An item is a
+        batch row, or with per_row (B,) counts, batch row b owns per_row[b] consecutive items
+        (a step's drawn positions, row-major). Blocks owning nothing are left out, as a block
+        alone skips a draw of nothing."""
+        ends = list(itertools.accumulate(self.sizes))
+        if per_row is not None:
+            items = per_row.cumsum(0).tolist()
+            ends = [items[end - 1] for end in ends]
+        return [(g, start, stop) for g, start, stop in zip(self.generators, [0] + ends[:-1], ends)
+                if stop > start]
+
+
+def rand(shape, generator, device, per_row=None):
+    """torch.rand(shape) from a torch.Generator or RowGenerators (shape[0] items, see
+    RowGenerators.blocks)."""
+    if not isinstance(generator, RowGenerators):
+        return torch.rand(shape, generator=generator, device=device)
+    return torch.cat([torch.empty((0, *shape[1:]), device=device)]
+                     + [torch.rand((stop - start, *shape[1:]), generator=g, device=device)
+                        for g, start, stop in generator.blocks(per_row)])
+
+
+def multinomial(probs, generator, per_row=None):
+    """(R, V) probabilities -> (R,) one value drawn per row, from a torch.Generator or
+    RowGenerators (R items, see RowGenerators.blocks)."""
+    if not isinstance(generator, RowGenerators):
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.cat([torch.empty(0, dtype=torch.long, device=probs.device)]
+                     + [torch.multinomial(probs[start:stop], 1, generator=g)[:, 0]
+                        for g, start, stop in generator.blocks(per_row)])
 
 
 MAX_GUIDANCE = 100.0  # far past any useful weight; beyond fp32's range it turns into inf * 0
@@ -76,14 +125,17 @@ def check_raster_prefix(known_mask, family):
 
 @torch.no_grad()
 def sample_raster(model, n, labels=None, known=None, known_mask=None, temperature=1.0,
-                  top_k=None, top_p=None, guidance=None, generator=None):
+                  top_k=None, top_p=None, guidance=None, generator=None, on_step=None,
+                  begin_options=None):
     """Draw (n, grid_h, grid_w) tokens one position at a time, in raster order.
 
     `model` provides `positions` (P), `head` (with `channels` C; P * C = grid_h * grid_w), and
-        begin(batch, labels) -> state
+        begin(batch, labels, **begin_options) -> state
         step(state, p, tokens (batch, P, C)) -> head output (batch, out_dim) for position p,
             reading only positions < p of tokens.
-    With guidance, the model runs on a doubled batch: the labels, then the null label."""
+    With guidance, the model runs on a doubled batch: the labels, then the null label.
+    on_step(tokens, decided), when given, sees the grid before the first draw and after each
+    position drawn (report_raster)."""
     config, head = model.config, model.head
     device = next(model.parameters()).device
     positions, channels = model.positions, head.channels
@@ -97,10 +149,15 @@ def sample_raster(model, n, labels=None, known=None, known_mask=None, temperatur
         check_raster_prefix(known_mask, model.family)
         known = known.to(device).view(n, positions, channels)
         known_mask = known_mask.to(device).view(n, positions, channels)
+    grid = (config.grid_h, config.grid_w)
     # inference mode drops autograd's bookkeeping from every op (a fifth of a batch-1 step);
-    # `tokens`, made outside it, stays an ordinary tensor that callers may edit in place
-    with torch.inference_mode():
-        state = model.begin(batch, labels)
+    # `tokens`, made outside it, stays an ordinary tensor that callers may edit in place. Not
+    # under autocast: there autocast keeps its bf16 copies of the weights for the whole draw only
+    # outside inference mode, and inside it casts every weight again at every step
+    with torch.inference_mode(not torch.is_autocast_enabled(device.type)):
+        state = model.begin(batch, labels, **(begin_options or {}))
+        if on_step is not None:
+            report_raster(on_step, tokens[:n], 0, grid, known, known_mask)
         for p in range(positions):
             out = model.step(state, p, tokens)
             out, out_u = (out[:n], out[n:]) if use_guidance else (out, None)
@@ -114,4 +171,20 @@ def sample_raster(model, n, labels=None, known=None, known_mask=None, temperatur
             tokens[:n, p] = values
             if use_guidance:
                 tokens[n:, p] = values
+            if on_step is not None and not (here is not None and bool(here.all())):
+                report_raster(on_step, tokens[:n], p + 1, grid, known, known_mask)
     return tokens[:n].reshape(n, config.grid_h, config.grid_w)
+
+
+def report_raster(on_step, tokens, drawn, grid, known=None, known_mask=None):
+    """Call on_step((n, h, w) tokens, (n, h, w) bool decided) for tokens (n, P, C) whose first
+    `drawn` positions are drawn, the kept tokens shown from the start; grid = (h, w). Both
+    tensors are fresh copies; where `decided` is False a token means nothing."""
+    n, positions, channels = tokens.shape
+    decided = (torch.arange(positions, device=tokens.device) < drawn)[None, :, None]
+    decided = decided.expand(n, positions, channels)
+    values = tokens.clone()
+    if known is not None:
+        decided = decided | known_mask
+        values = torch.where(known_mask, known, values)
+    on_step(values.reshape(n, *grid), decided.reshape(n, *grid))

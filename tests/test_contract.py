@@ -222,6 +222,74 @@ def test_sample_gives_token_grids_reproducibly(prior):
     assert torch.equal(prior.sample(3, generator=seeded(5)), first)
 
 
+def test_on_step_sees_the_grid_fill_and_leaves_the_draw_alone(prior):
+    """The per-step callback (GIFs of sampling): it starts with the kept tokens only, what is
+    decided only grows, the last call is the returned grid, and watching changes nothing."""
+    config = prior.config
+    known, _ = data(prior, n=2, seed=3)
+    mask = prefix_mask(config, n=2)
+    plain = prior.sample(2, known=known, known_mask=mask, generator=seeded(4))
+    calls = []
+    watched = prior.sample(2, known=known, known_mask=mask, generator=seeded(4),
+                           on_step=lambda tokens, decided: calls.append((tokens, decided)))
+    assert torch.equal(watched, plain)
+    assert len(calls) >= 2
+    tokens, decided = calls[0]
+    assert torch.equal(decided, mask) and torch.equal(tokens[mask], known[mask])
+    counts = [int(d.sum()) for _, d in calls]
+    assert counts == sorted(counts) and counts[0] < counts[1]
+    tokens, decided = calls[-1]
+    assert decided.all() and torch.equal(tokens, plain)
+
+
+def test_an_on_step_that_raises_stops_sampling_between_steps(prior):
+    """How a served model stops a call whose time is up: the callback raises, and no step runs
+    after it."""
+    calls = []
+
+    class TimeUp(Exception):
+        pass
+
+    def stop_at_the_second_step(tokens, decided):
+        calls.append(int(decided.sum()))
+        if len(calls) == 2:
+            raise TimeUp
+
+    with pytest.raises(TimeUp):
+        prior.sample(2, generator=seeded(), on_step=stop_at_the_second_step)
+    assert len(calls) == 2 and calls[1] < 2 * prior.config.grid_h * prior.config.grid_w
+
+
+def test_a_batch_of_blocks_with_their_own_generators_draws_what_each_draws_alone(prior):
+    """priors.sampling.RowGenerators: requests with their own seeds in one batch (the served
+    model) get exactly the tokens they get alone, labels and guidance included."""
+    from priors.sampling import RowGenerators
+    sizes, seeds = [2, 1, 3], [5, 6, 7]
+    num_classes = prior.config.num_classes
+    labels = [torch.full((n,), i % num_classes) if num_classes else None
+              for i, n in enumerate(sizes)]
+    extra = {"guidance": 2.0} if num_classes else {}  # guidance: the labelled, doubled batch
+    if "steps" in {f.name for f in dataclasses.fields(priors.sampling_class(prior.family))}:
+        extra["steps"] = 3  # a parallel decoder: several tokens a step, in fewer steps
+    alone = [prior.sample(n, label, generator=seeded(seed), **extra)
+             for n, label, seed in zip(sizes, labels, seeds)]
+    together = prior.sample(sum(sizes), torch.cat(labels) if num_classes else None,
+                            generator=RowGenerators([seeded(s) for s in seeds], sizes), **extra)
+    assert torch.equal(together, torch.cat(alone))
+
+
+def test_hidden_states_where_a_family_has_them(prior):
+    """Per-layer features (Image GPT's probes): the stream at the input and after each block,
+    (B, T, width) each, for families that have them."""
+    if not hasattr(prior, "hidden_states"):
+        pytest.skip(f"the {prior.family} prior has no per-layer features")
+    tokens, _ = data(prior, n=3)
+    hidden = prior.hidden_states(tokens)
+    length = prior.config.grid_h * prior.config.grid_w
+    assert len(hidden) == prior.config.n_layer + 1
+    assert all(h.shape == (3, length, hidden[0].shape[-1]) for h in hidden)
+
+
 def prefix_mask(config, n=3):
     """Raster prefixes, per image: the first row, the first two rows, the whole grid."""
     mask = torch.zeros(n, config.grid_h, config.grid_w, dtype=torch.bool)

@@ -149,6 +149,34 @@ def test_completion_figure_keeps_the_top_codes_and_is_logged(chain, tmp_path):
     assert any(a.path.endswith("figure.png") for a in images)
 
 
+def test_completion_picks_rows_by_index_or_at_random(chain, capsys):
+    from pipeline.complete import complete, pick_rows
+    codes, _ = load_run_codes(chain["vqvae"], "train")  # the CSV's 48 images, in its order
+    tokens, _, _, _ = complete(chain["prior"], chain["csv"], index="3-5,10", num_completions=1,
+                               name="picked")
+    assert torch.equal(tokens, codes[[3, 4, 5, 10]])
+    record = tracking.load_json_artifact(chain["prior"], "completions/picked/settings.json")
+    assert record["rows"] == [3, 4, 5, 10] and record["index"] == "3-5,10"
+    drawn = pick_rows(48, "train.csv", random=5, seed=1)
+    assert drawn == pick_rows(48, "train.csv", random=5, seed=1) == sorted(set(drawn))
+    assert drawn != pick_rows(48, "train.csv", random=5, seed=2)
+    assert pick_rows(48, "train.csv") == list(range(8))  # the default: the first --max_images
+    tokens, _, _, _ = complete(chain["prior"], chain["csv"], random=5, seed=1, num_completions=1,
+                               name="random")
+    assert torch.equal(tokens, codes[drawn])
+    assert tracking.load_json_artifact(chain["prior"],
+                                       "completions/random/settings.json")["rows"] == drawn
+    complete_csv = ["--run_id", chain["prior"], "--complete", str(chain["csv"])]
+    assert cli_error(transformer_generation.main, [*complete_csv, "--index", "0-2,x"],
+                     capsys) == "error: --index: 'x' is not a row or a range of rows (e.g. " \
+                                "--index 0-10,15)"
+    assert cli_error(transformer_generation.main, [*complete_csv, "--index", "40-48"],
+                     capsys) == f"error: --index: row 48 is out of range: {chain['csv']} has " \
+                                f"48 rows (0..47)"
+    assert "--random must be in 1..48" in cli_error(transformer_generation.main,
+                                                    [*complete_csv, "--random", "49"], capsys)
+
+
 def test_completion_errors(chain, capsys):
     assert "raster prefix only" in cli_error(transformer_generation.main, [
         "--run_id", chain["prior"], "--complete", str(chain["csv"]), "--keep", "left"], capsys)

@@ -300,11 +300,13 @@ def train_tiny(name, tokenizer_run, *extra):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_family_on_vq_codes_trains_generates_completes_and_evaluates(chain, name, tmp_path):
+def test_family_on_vq_codes_trains_generates_completes_and_evaluates(chain, name, tmp_path,
+                                                                     capsys):
     import transformer_generation
     from conftest import run_main
     from pipeline import tracking
     from pipeline.__main__ import main as pipeline_main
+    from test_bad_input import cli_error
     prior = train_tiny(name, chain["vqvae"], "--conditional", "--ema_decay", "0.9")
     run = tracking.client().get_run(prior)
     assert run.data.tags[tracking.PRIOR_TAG] == name and run.data.params["head"] == "softmax"
@@ -321,6 +323,10 @@ def test_family_on_vq_codes_trains_generates_completes_and_evaluates(chain, name
                              "--name", "heldout"])
     bits = tracking.client().get_run(prior).data.metrics["eval/heldout/bits_per_dim"]
     assert 0 < bits < 2 * 16 * 4 / 256
+    assert cli_error(pipeline_main, ["probe", "--run_id", prior, "--path_to_data",
+                                     str(chain["csv"])], capsys) == (
+        f"error: --run_id {prior}: the {name} prior has no per-layer features to probe (the "
+        f"gpt and absorbing priors have)")
 
 
 @pytest.fixture(scope="module")
