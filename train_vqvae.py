@@ -4,6 +4,8 @@
     python train_vqvae.py --resume_run_id <id>
     python train_vqvae.py --path_to_data data/train.csv --adversarial_weight 0.1 \\
         --adversarial_start 2000 --accumulate 2       # patch-GAN loss; 2 micro-batches per step
+    python train_vqvae.py --path_to_data photos.csv --image_size 64 --downsample 16 \
+        --block vqgan --channel_mult 1,1,2,2,4 --attn_resolutions 4 --ema_decay 0.995 --hflip
 """
 
 import argparse

@@ -47,9 +47,16 @@ def given(namespace, config_class, prefix=""):
 
 
 def build(config_class, *layers):
-    """config_class(**defaults | layer1 | layer2 ...), ignoring keys it does not have."""
+    """config_class(**defaults | layer1 | layer2 ...), ignoring keys it does not have. A class
+    may list renamed fields as `renamed = {old: new}` (a ClassVar): a layer's old key, recorded
+    before the rename, is read as the new one unless the layer has the new one too."""
     names = {f.name for f in dataclasses.fields(config_class)}
+    renamed = getattr(config_class, "renamed", {})
     values = {}
     for layer in layers:
-        values.update({k: v for k, v in (layer or {}).items() if k in names})
+        layer = dict(layer or {})
+        for old, new in renamed.items():
+            if old in layer and new not in layer:
+                layer[new] = layer.pop(old)
+        values.update({k: v for k, v in layer.items() if k in names})
     return config_class(**values)

@@ -25,9 +25,11 @@ def build(name, config_dict):
     return module.Model(build_config(module.Config, config_dict))
 
 
-def from_checkpoint(checkpoint):
-    """Rebuild a tokenizer from a checkpoint dict alone ({"kind", "config", "model", ...}), in
-    eval mode."""
+def from_checkpoint(checkpoint, averaged=True):
+    """Rebuild a tokenizer from a checkpoint dict alone ({"kind", "config", "model", ...}), with
+    its averaged weights (the `ema` entry of a run trained with --ema_decay) when it has them and
+    `averaged`; in eval mode."""
     model = build(checkpoint["kind"], checkpoint["config"])
-    model.load_state_dict(checkpoint["model"])
+    weights = checkpoint.get("ema") if averaged and checkpoint.get("ema") else checkpoint["model"]
+    model.load_state_dict(weights)
     return model.eval()

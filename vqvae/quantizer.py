@@ -39,11 +39,14 @@ def _broadcast(tensor):
 
 
 def squared_distances(vectors, codebook):
-    """(N, D), (K, D) -> (N, K) squared Euclidean distances, in fp32."""
-    vectors, codebook = vectors.float(), codebook.float()
-    return (vectors.pow(2).sum(1, keepdim=True)
-            - 2 * vectors @ codebook.t()
-            + codebook.pow(2).sum(1)[None, :])
+    """(N, D), (K, D) -> (N, K) squared Euclidean distances, in fp32 even under autocast: |v|^2
+    - 2 v.c + |c|^2 subtracts numbers far larger than the gaps between neighbouring codes, and
+    a bf16 matmul (8 bits of mantissa) would hand vectors to the wrong code."""
+    with torch.autocast(vectors.device.type, enabled=False):
+        vectors, codebook = vectors.float(), codebook.float()
+        return (vectors.pow(2).sum(1, keepdim=True)
+                - 2 * vectors @ codebook.t()
+                + codebook.pow(2).sum(1)[None, :])
 
 
 def kmeans(vectors, k, iters=10, generator=None):
