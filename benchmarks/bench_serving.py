@@ -7,6 +7,9 @@ concurrent clients. Prints images/s, latency percentiles and the failed-request 
 Run it in the folder whose mlflow.db holds the model (or set MLFLOW_TRACKING_URI). Each request
 asks for `--images` images with a random seed (and a random label when the model has labels).
 Bad requests are measured too: they must come back as 4xx, quickly, and not disturb the rest.
+A call the server refuses as busy (429: more calls than PIPELINE_SERVING_MAX_INFLIGHT) is
+retried after a random, doubling wait (ModelServer.invoke_retrying); its latency includes the
+retries, and it fails only when still refused after 30 s.
 """
 
 import argparse
@@ -47,7 +50,7 @@ def main():
               f"{time.perf_counter() - started:.1f} s; {args.workers} worker(s)")
         try:
             server.invoke({"dataframe_records": [{"seed": 0}]})  # warm-up, not counted
-            latencies, failures, lock = [], [], threading.Lock()
+            latencies, failures, refusals, lock = [], [], [], threading.Lock()
             jobs = list(range(args.requests))
 
             def client(index):
@@ -61,10 +64,12 @@ def main():
                     if classes:
                         record["label"] = rng.choice(classes)
                     start = time.perf_counter()
-                    status, answer = server.invoke({"dataframe_records": [record]})
+                    status, answer, refused = server.invoke_retrying(
+                        {"dataframe_records": [record]}, rng=rng)
                     seconds = time.perf_counter() - start
                     ok = status == 200 and len(answer["predictions"]) == args.images
                     with lock:
+                        refusals.append(refused)
                         (latencies if ok else failures).append(seconds if ok else (status, answer))
 
             threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
@@ -98,7 +103,7 @@ def main():
               f"mean {statistics.mean(latencies) * 1000:.0f} ms")
     print(f"bad requests (huge num_samples, unknown label, negative temperature, malformed "
           f"JSON): refused in {max(bad_seconds) * 1000:.0f} ms at most")
-    print(f"failed requests: {len(failures)}")
+    print(f"busy refusals (429) retried: {sum(refusals)}; failed requests: {len(failures)}")
     for failure in failures[:5]:
         print(f"  {str(failure)[:300]}")
     sys.exit(1 if failures else 0)

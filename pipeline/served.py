@@ -14,18 +14,36 @@ image_png_base64 (a PNG, base64) and codes_json (the token grid as JSON). Each r
 draws with its own generator seeded by `seed`, so the same request gives the same images,
 whatever else is in the batch. A bad request raises a 400-style error naming the problem.
 
+Bounds, so that a server stays up under overload (docs/serving.md):
+    work per call   at most MAX_TOTAL_SAMPLES images and PIPELINE_SERVING_MAX_TOKENS tokens to
+                    draw (images x the grid's tokens), counted from the num_samples column
+                    before any row is read; more is a 400
+    calls at once   PIPELINE_SERVING_MAX_INFLIGHT per server process; one more is refused at
+                    once with a 429 (retry later), so it never queues behind the others
+    time            under `mlflow models serve` (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT set),
+                    sampling stops between steps at DEADLINE_SHARE of that timeout and the call
+                    gets a 504: no thread keeps computing for an answer nobody waits for
+Rows with the same sampling settings are drawn in one batch, each from its own seed
+(priors.sampling.RowGenerators), so batching does not change what a row gets. An error of ours
+is a 500 with a short message, its traceback in the server's log, never in the answer.
+
 The signature describes the answer only. With an input schema MLflow drops request columns it
 does not know, silently: a misspelt `lable` would give unconditional images. Without one the
 columns reach `_check`, which refuses unknown ones and checks every value itself.
 """
 
 import base64
+import contextlib
 import dataclasses
 import io
 import json
 import math
+import os
 import sys
 import tempfile
+import threading
+import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -37,7 +55,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "pipeline", "priors", "transformer", "pixelcnn", "vqvae", "pixels",
             "image_tokenizers")
 MAX_SAMPLES = 64          # images per request row
-MAX_TOTAL_SAMPLES = 256   # images per call (all rows)
+MAX_TOTAL_SAMPLES = 256   # images per call (all rows): bounds the answer's size
+# Defaults of the bounds a server's environment may change (Limits.from_env)
+MAX_TOKENS = 256 * 16 * 16  # tokens drawn per call: 256 images of a 16x16 grid
+MAX_INFLIGHT = 2            # calls computing at once per server process
+DEADLINE_SHARE = 0.8        # of MLflow's request timeout, for sampling; the rest decodes
 MODEL_NAME = "generator"  # the logged model's name within the run
 # a request column's kind, from its sampling field's type
 KINDS = {int: "whole number", float: "number", str: "string", bool: "boolean"}
@@ -61,6 +83,40 @@ def request_columns(family):
 
 class RequestError(ValueError):
     """A request the model refuses; the pyfunc wrapper turns it into an HTTP 400."""
+
+
+class OutOfTime(Exception):
+    """The call's time ran out while its images were drawn (an HTTP 504)."""
+
+
+class Busy(Exception):
+    """Every slot for a call is taken (an HTTP 429)."""
+
+
+@dataclasses.dataclass
+class Limits:
+    """What one server process takes on (the module docstring's bounds)."""
+    max_tokens: int = MAX_TOKENS
+    max_inflight: int = MAX_INFLIGHT
+    timeout_s: float = None  # MLflow's request timeout; None: no deadline (a Python caller)
+
+    @classmethod
+    def from_env(cls, environ=None):
+        from core.errors import UserError
+        environ = os.environ if environ is None else environ
+        values = {}
+        for key, name in (("max_tokens", "PIPELINE_SERVING_MAX_TOKENS"),
+                          ("max_inflight", "PIPELINE_SERVING_MAX_INFLIGHT"),
+                          ("timeout_s", "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT")):
+            if environ.get(name, "").strip():
+                try:
+                    values[key] = int(environ[name])
+                except ValueError:
+                    values[key] = 0
+                if values[key] < 1:
+                    raise UserError(f"{name} must be a whole number >= 1, got "
+                                    f"'{environ[name]}'")
+        return cls(**values)
 
 
 def _value(row, key, kind, default=None, where=""):
@@ -90,10 +146,10 @@ def _value(row, key, kind, default=None, where=""):
     return float(value)
 
 
-def _rows(requests):
-    """The request rows as dicts, from a DataFrame (`dataframe_records`, `dataframe_split`) or a
-    list of dicts; MLflow hands other formats (`inputs`, `instances`) over as dicts of
-    columns, which are read as a table when they are one."""
+def _table(requests):
+    """The request as a DataFrame (`dataframe_records`, `dataframe_split`) or a list of dicts;
+    MLflow hands other formats (`inputs`, `instances`) over as dicts of columns, which are read
+    as a table when they are one."""
     import pandas as pd
     if isinstance(requests, dict):
         try:
@@ -103,7 +159,7 @@ def _rows(requests):
             raise RequestError(f"could not read the request as a table ({e}); send "
                                f"dataframe_records or dataframe_split") from None
     if hasattr(requests, "to_dict"):
-        return requests.to_dict("records")
+        return requests
     rows = list(requests)
     if not all(isinstance(row, dict) for row in rows):
         raise RequestError("each request must be a row of named fields; send dataframe_records "
@@ -111,12 +167,35 @@ def _rows(requests):
     return rows
 
 
+def _images_asked(table):
+    """The images a table asks for, from its num_samples column alone (no row is checked yet):
+    a row counts its num_samples clipped to 1..MAX_SAMPLES, or 1 when it is not a number (the
+    row's own check refuses both later, naming the row)."""
+    if hasattr(table, "columns"):
+        values = table["num_samples"].tolist() if "num_samples" in table.columns else \
+            [None] * len(table)
+    else:
+        values = [row.get("num_samples") for row in table]
+    total = 0
+    for value in values:
+        if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+            value = value.item()
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value)
+        total += min(max(int(value), 1), MAX_SAMPLES) if number else 1
+    return total
+
+
 class ServedGenerator:
     """The prior (averaged weights when it kept them) and its tokenizer, on the CPU or GPU."""
 
-    def __init__(self, model, tokenizer, classes):
+    def __init__(self, model, tokenizer, classes, limits=None):
         self.model, self.tokenizer, self.classes = model, tokenizer, classes
         self.columns = request_columns(model.family)
+        self.limits = limits or Limits.from_env()
+        self.slots = threading.BoundedSemaphore(self.limits.max_inflight)
+        self.in_flight = 0  # calls holding a slot (read by tests and benchmarks)
+        self._count_lock = threading.Lock()
 
     @classmethod
     def load(cls, prior_path, tokenizer_path, device=None):
@@ -132,26 +211,99 @@ class ServedGenerator:
         return cls(model, tokenizer, data.get("classes"))
 
     def predict(self, requests):
-        """requests: a pandas DataFrame (or list of dicts) -> DataFrame of images."""
+        """requests: a pandas DataFrame (or list of dicts) -> DataFrame of images. Errors are
+        MlflowExceptions whose code MLflow's server turns into the HTTP status: 400 a bad
+        request, 429 busy, 504 out of time, 503 out of memory, 500 an error of ours."""
         import pandas as pd
         from mlflow.exceptions import MlflowException
+        from mlflow.protos import databricks_pb2 as status
         from core.errors import UserError
+        started = time.monotonic()
+        limits = self.limits
+        deadline = None if limits.timeout_s is None else \
+            started + DEADLINE_SHARE * limits.timeout_s
         try:
-            rows = _rows(requests)
-            if not rows or not any(rows):
-                raise RequestError(f"no requests: send rows with any of the fields "
-                                   f"{', '.join(self.columns)}")
-            settings = [self._check(i, row) for i, row in enumerate(rows)]
-            total = sum(s["num_samples"] for s in settings)
-            if total > MAX_TOTAL_SAMPLES:
-                raise RequestError(f"{total} images requested in one call; at most "
-                                   f"{MAX_TOTAL_SAMPLES}")
-            answers = []
-            for i, s in enumerate(settings):
-                answers.extend(self._answer(i, s))
+            table = self._bounded(requests)  # before a slot: too big is a 400 even when busy
+            with self._slot():
+                answers = self._predict(table, deadline)
+        except Busy:
+            raise MlflowException(f"busy: {limits.max_inflight} calls are being answered "
+                                  f"(PIPELINE_SERVING_MAX_INFLIGHT); retry in a moment",
+                                  error_code=status.REQUEST_LIMIT_EXCEEDED) from None
         except (RequestError, UserError) as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
+        except OutOfTime:
+            raise MlflowException(
+                f"out of time: the images were not drawn within {DEADLINE_SHARE:.0%} of the "
+                f"{limits.timeout_s} s request timeout (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT); "
+                f"ask for fewer images", error_code=status.DEADLINE_EXCEEDED) from None
+        except (MemoryError, torch.OutOfMemoryError):
+            raise MlflowException("out of memory while drawing the images; retry with fewer "
+                                  "images or later", error_code=status.TEMPORARILY_UNAVAILABLE) \
+                from None
+        except Exception as e:  # ours: the traceback goes to the server's log, not the client
+            print(f"pipeline.served: internal error answering a call:\n"
+                  f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+            raise MlflowException(f"internal error ({type(e).__name__}); the server's log has "
+                                  f"the details", error_code=status.INTERNAL_ERROR) from None
         return pd.DataFrame(answers, columns=list(RESPONSE_COLUMNS))
+
+    @contextlib.contextmanager
+    def _slot(self):
+        """One of the max_inflight slots for the call, or Busy at once: a call beyond the bound
+        must not queue behind the ones computing (nor hold one of MLflow's threads)."""
+        if not self.slots.acquire(blocking=False):
+            raise Busy()
+        with self._count_lock:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._count_lock:
+                self.in_flight -= 1
+            self.slots.release()
+
+    def _bounded(self, requests):
+        """The request's table, once its size is within the bounds, counted from the
+        num_samples column before any row is read."""
+        table = _table(requests)
+        images = _images_asked(table)
+        if images > MAX_TOTAL_SAMPLES:
+            raise RequestError(f"{images} images requested in one call; at most "
+                               f"{MAX_TOTAL_SAMPLES}")
+        tokens = self.model.config.grid_h * self.model.config.grid_w
+        if images * tokens > self.limits.max_tokens:
+            raise RequestError(f"{images} images of {tokens} tokens = {images * tokens} tokens "
+                               f"to draw in one call; at most {self.limits.max_tokens} "
+                               f"(PIPELINE_SERVING_MAX_TOKENS): ask for fewer images per call")
+        return table
+
+    def _predict(self, table, deadline):
+        rows = table.to_dict("records") if hasattr(table, "to_dict") else table
+        if not rows or not any(rows):
+            raise RequestError(f"no requests: send rows with any of the fields "
+                               f"{', '.join(self.columns)}")
+        settings = [self._check(i, row) for i, row in enumerate(rows)]
+
+        def check_time(*_):  # sampling's on_step, and between rows
+            if deadline is not None and time.monotonic() > deadline:
+                raise OutOfTime()
+
+        # rows drawn together: the same sampling settings, and all labelled or none
+        groups = {}
+        for i, s in enumerate(settings):
+            key = (tuple(dataclasses.asdict(s["sampling"]).items()), s["label_id"] is None)
+            groups.setdefault(key, []).append(i)
+        codes = {}
+        for members in groups.values():
+            drawn = self._sample([settings[i] for i in members],
+                                 check_time if deadline is not None else None)
+            codes.update(zip(members, drawn))
+        answers = []
+        for i, s in enumerate(settings):
+            check_time()
+            answers.extend(self._answer(i, s, codes[i]))
+        return answers
 
     def _check(self, i, row):
         import priors
@@ -183,18 +335,33 @@ class ServedGenerator:
                 "seed": seed}
 
     @torch.no_grad()
-    def _answer(self, i, s):
-        from pipeline.visual import to_uint8
+    def _sample(self, rows, on_step=None):
+        """Token grids (num_samples, h, w) for each of `rows` (checked requests with the same
+        sampling settings), drawn in one batch; each row from its own generator seeded by its
+        seed, so it gets what it would get alone."""
+        from priors.sampling import RowGenerators
         device = next(self.model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(s["seed"])
-        labels = (torch.full((s["num_samples"],), s["label_id"], dtype=torch.long, device=device)
-                  if s["label_id"] is not None else None)
-        codes = self.model.sample(s["num_samples"], labels, generator=generator,
-                                  **dataclasses.asdict(s["sampling"])).cpu()
+        sizes = [s["num_samples"] for s in rows]
+        generators = [torch.Generator(device=device).manual_seed(s["seed"]) for s in rows]
+        labels = None
+        if rows[0]["label_id"] is not None:
+            labels = torch.cat([torch.full((s["num_samples"],), s["label_id"], dtype=torch.long,
+                                           device=device) for s in rows])
+        generator = generators[0] if len(rows) == 1 else RowGenerators(generators, sizes)
+        extra = {} if on_step is None else {"on_step": on_step}
+        codes = self.model.sample(sum(sizes), labels, generator=generator, **extra,
+                                  **dataclasses.asdict(rows[0]["sampling"])).cpu()
+        return codes.split(sizes)
+
+    @torch.no_grad()
+    def _answer(self, i, s, codes):
+        """The answer rows of request i: its images decoded by themselves (a decoder's output
+        may differ in the last bit with the batch it is in), as PNGs."""
+        from PIL import Image
+        from pipeline.visual import to_uint8
         images = to_uint8(self.tokenizer.decode(codes))
         answers = []
         for k, array in enumerate(images):
-            from PIL import Image
             buffer = io.BytesIO()
             Image.fromarray(array).save(buffer, format="PNG")
             answers.append({"request": i, "sample": k, "label": s["label"], "seed": s["seed"],
@@ -259,15 +426,10 @@ def family_of(run):
 
 
 def _download_checkpoint(run_id, folder):
-    from pipeline import tracking
-    from core.errors import UserError
+    """best.pt (last.pt if it is unreadable), verified, and no older than the local copy."""
+    from pipeline.runs import checkpoint_for_model
     folder.mkdir(parents=True)
-    for name in ("best.pt", "last.pt"):
-        try:
-            return tracking.download_artifact(run_id, f"checkpoints/{name}", folder)
-        except UserError:
-            continue
-    raise UserError(f"run {run_id}: has no checkpoint to put in the model")
+    return checkpoint_for_model(run_id, folder)
 
 
 def register_prior(prior_run_id, name, alias="champion"):

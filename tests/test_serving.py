@@ -1,10 +1,14 @@
 """A prior run as an MLflow Model: logged with its tokenizer, registered, loaded by models:/ URIs
-in every script, and served by a real `mlflow models serve` on loopback."""
+in every script, and served by a real `mlflow models serve` on loopback; its bounds under
+overload through MLflow's scoring app in this process (where the model can be slowed down or
+broken), with a 2 s request timeout."""
 
 import base64
 import io
 import json
 import re
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -88,7 +92,9 @@ def test_pyfunc_predict_gives_pngs_the_same_seed_the_same_image(registered):
         assert error.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
-def test_mlflow_models_serve_answers_invocations_with_images(registered, store):
+def test_mlflow_models_serve_answers_invocations_with_images(registered, store, monkeypatch):
+    # the bounds come from the server's environment: here 8 images of 4x4 tokens a call
+    monkeypatch.setenv("PIPELINE_SERVING_MAX_TOKENS", "128")
     server = ModelServer(f"models:/{NAME}@champion", store, free_port(), tracking.tracking_uri())
     server.start()
     try:
@@ -113,8 +119,174 @@ def test_mlflow_models_serve_answers_invocations_with_images(registered, store):
                             ({"dataframe_records": [{"temperature": -2}]}, "temperature"),
                             ({"dataframe_records": [{"foo": 1}]}, "unknown field(s) foo"),
                             ({"dataframe_records": [{}]}, "no requests"),
+                            ({"dataframe_records": [{"num_samples": 5}, {"num_samples": 4}]},
+                             "9 images of 16 tokens = 144 tokens to draw in one call; at most "
+                             "128 (PIPELINE_SERVING_MAX_TOKENS)"),
                             (b"{not json", "JSON")):
             status, error = server.invoke(body)
             assert 400 <= status < 500 and match in json.dumps(error), (status, error)
+            assert "stack_trace" not in json.dumps(error)
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# serving that stays up: bounds, deadlines, batching, errors (docs/serving.md, Bounds)
+
+def served_generator(monkeypatch, **env):
+    """The registered model loaded in this process with the serving environment `env`, and its
+    ServedGenerator (to count, slow down or break what it does)."""
+    import mlflow.pyfunc
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    return model, model.unwrap_python_model().generator
+
+
+def spy(monkeypatch, owner, name):
+    """Count the calls of owner.name (an instance attribute wrapping the real method)."""
+    calls, real = [], getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_rows_with_the_same_settings_are_drawn_together_and_get_what_they_get_alone(
+        registered, monkeypatch):
+    model, generator = served_generator(monkeypatch)
+    rows = [{"num_samples": 2, "label": "1", "seed": 3},
+            {"num_samples": 1, "label": "2", "seed": 4}, {"seed": 5}, {"num_samples": 2, "label": "0", "seed": 6, "temperature": 0.5},
+            {"num_samples": 3, "label": "1", "seed": 8}, {"seed": 9},
+            {"num_samples": 2, "label": "2", "guidance": 3.0, "seed": 1},
+            {"num_samples": 1, "label": "0", "guidance": 3.0, "seed": 2}]
+    draws = spy(monkeypatch, generator.model, "sample")
+    together = model.predict(pd.DataFrame(rows))
+    # labelled rows at the defaults, unlabelled rows, temperature 0.5, guidance 3: four batches
+    assert len(draws) == 4
+    for i, row in enumerate(rows):
+        alone = model.predict(pd.DataFrame([row]))
+        mine = together[together["request"] == i]
+        assert len(mine) == len(alone) == row.get("num_samples", 1)
+        assert list(mine["codes_json"]) == list(alone["codes_json"]), i
+        assert list(mine["image_png_base64"]) == list(alone["image_png_base64"]), i
+    assert len(draws) == 4 + len(rows)
+
+
+def test_the_work_of_a_call_is_bounded_before_any_row_is_read(registered, monkeypatch):
+    from mlflow.exceptions import MlflowException
+    model, generator = served_generator(monkeypatch, PIPELINE_SERVING_MAX_TOKENS=64)
+    checks, draws = spy(monkeypatch, generator, "_check"), spy(monkeypatch, generator.model,
+                                                                 "sample")
+    # 4x4 grids: 4 images are 64 tokens, 5 are 80
+    assert len(model.predict(pd.DataFrame([{"num_samples": 4}]))) == 4
+    for table, match in ((pd.DataFrame([{"num_samples": 3}, {"num_samples": 2, "seed": 1}]),
+                          "5 images of 16 tokens = 80 tokens to draw in one call; at most 64 "
+                          "(PIPELINE_SERVING_MAX_TOKENS)"),
+                         (pd.DataFrame({"seed": range(300), "top_k": ["bad"] * 300}),
+                          "300 images requested in one call; at most 256")):
+        with pytest.raises(MlflowException, match=re.escape(match)) as error:
+            model.predict(table)
+        assert error.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert len(checks) == len(draws) == 1  # the call that was answered; no row of the others
+
+
+@pytest.fixture
+def scoring_app(registered, monkeypatch):
+    """MLflow's scoring app (what `mlflow models serve` runs) with a 2 s request timeout, at
+    most 2 calls in flight, on loopback in this process; yields (app, ServedGenerator)."""
+    from pipeline.servers import ScoringApp
+    model, generator = served_generator(monkeypatch, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT=2,
+                                        PIPELINE_SERVING_MAX_INFLIGHT=2)
+    assert generator.limits.timeout_s == 2 and generator.limits.max_inflight == 2
+    app = ScoringApp(model, free_port(), timeout_s=2).start()
+    yield app, generator
+    app.stop()
+
+
+def wait_for(condition, seconds=60):
+    give_up = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < give_up, "gave up waiting"
+        time.sleep(0.01)
+
+
+def test_overload_is_refused_at_once_slow_calls_stop_at_their_deadline_and_ping_answers(
+        scoring_app, monkeypatch):
+    app, generator = scoring_app
+    prior, real_step = generator.model, generator.model.step
+    request = {"dataframe_records": [{"label": "1", "seed": 3}]}
+    status, expected = app.invoke(request)
+    assert status == 200
+
+    # 1. two calls in flight, computing until released: a third is refused at once (while
+    # they still hold their slots), and /ping answers within a second under that load
+    release, steps = threading.Event(), []
+
+    def busy_step(*args):
+        steps.append(1)
+        out = real_step(*args)
+        while not release.is_set():
+            real_step(*args)  # the CPU stays busy; the GIL is contended
+        return out
+
+    monkeypatch.setattr(prior, "step", busy_step)
+    answers = []
+    held = [threading.Thread(target=lambda: answers.append(app.invoke(request)))
+            for _ in range(2)]
+    for thread in held:
+        thread.start()
+    wait_for(lambda: generator.in_flight == 2 and len(steps) >= 2)
+    status, refused = app.invoke(request)
+    assert status == 429 and "busy" in refused["message"] and "retry" in refused["message"]
+    status, too_big = app.invoke({"dataframe_records": [{"seed": i} for i in range(300)]})
+    assert status == 400 and "300 images requested" in too_big["message"]  # too big, not busy
+    assert generator.in_flight == 2 and not answers  # the held calls were still computing
+    pings = [app.ping() for _ in range(5)]
+    assert all(status == 200 for status, _ in pings)
+    assert max(seconds for _, seconds in pings) < 1.0, pings
+    release.set()
+    for thread in held:
+        thread.join()
+    # each held call is answered: its images, or a 504 when it was held past its time
+    for status, answer in answers:
+        assert (status, answer) == (200, expected) or status == 504, (status, answer)
+    wait_for(lambda: generator.in_flight == 0)
+
+    # 2. a slow model: sampling stops at the deadline (1.6 s) instead of computing on after
+    # the 504; the thread is free again and the next call is answered
+    steps.clear()
+
+    def slow_step(*args):
+        steps.append(1)
+        out = real_step(*args)
+        give_up = time.monotonic() + 0.25  # a step of a model far larger than this one
+        while time.monotonic() < give_up:
+            real_step(*args)
+        return out
+
+    monkeypatch.setattr(prior, "step", slow_step)
+    status, late = app.invoke(request)
+    # ours at 1.6 s (MLflow's own, a plain text, if this machine stalled past 2 s)
+    assert status == 504, (status, late)
+    if isinstance(late, dict):
+        assert "out of time" in late["message"] and "stack_trace" not in late, late
+    wait_for(lambda: generator.in_flight == 0)  # at once when the 504 was ours
+    assert len(steps) < 16, "sampling ran to the end of the 4x4 grid"
+    monkeypatch.setattr(prior, "step", real_step)
+    assert app.invoke(request) == (200, expected)
+
+    # 3. an error of ours: a 500 with a short message, no stack trace, no internals
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail /some/path")
+
+    real_decode = generator.tokenizer.decode
+    monkeypatch.setattr(generator.tokenizer, "decode", broken)
+    status, error = app.invoke(request)
+    assert status == 500 and "internal error (RuntimeError)" in error["message"], error
+    assert "stack_trace" not in error and "secret detail" not in json.dumps(error)
+    monkeypatch.setattr(generator.tokenizer, "decode", real_decode)
+    assert app.invoke(request) == (200, expected)
