@@ -18,7 +18,8 @@ from core.errors import UserError
 
 
 def codes_dtype(codebook_size):
-    return np.uint16 if codebook_size <= 65536 else np.int32
+    """The smallest integer type that holds codes in [0, codebook_size)."""
+    return np.uint8 if codebook_size <= 256 else np.uint16 if codebook_size <= 65536 else np.int32
 
 
 def check_codes(codes, codebook_size, where, grid=None):

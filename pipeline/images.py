@@ -4,11 +4,16 @@ The CSV has a column `image_path` (relative to the CSV's folder, or absolute) an
 `label`. Images of any format, mode and size become uint8 arrays (C, S, S): converted to RGB or
 grayscale, resized so the shorter side is S and center-cropped. Cheap checks (the CSV, the
 columns, file existence) run before anything trains; decoding failures name the file and row.
+An image whose header claims more than `max_image_pixels()` pixels is refused before any pixel
+is decoded (a decompression bomb: a 175 KB PNG can hold 15000x12000 pixels, 180 MB decoded).
 """
 
 import hashlib
+import os
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +25,10 @@ from core.errors import UserError
 
 GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
 IN_MEMORY_LIMIT_BYTES = 4 << 30  # decode once and keep in RAM below this; stream above it
+# Far above any training image (a 24-megapixel photo is 24e6), below what a small file can make
+# a loader allocate; PIPELINE_MAX_IMAGE_PIXELS overrides it.
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_PIXELS_VARIABLE = "PIPELINE_MAX_IMAGE_PIXELS"
 
 
 @dataclass
@@ -83,13 +92,61 @@ def read_table(csv_path):
     return ImageTable(csv_path, paths, list(range(len(paths))), labels)
 
 
+class ImageTooLarge(Exception):
+    """An image whose header claims more pixels than max_image_pixels(). Not a ValueError:
+    callers that read ValueError as "not base64" or "bad value" must not catch it as such."""
+
+
+def max_image_pixels():
+    """The toolkit's limit on width x height: $PIPELINE_MAX_IMAGE_PIXELS, else MAX_IMAGE_PIXELS."""
+    value = os.environ.get(MAX_PIXELS_VARIABLE, "").strip()
+    if not value:
+        return MAX_IMAGE_PIXELS
+    try:
+        limit = int(float(value))  # 2e8 reads as 200,000,000
+    except (ValueError, OverflowError):
+        limit = 0
+    if limit < 1:
+        raise UserError(f"${MAX_PIXELS_VARIABLE} must be a positive number of pixels, "
+                        f"got '{value}'")
+    return limit
+
+
+_PIL_LIMIT = threading.Lock()  # open_image lifts PIL's global limit for one Image.open
+
+
+@contextmanager
+def open_image(path):
+    """`with open_image(path) as img:` Image.open under the toolkit's size limit: ImageTooLarge,
+    before any pixel is decoded, when the header's width x height is above max_image_pixels().
+
+    PIL checks its own limit (MAX_IMAGE_PIXELS, 89 MP) inside Image.open, before a caller can see
+    the size: with a warning that decode_image used to silence, then an error of its own above
+    179 MP. For this header read ours replaces it, so one rule with one message applies; PIL's
+    checks of later frames and tiles while decoding stay in force."""
+    limit = max_image_pixels()
+    with _PIL_LIMIT:
+        pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+    with img:
+        width, height = img.size
+        if width * height > limit:
+            raise ImageTooLarge(f"{width}x{height} pixels ({width * height / 1e6:.1f} megapixels) "
+                                f"is above the limit of {limit / 1e6:g} megapixels "
+                                f"(${MAX_PIXELS_VARIABLE} sets it)")
+        yield img
+
+
 def detect_channels(table, skip_bad=False):
     """1 when every image is grayscale, else 3. Reads headers only (cheap); returns the table
-    without unreadable files when skip_bad, else raises on the first one."""
+    without unreadable or too large files when skip_bad, else raises on the first one."""
     modes, keep = set(), []
     for i, path in enumerate(table.paths):
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 modes.add(img.mode)
             keep.append(i)
         except Exception as e:
@@ -98,19 +155,29 @@ def detect_channels(table, skip_bad=False):
     return channels, table.subset(keep) if len(keep) < len(table.paths) else table
 
 
+def image_problem(error):
+    """What is wrong with an image, from the exception its decoding raised (one line)."""
+    if isinstance(error, ImageTooLarge):
+        return f"image too large: {error}"
+    return f"cannot read image ({type(error).__name__}: " \
+           f"{str(error).splitlines()[0] if str(error) else 'corrupt'})"
+
+
 def _bad_image(table, i, error, skip_bad):
-    message = f"{table.where(i)}: cannot read image ({type(error).__name__}: " \
-              f"{str(error).splitlines()[0] if str(error) else 'corrupt'})"
+    message = f"{table.where(i)}: {image_problem(error)}"
     if not skip_bad:
         raise UserError(message)
     print(f"warning: skipping {message}", file=sys.stderr)
 
 
 def decode_image(path, channels, size):
-    """One image file -> uint8 array (channels, size, size)."""
+    """One image file (or file object) -> uint8 array (channels, size, size); ImageTooLarge
+    above max_image_pixels()."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. PIL's palette-transparency notes
-        with Image.open(path) as img:
+        # but a bomb warning from a later frame or tile fails the image rather than pass unseen
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with open_image(path) as img:
             img = ImageOps.exif_transpose(img)
             img = img.convert("L" if channels == 1 else "RGB")
             img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
@@ -135,8 +202,16 @@ def decode_all(table, channels, size, skip_bad=False, progress=True):
     return torch.from_numpy(np.stack(arrays)), kept
 
 
+def local_copies():
+    """How many processes on this machine each hold their own in-memory copy of the images:
+    torchrun's LOCAL_WORLD_SIZE, else 1."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def fits_in_memory(table, channels, size):
-    return len(table.paths) * channels * size * size <= IN_MEMORY_LIMIT_BYTES
+    """Whether the decoded uint8 images fit IN_MEMORY_LIMIT_BYTES, shared by every process of
+    this machine (under torchrun each rank would hold a full copy: see ImageData)."""
+    return len(table.paths) * channels * size * size * local_copies() <= IN_MEMORY_LIMIT_BYTES
 
 
 def split_indices(n, val_fraction, seed):
@@ -168,11 +243,18 @@ class StreamingImages(torch.utils.data.Dataset):
             return torch.from_numpy(decode_image(self.table.paths[i], self.channels, self.size)), i, ""
         except Exception as e:
             blank = torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8)
-            return blank, i, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return blank, i, image_problem(e)
 
 
 class ImageData:
-    """Images for training and evaluation, in RAM when they fit, streamed otherwise.
+    """Images for training and evaluation, in RAM (uint8) when they fit, streamed otherwise.
+
+    Under torchrun a streamed set is read rank by rank: each rank decodes only its slice of
+    each global batch (`batches`). An in-memory set is decoded in full on every rank: each
+    epoch's order is a fresh permutation of every training row, of which each rank takes a
+    slice (so that 1 and N processes make the same updates), so every rank needs every image
+    within an epoch; keeping only a fixed shard per rank would train differently. Its size
+    therefore counts once per local rank against IN_MEMORY_LIMIT_BYTES (fits_in_memory).
 
     `batches(indices, batch_size, generator)` yields uint8 (B, C, S, S) batches forever, in a
     random order drawn from `generator` (saved in checkpoints, so a resumed run continues the
@@ -181,6 +263,7 @@ class ImageData:
     def __init__(self, table, channels, size, skip_bad=False, num_workers=2, force_stream=False):
         self.channels, self.size, self.skip_bad, self.num_workers = \
             channels, size, skip_bad, num_workers
+        self.skipped = set()  # streamed: indices into self.table skipped on decoding (skip_bad)
         if fits_in_memory(table, channels, size) and not force_stream:
             self.images, self.table = decode_all(table, channels, size, skip_bad)
         else:
@@ -204,6 +287,16 @@ class ImageData:
     def ordered(self, indices, batch_size):
         yield from self._load(list(np.asarray(indices).tolist()), batch_size)
 
+    def gather(self, indices, batch_size=512):
+        """The images of `indices`, in order, as one uint8 tensor (N, C, S, S), filled batch by
+        batch (no list of batches beside it); fewer rows when streamed images are skipped."""
+        out = torch.empty((len(indices), self.channels, self.size, self.size), dtype=torch.uint8)
+        filled = 0
+        for batch in self.ordered(indices, batch_size):
+            out[filled:filled + len(batch)] = batch
+            filled += len(batch)
+        return out[:filled]
+
     def _load(self, order, batch_size):
         if self.images is not None:
             for start in range(0, len(order), batch_size):
@@ -215,10 +308,11 @@ class ImageData:
         for images, rows, errors in loader:
             for k, e in enumerate(errors):
                 if e:
-                    message = f"{self.table.where(int(rows[k]))}: cannot read image ({e})"
+                    message = f"{self.table.where(int(rows[k]))}: {e}"
                     if not self.skip_bad:
                         raise UserError(message)
                     print(f"warning: skipping {message}", file=sys.stderr)
+                    self.skipped.add(int(rows[k]))
             good = [k for k, e in enumerate(errors) if not e]
             if good:
                 yield images[good]
@@ -257,7 +351,7 @@ class Source:
 
     def first_size(self, skip_bad=False):
         """The first readable image's shorter side: a default size for tokenizers that keep it."""
-        with Image.open(self.readable(skip_bad)[1].paths[0]) as first:
+        with open_image(self.readable(skip_bad)[1].paths[0]) as first:
             return min(first.size)
 
     def images(self, channels, size, skip_bad=False, num_workers=2):

@@ -37,6 +37,12 @@ images (what a perfect prior over its codes would produce), the best such a prio
 `degrade` makes the images of the ranking check (tests/test_quality.py,
 benchmarks/bench_quality.py): a figure is trusted only if it ranks real > lightly blurred >
 heavily blurred > row-shuffled > noise.
+
+Memory does not grow faster than the images themselves: real images may be given as uint8 (as
+decoded; 4x smaller than floats) and are turned into floats a batch at a time, features are
+computed in batches, and pairwise distances in blocks of rows (DISTANCE_BLOCK_BYTES), never as
+one N x N matrix. Sets small enough for one batch or block give the very numbers computed in
+one piece; above that, BLAS may round a distance differently in its last bit.
 """
 
 import contextlib
@@ -56,6 +62,39 @@ K_NEIGHBOURS = 3
 # FD ratio moved with it; 32 choices bring that to 2%, for about a second.
 REAL_DRAWS = 32
 FEATURE_SPACES = ("classifier+random", "classifier", "random")
+DISTANCE_BLOCK_BYTES = 64 << 20  # the most pairwise distances held at once (float64, or pixels)
+FEATURE_BATCH = 256  # images per batch of random features (its first layer: 256 KB per image)
+CLASSIFIER_BATCH = 512  # images per batch through the classifier
+CEILING_CHUNK = 2048  # training images reconstructed at a time by tokenizer_ceiling
+
+
+# helpers
+
+def as_unit(images):
+    """uint8 images (as decoded) -> floats in [0, 1]; float images unchanged (as float32)."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+
+
+def _stored(images):
+    """How a reference keeps images: uint8 as they are, anything else as float32."""
+    return images if images.dtype == torch.uint8 else images.float()
+
+
+def _spans(n, size, least=16):
+    """Slices of range(n), `size` long; a last one shorter than `least` joins the one before
+    (a convolution over a batch of one image rounds differently from one over many)."""
+    starts = list(range(0, n, size))
+    if len(starts) > 1 and n - starts[-1] < least:
+        starts.pop()
+    return [slice(start, end) for start, end in zip(starts, starts[1:] + [n])]
+
+
+def _row_blocks(rows, columns, item_bytes=8):
+    """Slices of range(rows) such that rows x columns items of item_bytes fit
+    DISTANCE_BLOCK_BYTES (at least 64 rows): one slice for a set that fits."""
+    step = max(64, DISTANCE_BLOCK_BYTES // (item_bytes * max(columns, 1)))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
 
 # feature spaces
 
@@ -122,8 +161,9 @@ class ImageClassifier:
     @classmethod
     def fit(cls, images, labels, seed=0, epochs=15, batch_size=64, learning_rate=2e-3,
             mixup=0.4):
-        """images (N, C, S, S) in [0, 1]; labels (N,) of anything; rows labelled None/NaN are
-        left out. Images are resized to min(S, 32) (32 is plenty to tell classes apart).
+        """images (N, C, S, S) in [0, 1] or uint8; labels (N,) of anything; rows labelled
+        None/NaN are left out. Images are resized to min(S, 32) (32 is plenty to tell classes
+        apart).
 
         Trained with mixup (Zhang et al. 2018; blends of two images, lambda ~ Beta(mixup,
         mixup), with the blended target): without it the mean of the training digits, a blob,
@@ -140,7 +180,7 @@ class ImageClassifier:
             torch.manual_seed(seed)
             net = _SmallCNN(images.shape[1], len(classes))
             classifier = cls(net, classes, size)
-            x = classifier._prepare(images[keep])
+            x = images[keep]  # as given (uint8 stays uint8); each batch is prepared on its own
             optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-2)
             steps = epochs * math.ceil(len(x) / batch_size)
             schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, steps)
@@ -152,7 +192,8 @@ class ImageClassifier:
                     pick = order[i:i + batch_size]
                     # one-pixel random shifts: the classifier should not hinge on exact placement
                     shift = torch.randint(-1, 2, (2,)).tolist()
-                    batch, target = torch.roll(x[pick], shift, dims=(2, 3)), targets[pick]
+                    batch = torch.roll(classifier._prepare(x[pick]), shift, dims=(2, 3))
+                    target = targets[pick]
                     share, partner = blend.sample(), torch.randperm(len(pick))
                     batch = share * batch + (1 - share) * batch[partner]
                     target = share * target + (1 - share) * target[partner]
@@ -165,14 +206,15 @@ class ImageClassifier:
         return classifier
 
     def _prepare(self, images):
-        x = images.float()
+        x = as_unit(images)
         if x.shape[-1] != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False,
                               antialias=True)
         return x * 2 - 1
 
     @torch.no_grad()
-    def _run(self, images, batch_size=512):
+    def _run(self, images, batch_size=None):
+        batch_size = batch_size or CLASSIFIER_BATCH
         with _one_thread():
             parts = [self.net(self._prepare(images[i:i + batch_size]))
                      for i in range(0, len(images), batch_size)]
@@ -243,14 +285,19 @@ def _pairwise(a, b):
 
 
 def knn_radii(features, k=K_NEIGHBOURS):
-    """(N, d) -> (N,) distance from each point to its k-th nearest other point of the set."""
-    distances = _pairwise(features, features)
-    return np.sort(distances, axis=1)[:, k]  # column 0 is the point itself
+    """(N, d) -> (N,) distance from each point to its k-th nearest other point of the set, in
+    blocks of rows (memory O(block x N), not O(N^2))."""
+    # column 0 of a sorted row is the point itself; partition finds the same k-th value
+    return np.concatenate([np.partition(_pairwise(features[rows], features), k, axis=1)[:, k]
+                           for rows in _row_blocks(len(features), len(features))])
 
 
 def manifold_share(queries, references, radii):
-    """Share of `queries` (N, d) inside the union of balls around `references` (M, d)."""
-    return float((_pairwise(queries, references) <= radii[None, :]).any(1).mean())
+    """Share of `queries` (N, d) inside the union of balls around `references` (M, d), in
+    blocks of query rows."""
+    inside = [(_pairwise(queries[rows], references) <= radii[None, :]).any(1)
+              for rows in _row_blocks(len(queries), len(references))]
+    return float(np.concatenate(inside).mean())
 
 
 def precision_recall(features, real_features, k=K_NEIGHBOURS, real_radii=None):
@@ -264,10 +311,17 @@ def precision_recall(features, real_features, k=K_NEIGHBOURS, real_radii=None):
 
 
 def nearest_distances(queries, references, batch=512):
-    """Pixel-space L2 distance from each query to its nearest reference image."""
-    q, r = queries.flatten(1).float(), references.flatten(1).float()
-    return torch.cat([torch.cdist(q[i:i + batch], r).min(1).values
-                      for i in range(0, len(q), batch)]).numpy()
+    """Pixel-space L2 distance from each query to its nearest reference image (images uint8
+    or floats in [0, 1]): queries `batch` at a time against blocks of references, each taken
+    as floats only while it is compared."""
+    q, r = queries.flatten(1), references.flatten(1)
+    nearest = None
+    for block in _row_blocks(len(r), r.shape[1], item_bytes=4):
+        refs = as_unit(r[block])
+        found = torch.cat([torch.cdist(as_unit(q[i:i + batch]), refs).min(1).values
+                           for i in range(0, len(q), batch)])
+        nearest = found if nearest is None else torch.minimum(nearest, found)
+    return nearest.numpy()
 
 # main class
 
@@ -284,13 +338,14 @@ class QualityReference:
     the images' own features.
 
     feature_space: "auto" ("classifier+random" with train_labels, else "random") or one of
-    FEATURE_SPACES (see the module doc). heldout_labels only add the classifier's accuracy."""
+    FEATURE_SPACES (see the module doc). heldout_labels only add the classifier's accuracy.
+    heldout, train: (N, C, S, S), uint8 as decoded (kept so, 4x smaller) or floats in [0, 1]."""
 
     def __init__(self, heldout, train, train_labels=None, heldout_labels=None, seed=0,
                  feature_space="auto"):
         for name, images in (("held-out", heldout), ("training", train)):
             _check_enough(images, f"{name} images")
-        self.heldout, self.train, self.seed = heldout.float(), train.float(), seed
+        self.heldout, self.train, self.seed = _stored(heldout), _stored(train), seed
         if feature_space == "auto":
             feature_space = "random" if train_labels is None else "classifier+random"
         if feature_space not in FEATURE_SPACES:
@@ -319,10 +374,12 @@ class QualityReference:
         self._train_embedding = None
 
     def _random_features(self, images):
-        return random_features(images, seed=self.seed)
+        return np.concatenate([random_features(as_unit(images[span]), seed=self.seed)
+                               for span in _spans(len(images), FEATURE_BATCH)])
 
     def embed(self, images):
-        """(N, C, S, S) in [0, 1] -> (N, d) features in this reference's feature space."""
+        """(N, C, S, S) in [0, 1] or uint8 -> (N, d) features in this reference's feature
+        space, computed in batches."""
         return np.concatenate([embed(images) / scale for _, embed, scale in self._blocks], 1)
 
     def embed_blocks(self, images):
@@ -337,8 +394,9 @@ class QualityReference:
         return [rng.choice(len(self.train), n, replace=False) for _ in range(draws)]
 
     def real_images(self, n):
-        """The n training images (a seeded random choice) that serve as the real reference."""
-        return self.train[torch.from_numpy(self.real_subsets(n)[0])]
+        """The n training images (a seeded random choice) that serve as the real reference,
+        as floats in [0, 1]."""
+        return as_unit(self.train[torch.from_numpy(self.real_subsets(n)[0])])
 
     def subset_figures(self, images, n):
         """fd, precision, recall (and confidence) of `images` (N_train, C, S, S), one per
@@ -381,7 +439,7 @@ class QualityReference:
     def report(self, images):
         """images (N, C, S, S) in [0, 1] -> a flat dict of figures (see the module doc)."""
         _check_enough(images, "samples")
-        images = images.float()
+        images = as_unit(images)
         features = self.embed(images)
         real = self.real_figures(min(len(images), len(self.train)))
         fd = frechet_distance(features, self.heldout_stats)
@@ -477,21 +535,46 @@ def tokenizer_ceiling(reconstruct, reference, batch_size=256):
     for every VQ-VAE tried, telling nothing.)
 
     reconstruct: (B, C, S, S) in [0, 1] -> (B, C, S, S) in [0, 1], e.g. decode(encode(x)).
-    reference: a QualityReference."""
-    run = lambda images: reconstruct_all(reconstruct, images, batch_size)
+    reference: a QualityReference.
+
+    The images are reconstructed a chunk at a time and only their features (and the first
+    choice's images) are kept. A chunk is a multiple of batch_size and of the classifier's
+    batch, so every batch holds the images it held when the whole set went at once."""
     n = min(len(reference.heldout), len(reference.train))
-    recon = run(reference.train)
-    report = reference.report(recon[torch.from_numpy(reference.real_subsets(n)[0])])
-    means = reference.subset_figures(recon, n)
+    first = torch.from_numpy(reference.real_subsets(n)[0])
+    step = math.lcm(batch_size, CLASSIFIER_BATCH)
+    chunk = step * max(1, CEILING_CHUNK // step)
+    features, confidence, chosen = [], [], None
+    for span in _spans(len(reference.train), chunk):
+        recon = reconstruct_all(reconstruct, as_unit(reference.train[span]), batch_size)
+        chunk_features, chunk_confidence = reference._embedding(recon)
+        features.append(chunk_features)
+        confidence.append(chunk_confidence)
+        if chosen is None:
+            chosen = torch.empty((n, *recon.shape[1:]))
+        here = (first >= span.start) & (first < span.stop)  # the first choice's, in its order
+        chosen[here] = recon[first[here] - span.start]
+    confidence = None if confidence[0] is None else np.concatenate(confidence)
+    report = reference.report(chosen)
+    means = reference._subset_means(np.concatenate(features), confidence, n)
     report.update(means, fd_ratio=means["fd"] / max(report["fd_real"], 1e-12))
-    mse = (run(reference.heldout) - reference.heldout).pow(2).mean().item()
+    squared_errors, sizes = [], []  # the mean of each chunk, and its size
+    for span in _spans(len(reference.heldout), chunk):
+        heldout = as_unit(reference.heldout[span])
+        error = reconstruct_all(reconstruct, heldout, batch_size) - heldout
+        squared_errors.append(error.pow(2).mean().item())
+        sizes.append(error.numel())
+    mse = squared_errors[0] if len(sizes) == 1 else float(np.average(squared_errors,
+                                                                     weights=sizes))
     return {**report, "psnr": 10 * math.log10(1 / max(mse, 1e-12))}
 
 
-def run_ceiling(run_id, reference):
+def run_ceiling(run_id, reference, precision="auto"):
     """`tokenizer_ceiling` of a tokenizer run (any kind; its best.pt, the checkpoint its codes
-    come from); -> (figures, the checkpoint's step)."""
-    tokenizer = load_tokenizer(run_id, "cpu")
+    come from), reconstructing in `precision` (auto | fp32 | bf16: the tokenizer's encode and
+    decode; the judge's own features and classifier are always fp32, so the yardstick does not
+    move with the precision); -> (figures, the checkpoint's step)."""
+    tokenizer = load_tokenizer(run_id, "cpu", precision=precision)
     return tokenizer_ceiling(tokenizer.reconstruct, reference), tokenizer.step
 
 # the ranking check's degradations

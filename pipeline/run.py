@@ -23,11 +23,13 @@ import image_tokenizers
 import priors
 from priors.settings import LARGER_IMAGES
 from pipeline.quality import K_NEIGHBOURS, QualityReference, report_draws, run_ceiling
+from pipeline.runs import live_owner
 from pipeline.tokenizers import FitConfig, fit_tokenizer, quantize
 from pipeline.train_prior import TrainConfig as PriorTrainConfig, train_prior
 from pipeline.train_tokenizer import KIND as TOKENIZER_KIND, TrainConfig as TokenizerTrainConfig
 from pipeline.train_tokenizer import train_vqvae
 from core.errors import UserError
+from pipeline.device import pick_device, resolve_precision
 from pipeline.generate import generate, more_draws
 from pipeline.images import Source, read_source
 from pipeline.visual import image_grid, save_png, save_pngs
@@ -139,6 +141,12 @@ def stage_key(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def precision_key(resolved):
+    """The part a stage's key takes from its resolved precision: none for fp32, so the stages
+    trained before --precision existed (all fp32 on a CPU) keep their keys and are reused."""
+    return () if resolved == "fp32" else ({"precision": resolved},)
+
+
 def find_stage_run(key, experiment):
     """-> ("reuse" | "resume" | "new", run_id or None) for the stage with this key."""
     runs = tracking.client().search_runs([tracking.experiment_id(experiment)],
@@ -147,8 +155,10 @@ def find_stage_run(key, experiment):
     for run in runs:
         if run.info.status == "FINISHED":
             return "reuse", run.info.run_id
-    for run in runs:  # interrupted (killed: still RUNNING; crashed: FAILED) with a checkpoint
-        if "checkpoints/last.pt" in tracking.list_artifacts(run.info.run_id, "checkpoints"):
+    for run in runs:  # interrupted (killed: still RUNNING; crashed: FAILED) with a checkpoint,
+        # or training in another process right now: resuming it then stops, naming that process
+        if live_owner(run) or "checkpoints/last.pt" in tracking.list_artifacts(
+                run.info.run_id, "checkpoints"):
             return "resume", run.info.run_id
     return "new", None
 
@@ -215,18 +225,22 @@ def load_split_images(tokenizer_run_id, source, heldout=None):
     the CSVs, read (images.Source) or as paths. Without `heldout`, the tokenizer's validation
     split is held out and its training split is the real data. With it, every row of the
     training CSV is real data, so the judge depends on the data alone and not on the --seed
-    that drew the split. Labels are None when the CSV has no label column."""
+    that drew the split. Labels are None when the CSV has no label column. (The pipeline uses
+    judged_images, which keeps the images uint8, 4x smaller: QualityReference takes either.)"""
     source = source if isinstance(source, Source) else read_source(source)
     if heldout is not None and not isinstance(heldout, Source):
         heldout = read_source(heldout)
-    return judged_images(*tokenizer_split(tokenizer_run_id, source), heldout)
+    real, judged, labels, judged_labels = judged_images(*tokenizer_split(tokenizer_run_id,
+                                                                         source), heldout)
+    return real.float() / 255, judged.float() / 255, labels, judged_labels
 
 
 def judged_images(data, split, heldout=None):
-    """load_split_images from the tokenizer's ImageData and (training rows, validation rows)
-    (tokenizer_split) and the held-out CSV (a Source, or None)."""
+    """load_split_images, with the images uint8 (N, C, S, S) as decoded, from the tokenizer's
+    ImageData and (training rows, validation rows) (tokenizer_split) and the held-out CSV (a
+    Source, or None)."""
     train_idx, val_idx = split
-    load = lambda d, idx: torch.cat(list(d.ordered(idx, 512))).float() / 255
+    load = lambda d, idx: d.gather(idx)
     if heldout is not None:
         train_idx = range(len(data))
         heldout_data = heldout.images(data.channels, data.size)
@@ -281,7 +295,7 @@ def check_quality_sizes(source, settings, heldout, train_config):
 
 def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experiment=None,
                  heldout_csv=None, seed=0, register=None, data_name=None, command=None,
-                 quality_draws=8, tokenizer="vqvae"):
+                 quality_draws=8, tokenizer="vqvae", precision="auto"):
     """Run (or reuse) every stage; writes out_dir/samples/*.png, grid.png, summary.json.
     The quality figures are means over `quality_draws` draws of the samples' size (the first
     draw is the saved samples).
@@ -289,7 +303,9 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     (alias @champion). data_name names the data in the parent run's name (default: the CSV's
     folder/stem); command is the command line recorded in its description (default: this
     process's). tokenizer: the tokenizer kind (image_tokenizers/); `overrides["tokenizer"]`
-    holds its flags."""
+    holds its flags. precision: auto | fp32 | bf16 for every stage (training, quantizing,
+    sampling, the ceiling's reconstructions), each resolving it for its device
+    (pipeline/device.py) and recording the result as its param `precision`."""
 
     if preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got '{preset}'")
@@ -317,6 +333,11 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
             f"{path_to_data} has no label column" if table.labels is None else
             "the prior is unconditional"), file=sys.stderr)
     csv_hash = source.sha256
+    # what --precision becomes on each stage's device: it keys the stages (precision_key), and
+    # the parent records the one sampling and the judge's reconstructions run in
+    resolved = {stage: resolve_precision(precision, pick_device(settings[stage].get("device")))
+                for stage in ("tokenizer", "prior")}
+    sample_precision = resolve_precision(precision, pick_device())
     timings, started = {}, time.perf_counter()
 
     csv = Path(path_to_data)
@@ -327,7 +348,8 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     parent = tracking.create_run("pipeline", experiment, run_name=name, tags=describe.source_tags(
         {"pipeline.preset": preset, describe.NOTE_TAG: note}))
     tracking.log_params(parent, describe.run_params(
-        {"path_to_data": str(path_to_data), "preset": preset, "tokenizer": tokenizer},
+        {"path_to_data": str(path_to_data), "preset": preset, "tokenizer": tokenizer,
+         "precision": sample_precision},
         {f"{s}.{k}": v for s, f in settings.items() for k, v in f.items()}))
     inputs = describe.csv_inputs(table.csv_path, csv_hash, {"training": range(len(table.paths))})
     if heldout is not None:
@@ -342,7 +364,9 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         tok_train = {**tok_train, "path_to_data": str(path_to_data), "experiment": experiment}
         tok_key = stage_key(tokenizer, csv_hash, tok_model,
                             {k: v for k, v in tok_train.items()
-                             if k not in ("path_to_data", "experiment")})
+                             if k not in ("path_to_data", "experiment")},
+                            *precision_key(resolved["tokenizer"]))
+        tok_train["precision"] = precision  # (not keyed as given: auto may mean either)
         tok_run, tok_action = run_stage(tokenizer, tok_key, experiment, train_tokenizer,
                                         tok_model, tok_train, parent, source=source)
         timings["tokenizer_s"] = time.perf_counter() - t0
@@ -356,7 +380,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         # the judge's own seed is fixed: --seed re-draws the training, not the yardstick (with
         # --seed 1 it had moved one prior's FD ratio from 1.43 to 1.26)
         reference = QualityReference(heldout_images, train_images, labels, heldout_labels)
-        ceiling, tok_step = run_ceiling(tok_run, reference)
+        ceiling, tok_step = run_ceiling(tok_run, reference, sample_precision)
         ceiling = {f"ceiling/{k}": v for k, v in ceiling.items() if isinstance(v, (int, float))}
         if "ceiling/fd_ratio" not in tracking.client().get_run(tok_run).data.metrics:  # reused
             tracking.log_metrics(tok_run, ceiling, step=tok_step)
@@ -367,7 +391,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         existing = [p for p in tracking.list_artifacts(tok_run, "codes") if p == "codes/train.npy"]
         if not existing or tracking.load_json_artifact(
                 tok_run, "codes/train.json")["csv_sha256"] != csv_hash:
-            quantize(tok_run, name="train", source=source)
+            quantize(tok_run, name="train", source=source, precision=precision)
         timings["quantize_s"] = time.perf_counter() - t0
 
         # 3. prior
@@ -382,7 +406,9 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         # (val_fraction is the tokenizer's, which its run id already fixes)
         pr_key = stage_key("prior", tok_run, csv_hash, pr_model,
                            {k: v for k, v in pr_train.items()
-                            if k not in ("experiment", "register", "log_model", "val_fraction")})
+                            if k not in ("experiment", "register", "log_model", "val_fraction")},
+                           *precision_key(resolved["prior"]))
+        pr_train["precision"] = precision
         prior_run, prior_action = run_stage("prior", pr_key, experiment, train_prior, pr_model,
                                             pr_train, parent, split=split)
         timings["prior_s"] = time.perf_counter() - t0
@@ -393,7 +419,8 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
 
         # 4. generate and decode (cheap: always fresh, so the samples match this invocation)
         t0 = time.perf_counter()
-        generated = generate(prior_run, name=f"pipeline-{parent[:8]}", **settings["sample"])
+        generated = generate(prior_run, name=f"pipeline-{parent[:8]}", precision=precision,
+                             **settings["sample"])
         name, images, tone, drawn = generated.name, generated.images, generated.tone, \
             generated.generation
         samples_dir = out_dir / "samples"
@@ -414,7 +441,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
             # the prior's tone curve for these settings maps every draw, as it maps the saved ones
             draws += more_draws(prior_run, range(drawn.seed + 1, drawn.seed + quality_draws),
                                 drawn.num_samples, drawn.batch_size, drawn.labels, tone=tone,
-                                **dataclasses.asdict(generated.sampling))
+                                precision=precision, **dataclasses.asdict(generated.sampling))
         quality = report_draws(reference, draws, requested)
         timings["quality_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
@@ -443,7 +470,8 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
                    "grid": str(out_dir / "grid.png"), "preset": preset, "settings": settings,
                    "metrics": metrics, "class_counts": quality.get("class_counts"),
                    "feature_space": quality["feature_space"], "tone_matched": tone is not None,
-                   "timings": timings, "tracking_uri": tracking.tracking_uri(),
+                   "timings": timings, "precision": sample_precision,
+                   "tracking_uri": tracking.tracking_uri(),
                    "experiment_id": tracking.client().get_run(parent).info.experiment_id}
         _write_json(out_dir / "summary.json", summary)
         tracking.log_json(parent, summary, "summary.json")

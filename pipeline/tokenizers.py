@@ -23,7 +23,7 @@ from core.errors import UserError
 from pipeline import describe, tracking
 from pipeline.checkpoint import save_checkpoint
 from pipeline.codes import codes_dtype
-from pipeline.device import autocast, pick_device
+from pipeline.device import autocast, pick_device, resolve_precision
 from pipeline.images import read_source
 from pipeline.runs import load_run_checkpoint
 
@@ -33,10 +33,13 @@ STAGE = "tokenizer"
 class RunTokenizer:
     """A tokenizer model (any kind) on `device`, with the run it came from: its interface in
     batches, results on the CPU. `pixel_quantiles` (C, tone.KNOTS): the training images'
-    pixel quantiles, where the run recorded them (what tone matching sends samples to)."""
+    pixel quantiles, where the run recorded them (what tone matching sends samples to).
+    `precision` (resolved, pipeline/device.py): encode and decode run under its autocast; the
+    VQ-VAE's codebook distances stay fp32 (vqvae/quantizer.py), decoded images come out fp32."""
 
-    def __init__(self, model, run_id, device, pixel_quantiles=None, step=0):
+    def __init__(self, model, run_id, device, pixel_quantiles=None, step=0, precision="fp32"):
         self.model, self.run_id, self.device = model.to(device), run_id, device
+        self.precision = precision
         self.pixel_quantiles, self.step = pixel_quantiles, step  # step: the checkpoint's
         self.kind = model.kind
         self.vocab_size, self.grid = model.vocab_size, tuple(model.grid)
@@ -54,8 +57,9 @@ class RunTokenizer:
     @torch.no_grad()
     def encode(self, images, batch_size=256):
         """(N, C, S, S) floats in [0, 1] -> (N, h, w) LongTensor on the CPU."""
-        return torch.cat([self.model.encode(images[i:i + batch_size].to(self.device).float())
-                          .cpu() for i in range(0, len(images), batch_size)])
+        with autocast(self.device, self.precision):
+            return torch.cat([self.model.encode(images[i:i + batch_size].to(self.device).float())
+                              .cpu() for i in range(0, len(images), batch_size)])
 
     @torch.no_grad()
     def decode(self, tokens, batch_size=256):
@@ -64,7 +68,7 @@ class RunTokenizer:
         out = []
         for start in range(0, len(tokens), batch_size):
             batch = tokens[start:start + batch_size].to(self.device).long()
-            with autocast(self.device):
+            with autocast(self.device, self.precision):
                 out.append(self.model.decode(batch).float().cpu())
         return torch.cat(out)
 
@@ -76,32 +80,48 @@ class RunTokenizer:
         return self.model.known_pixels(known)
 
 
-def tokenizer_from_checkpoint(checkpoint, device, run_id=None):
-    """A RunTokenizer from a loaded checkpoint dict (any registered kind)."""
+def tokenizer_from_checkpoint(checkpoint, device, run_id=None, precision="fp32"):
+    """A RunTokenizer from a loaded checkpoint dict (any registered kind); precision resolved."""
     return RunTokenizer(image_tokenizers.from_checkpoint(checkpoint), run_id, device,
-                        checkpoint.get("pixel_quantiles"), checkpoint.get("step", 0))
+                        checkpoint.get("pixel_quantiles"), checkpoint.get("step", 0), precision)
 
 
-def load_tokenizer(run_id, device=None, flag="--run_id"):
+def load_tokenizer(run_id, device=None, flag="--run_id", precision="auto"):
     """The tokenizer of a tokenizer run (a run id or a models:/ URI naming one), weights
-    loaded weights-only: a RunTokenizer."""
+    loaded weights-only: a RunTokenizer running in `precision` (auto | fp32 | bf16, resolved
+    for the device; or an already resolved one)."""
     run_id = tracking.resolve_run_id(run_id, flag)
     tracking.get_run(run_id, STAGE, flag=flag)
     device = pick_device(device) if not isinstance(device, torch.device) else device
     checkpoint = load_run_checkpoint(run_id, STAGE, tuple(image_tokenizers.KINDS), flag=flag)
-    return tokenizer_from_checkpoint(checkpoint, device, run_id)
+    return tokenizer_from_checkpoint(checkpoint, device, run_id,
+                                     resolve_precision(precision, device))
 
 
 def log_codes(tokenizer, source, data, name, batch_size=256):
     """Encode every image of `data` (an ImageData of `source`'s CSV) and log codes/<name>.npy
-    (rows in CSV order) + .json to the tokenizer's run."""
-    images = torch.cat(list(data.ordered(range(len(data)), 512))).float() / 255
-    codes = tokenizer.encode(images, batch_size).numpy().astype(codes_dtype(tokenizer.vocab_size))
+    (rows in CSV order) + .json to the tokenizer's run. Images go through the tokenizer
+    `batch_size` at a time, from uint8 to floats per batch, into one preallocated array of the
+    vocabulary's integer type: memory is the codes plus one batch, not the split as floats."""
+    codes, filled = None, 0
+    for batch in data.ordered(range(len(data)), batch_size):
+        batch_codes = tokenizer.encode(batch.float() / 255, batch_size).numpy()  # (B, h, w)
+        if codes is None:
+            codes = np.empty((len(data), *batch_codes.shape[1:]),
+                             codes_dtype(tokenizer.vocab_size))
+        codes[filled:filled + len(batch_codes)] = batch_codes
+        filled += len(batch_codes)
+    if codes is None:
+        raise UserError(f"{source.table.csv_path}: no readable images")
+    encoded = data.table
+    if filled < len(data):  # a streamed set skipped images that failed to decode (skip_bad)
+        codes = codes[:filled]
+        encoded = encoded.subset([i for i in range(len(data)) if i not in data.skipped])
     table = source.table
     meta = {**tokenizer.codes_meta(), "csv_path": str(Path(table.csv_path).resolve()),
             "csv_sha256": source.sha256, "num_images": int(codes.shape[0]),
-            "rows": data.table.rows if len(data.table.rows) < len(table.rows) else None,
-            "labels": data.table.labels}
+            "rows": encoded.rows if len(encoded.rows) < len(table.rows) else None,
+            "labels": encoded.labels, "precision": tokenizer.precision}
     # The .json goes first: consumers find codes by their .npy, which must never lack its json.
     tracking.log_json(tokenizer.run_id, meta, f"codes/{name}.json")
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,10 +133,12 @@ def log_codes(tokenizer, source, data, name, batch_size=256):
     return codes
 
 
-def quantize(run_id, path_to_data=None, name=None, batch_size=256, device=None, source=None):
+def quantize(run_id, path_to_data=None, name=None, batch_size=256, device=None, source=None,
+             precision="auto"):
     """Encode a CSV's images with a tokenizer run and log codes/<name>.npy and .json into it.
-    `source`: the CSV already read (images.read_source), so it is not read again."""
-    tokenizer = load_tokenizer(run_id, device)
+    `source`: the CSV already read (images.read_source), so it is not read again. The codes'
+    .json records the precision they were encoded in."""
+    tokenizer = load_tokenizer(run_id, device, precision=precision)
     run_id = tokenizer.run_id
     recorded = tracking.load_json_artifact(run_id, "config.json")
     source = source or read_source(path_to_data or recorded["train"]["path_to_data"])
