@@ -17,6 +17,7 @@ import image_tokenizers
 from core.config import add_flags, given
 from core.errors import UserError
 from pipeline.cli import run_cli
+from pipeline.device import PRECISION_HELP, PRECISIONS
 from pipeline.tokenizers import FitConfig, fit_tokenizer, quantize
 from pipeline.tracking import resolve_run_id
 
@@ -34,6 +35,8 @@ def main(argv=None):
     parser.add_argument("--name", help="artifact name codes/<name>.npy (default: the CSV's stem)")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help=PRECISION_HELP + " (with --run_id: the encoder's)")
     fitted = [name for name in image_tokenizers.KINDS
               if image_tokenizers.kind(name).Model.fitted]
     new = parser.add_argument_group("a new run of a fitted tokenizer kind (instead of --run_id)")
@@ -63,7 +66,7 @@ def main(argv=None):
         run_id = fit_tokenizer(kind, model_flags, fit_flags, codes_name=args.name)
     elif args.run_id:
         run_id = quantize(resolve_run_id(args.run_id), args.path_to_data, args.name,
-                          args.batch_size, args.device)
+                          args.batch_size, args.device, precision=args.precision)
     else:
         raise UserError("give --run_id <tokenizer run>, or --path_to_data CSV --tokenizer "
                         f"{'|'.join(fitted)}")

@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from benchmarks.common import matmul_peak_flops, timed
-from pipeline.device import autocast, pick_device
+from pipeline.device import PRECISIONS, autocast, pick_device, resolve_precision
 from vqvae.model import VQVAE, VQVAEConfig
 
 
@@ -24,8 +24,11 @@ def main():
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="as the trainers' (benchmarks/bench_precision.py compares them)")
     args = parser.parse_args()
     device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
     torch.manual_seed(0)
     config = VQVAEConfig(in_channels=args.in_channels, image_size=args.image_size,
                          channels=args.channels, downsample=args.downsample,
@@ -36,10 +39,10 @@ def main():
                         device=device)
     print(f"device {device}, torch threads {torch.get_num_threads()}, measured fp32 matmul peak "
           f"{matmul_peak_flops(device) / 1e9:.1f} GFLOP/s")
-    print(f"config: {config}")
+    print(f"config: {config}, precision {precision}")
 
     def train_step():
-        with autocast(device):
+        with autocast(device, precision):
             _, loss, _ = model(images)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -53,7 +56,7 @@ def main():
 
     @torch.no_grad()
     def evaluate():
-        with autocast(device):
+        with autocast(device, precision):
             model.decode(model.encode(big))
     seconds = timed(evaluate, device, repeat=max(1, args.steps // 3), warmup=1)
     print(f"evaluation: {256 / seconds:8.0f} images/s  (encode + decode, batch 256)")

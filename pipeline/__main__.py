@@ -6,6 +6,9 @@
     python -m pipeline --path_to_data train.csv --out_dir out --tokenizer pixels --tokenizer.bits 2
     python -m pipeline evaluate --run_id <prior run> --path_to_data heldout.csv
     python -m pipeline probe --run_id <prior run> --path_to_data train.csv --heldout heldout.csv
+    python -m pipeline classify --model models:/NAME/VERSION --path_to_data images.csv
+    python -m pipeline import --format mnist --root ~/torchvision_data --out mnist
+    python -m pipeline quality --run_id <prior run> --path_to_data heldout.csv
 
 Stage flags take the stage's name as a prefix: --tokenizer.<flag> (the tokenizer kind's flags:
 train_vqvae.py's for --tokenizer vqvae, the default; also spelt --vqvae.<flag>), --prior.<flag>
@@ -22,6 +25,7 @@ import priors
 from core.config import add_flags, given
 from core.errors import UserError
 from pipeline.cli import run_cli
+from pipeline.device import PRECISION_HELP, PRECISIONS
 from pipeline.generate import GenerationConfig
 from pipeline.run import NOT_IN_PIPELINE, PRESETS, run_pipeline, tokenizer_trainer
 from pipeline.tracking import resolve_run_id
@@ -70,6 +74,8 @@ def main(argv=None):
                              "@champion), ready for `mlflow models serve`"
                              + (" (default: demo-digits)" if demo else ""))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help=PRECISION_HELP + ": every stage, each recording what it ran in")
     parser.add_argument("--quality_draws", type=int, default=8,
                         help="average the quality figures over this many draws of the samples' "
                              "size (the first is the saved samples); one draw's figures move "
@@ -81,14 +87,15 @@ def main(argv=None):
     group = parser.add_argument_group(f"{known.tokenizer} tokenizer stage (--tokenizer.<flag>, "
                                       f"also spelt --{known.tokenizer}.<flag>)")
     for prefix, hidden in (("tokenizer.", False), (f"{known.tokenizer}.", True)):
-        add_flags(group, tokenizer_train, skip=("path_to_data", "experiment", "seed"),
+        add_flags(group, tokenizer_train, skip=("path_to_data", "experiment", "seed",
+                                                "precision"),
                   prefix=prefix, hidden=hidden)
         add_flags(group, kind.Config, skip=("in_channels",), prefix=prefix, hidden=hidden)
     prior = parser.add_argument_group("prior stage (--prior.<flag>)")
     # the prior holds out the tokenizer's validation rows (--tokenizer.val_fraction)
     add_flags(prior, PriorTrainConfig, skip=("run_id", "codes", "path_to_data", "codebook_size",
                                              "experiment", "seed", "split_seed", "register",
-                                             "val_fraction"),
+                                             "precision", "val_fraction"),
               prefix="prior.")
     add_flags(prior, family.Config, skip=DATA_FIELDS, prefix="prior.")
     sample_flags(parser, family.Model.family)
@@ -115,7 +122,8 @@ def main(argv=None):
                            heldout, args.seed, args.register,
                            data_name="digits" if demo else None,
                            command=shlex.join(["python", "-m", "pipeline", *argv]),
-                           quality_draws=args.quality_draws, tokenizer=args.tokenizer)
+                           quality_draws=args.quality_draws, tokenizer=args.tokenizer,
+                           precision=args.precision)
     report(summary)
     print(f"run_id={summary['pipeline_run_id']}")
 
@@ -135,10 +143,11 @@ def evaluate_command(argv):
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     args = parser.parse_args(argv)
     args.run_id = resolve_run_id(args.run_id)  # a models:/ URI names its run
     evaluate(args.run_id, args.path_to_data, args.name, args.elbo_samples, args.batch_size,
-             args.seed, args.device)
+             args.seed, args.device, args.precision)
     print(f"run_id={args.run_id}")
 
 
@@ -151,7 +160,8 @@ def probe_command(argv):
                     "features (the layer chosen on validation), optionally fine-tuning with "
                     "the generative loss as an auxiliary term, next to a logistic regression "
                     "on raw pixels; held-out accuracies logged to a new `probe` run.")
-    parser.add_argument("--run_id", required=True, help="the prior run (gpt family)")
+    parser.add_argument("--run_id", required=True,
+                        help="the prior run (a family with per-layer features: gpt, absorbing)")
     parser.add_argument("--path_to_data", required=True,
                         help="labelled CSV (image_path,label) to fit and validate on")
     parser.add_argument("--heldout", help="labelled CSV to score on (default: a held-out split "
@@ -170,17 +180,55 @@ def probe_command(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device")
     parser.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME)")
+    parser.add_argument("--register", metavar="NAME",
+                        help="with --finetune: register the classifier's MLflow Model under "
+                             "this name (alias @champion), for `python -m pipeline classify`")
     args = parser.parse_args(argv)
     if args.finetune and args.finetune_steps < 1:
         raise UserError(f"--finetune_steps must be at least 1, got {args.finetune_steps}")
     run_id, _ = probe(args.run_id, args.path_to_data, args.heldout, args.val_fraction,
                       args.heldout_fraction, args.finetune_steps if args.finetune else None,
                       args.finetune_lr, args.aux_weight, args.batch_size, args.seed, args.device,
-                      args.experiment)
+                      args.experiment, args.register)
     print(f"run_id={run_id}")
 
 
-COMMANDS = {"evaluate": evaluate_command, "probe": probe_command}
+def classify_command(argv):
+    """python -m pipeline classify --model models:/NAME/VERSION --path_to_data images.csv"""
+    from pipeline.classify import classify
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline classify",
+        description="Classify a CSV's images with the classifier `probe --finetune` logged; "
+                    "write the predictions, and print the accuracy when the CSV has labels.")
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME/VERSION, models:/NAME@alias, models:/<model id> or "
+                             "the probe run's id")
+    parser.add_argument("--path_to_data", required=True,
+                        help="CSV with an image_path column (and optionally label)")
+    parser.add_argument("--out", default="predictions.csv",
+                        help="the predictions CSV: image_path, label, predicted, a probability "
+                             "column per class")
+    args = parser.parse_args(argv)
+    _, accuracy = classify(args.model, args.path_to_data, args.out)
+    print(f"predictions={args.out}")
+    if accuracy is not None:
+        print(f"accuracy={accuracy:.6f}")
+
+
+def import_command(argv):
+    """python -m pipeline import --format mnist|fashion_mnist|cifar10 --root DIR --out DIR"""
+    from pipeline.importer import main
+    main(argv)
+
+
+def quality_command(argv):
+    """python -m pipeline quality --run_id <prior> --path_to_data heldout.csv"""
+    from pipeline.quality_run import main
+    main(argv)
+
+
+COMMANDS = {"evaluate": evaluate_command, "probe": probe_command, "classify": classify_command,
+            "import": import_command, "quality": quality_command}
 
 
 def versus_real(metrics, name):
@@ -233,7 +281,8 @@ def report(summary):
             f"{m['ceiling/recall']:.2f}" + (
                 f", classifier confidence {m['ceiling/classifier_confidence']:.2f}"
                 if "ceiling/classifier_confidence" in m else ""))
-    lines.append(f"time: total {t['total_s']:.0f} s (tokenizer {t['tokenizer_s']:.0f}, prior "
+    lines.append(f"time: total {t['total_s']:.0f} s in {summary.get('precision', 'fp32')} "
+                 f"(tokenizer {t['tokenizer_s']:.0f}, prior "
                  f"{t['prior_s']:.0f}, generate {t['generate_s']:.1f}, ceiling "
                  f"{t.get('ceiling_s', 0):.1f}, quality {t['quality_s']:.1f})")
     if summary.get("registered_model"):

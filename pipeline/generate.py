@@ -22,9 +22,10 @@ import torch
 import priors
 from pipeline import tracking
 from pipeline.codes import check_codes, codes_dtype, pick_artifact, read_npy
-from pipeline.device import autocast, pick_device
+from pipeline.device import autocast, pick_device, resolve_precision
 from core.errors import UserError
 from pipeline.runs import load_run_checkpoint
+from pipeline.sampling_gif import SamplingFrames, render, save_gif
 from pipeline.tokenizers import load_tokenizer
 from pipeline.tone import ToneCurve
 from pipeline.visual import image_grid, save_png, save_pngs
@@ -56,6 +57,10 @@ class GenerationConfig:
                                             "pixel quantiles (the VQ-VAE): grids of the draw "
                                             "that fits tone matching (docs/quality.md); drawn "
                                             "once per setting and kept on the prior run; 0 = off")
+    gif: bool = field(False, "also make a GIF of the sampling (the grid filling or unmasking, "
+                             "up to 64 images; pipeline/sampling_gif.py): logged as "
+                             "generated/<name>.gif (completions/<name>/completion.gif) and "
+                             "written to --out_dir")
 
     def validate(self):
         if self.num_samples < 1:
@@ -84,9 +89,10 @@ class Generated:
 
 class LoadedPrior:
     """A prior run, loaded: the model (averaged weights when it kept them), its run, the class
-    names it was trained with, and its tokenizer run id."""
+    names it was trained with, and its tokenizer run id. `precision` (auto | fp32 | bf16)
+    resolves for the device (pipeline/device.py) to what sampling and decoding run in."""
 
-    def __init__(self, run_id, device, flag="--run_id"):
+    def __init__(self, run_id, device, flag="--run_id", precision="auto"):
         run_id = self.run_id = tracking.resolve_run_id(run_id, flag)  # models:/ URIs too
         self.run = tracking.get_run(run_id, "prior", flag=flag)
         checkpoint = load_run_checkpoint(run_id, "prior", ("prior", "transformer"), flag=flag)
@@ -97,6 +103,7 @@ class LoadedPrior:
         self.class_counts = data.get("class_counts")  # of the training split, where recorded
         self.tokenizer_run_id = tracking.tokenizer_run_of(self.run)
         self.device = device
+        self.precision = resolve_precision(precision, device)
 
     def tokenizer(self, flag="--run_id"):
         if not self.tokenizer_run_id:
@@ -104,7 +111,8 @@ class LoadedPrior:
                             f"names no tokenizer; decode with images_from_indexes.py "
                             f"--tokenizer_run_id ID --indexes_path FILE")
         tokenizer = load_tokenizer(self.tokenizer_run_id, self.device,
-                                   flag="tokenizer run (from the prior's lineage tag)")
+                                   flag="tokenizer run (from the prior's lineage tag)",
+                                   precision=self.precision)
         check_prior_matches(self.model.config, tokenizer, self.run_id)
         return tokenizer
 
@@ -180,16 +188,39 @@ def decode_and_log(tokenizer, codes, log_run_id, name, out_dir=None, where="", t
     return images
 
 
-def sample_tokens(model, num_samples, batch_size, labels=None, generator=None, **settings):
-    """Draw num_samples grids in batches (labels (num_samples,) or None); -> LongTensor CPU."""
+def sample_tokens(model, num_samples, batch_size, labels=None, generator=None, frames=None,
+                  precision="fp32", **settings):
+    """Draw num_samples grids in batches (labels (num_samples,) or None); -> LongTensor CPU.
+    `frames` (a sampling_gif.SamplingFrames) records the steps of a GIF. precision: resolved
+    (pipeline/device.py); the draws themselves (log-softmax, filters) are fp32
+    (priors/sampling.py), the GPT's KV cache is its `cache_dtype` setting's."""
     device = next(model.parameters()).device
     chunks = []
-    with autocast(device):
+    with autocast(device, precision):
         for i in range(0, num_samples, batch_size):
             count = min(batch_size, num_samples - i)
             chunk_labels = labels[i:i + count].to(device) if labels is not None else None
-            chunks.append(model.sample(count, chunk_labels, generator=generator, **settings).cpu())
+            on_step = frames.batch(count) if frames is not None else None
+            extra = {"on_step": on_step} if on_step is not None else {}
+            chunks.append(model.sample(count, chunk_labels, generator=generator, **extra,
+                                       **settings).cpu())
     return torch.cat(chunks)
+
+
+def log_gif(frames, tokenizer, tone, run_id, artifact, out_dir=None, file_name=None, ncol=8,
+            row_titles=None):
+    """Render a SamplingFrames (pipeline/sampling_gif.py), log it to the run as `artifact`
+    (e.g. generated/<name>.gif) and write it to out_dir/file_name when out_dir is given."""
+    images = render(frames.frames(), tokenizer, tone, ncol, row_titles)
+    grey = tokenizer.in_channels == 1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_gif(images, Path(tmp) / Path(artifact).name, grey)
+        tracking.log_artifact(run_id, path, str(Path(artifact).parent))
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        save_gif(images, Path(out_dir) / file_name, grey)
+    print(f"sampling GIF: {len(images)} frames, logged as {artifact}"
+          + (f" and written to {Path(out_dir) / file_name}" if out_dir else ""), file=sys.stderr)
 
 
 def tone_applies(tokenizer, settings, count):
@@ -200,7 +231,8 @@ def tone_applies(tokenizer, settings, count):
         not (settings.get("grid_h") or settings.get("grid_w"))
 
 
-def calibrate_tone(model, tokenizer, labels, settings, count=TONE_SAMPLES, batch_size=None):
+def calibrate_tone(model, tokenizer, labels, settings, count=TONE_SAMPLES, batch_size=None,
+                   precision="fp32"):
     """Tone matching's curve for these sampling settings (pipeline/tone.py), fitted on a draw of
     `count` grids with `labels` ((count,) class ids, LoadedPrior.calibration_labels, or None),
     in batches of at most TONE_BATCH, from its own stream (TONE_SEED: every caller fits the same
@@ -212,7 +244,7 @@ def calibrate_tone(model, tokenizer, labels, settings, count=TONE_SAMPLES, batch
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(TONE_SEED)
     codes = sample_tokens(model, count, min(batch_size or TONE_BATCH, TONE_BATCH), labels,
-                          generator, **settings)
+                          generator, precision=precision, **settings)
     return ToneCurve.fit(tokenizer.decode(codes), tokenizer.pixel_quantiles)
 
 
@@ -236,7 +268,7 @@ def prior_tone(prior, tokenizer, settings, count=TONE_SAMPLES, batch_size=None):
         return ToneCurve.from_dict(tracking.load_json_artifact(prior.run_id, path)["curve"])
     start = time.perf_counter()
     tone = calibrate_tone(prior.model, tokenizer, prior.calibration_labels(count), settings,
-                          count, batch_size)
+                          count, batch_size, prior.precision)
     if tone is not None:
         tracking.log_json(prior.run_id, {"settings": settings, "tone_samples": count,
                                          "curve": tone.to_dict()}, path)
@@ -246,7 +278,8 @@ def prior_tone(prior, tokenizer, settings, count=TONE_SAMPLES, batch_size=None):
 
 
 def generate(run_id, num_samples=64, batch_size=None, seed=0, out_dir=None, no_decode=False,
-             name=None, device=None, labels=None, tone_samples=TONE_SAMPLES, **settings):
+             name=None, device=None, labels=None, tone_samples=TONE_SAMPLES, gif=False,
+             precision="auto", **settings):
     """Sample token grids from a prior run, log generated/<name>.npy (+ .json), decode unless
     no_decode. The generation's fields are GenerationConfig's (`labels`: '3,3,7' or 'all', for
     conditional priors); `settings` (temperature=, top_k=, ..., steps=, sampler=, ...) are the
@@ -254,11 +287,16 @@ def generate(run_id, num_samples=64, batch_size=None, seed=0, out_dir=None, no_d
     given; an option the family does not take is refused.
     Decoded images are tone-matched by the prior's curve for these settings (prior_tone: a draw
     of `tone_samples` grids, once per setting; 0: off); the curve goes into the .json, so
-    images_from_indexes decodes the same images. Returns a Generated."""
-    generation = GenerationConfig(num_samples, batch_size, seed, labels, tone_samples)
+    images_from_indexes decodes the same images. With gif, a GIF of the sampling (the first
+    64 grids, pipeline/sampling_gif.py) is logged as generated/<name>.gif and written to
+    out_dir as sampling.gif. precision: auto | fp32 | bf16 (pipeline/device.py), resolved
+    for the device and recorded in the .json. Returns a Generated."""
+    generation = GenerationConfig(num_samples, batch_size, seed, labels, tone_samples, gif)
     generation.validate()
+    if gif and no_decode:
+        raise UserError("--gif shows decoded images: drop --no_decode")
     device = pick_device(device)
-    prior = LoadedPrior(run_id, device)
+    prior = LoadedPrior(run_id, device, precision=precision)
     sampling = priors.sampling_settings(prior.family, settings)
     label_ids, num_samples = prior.label_ids(labels, num_samples)
     generation = dataclasses.replace(generation, num_samples=num_samples)
@@ -266,12 +304,13 @@ def generate(run_id, num_samples=64, batch_size=None, seed=0, out_dir=None, no_d
 
     generator = torch.Generator(device=device).manual_seed(seed)
     drawn = dataclasses.asdict(sampling)  # what the prior's sample() takes
+    frames = SamplingFrames() if gif else None
     start = time.perf_counter()
     codes = sample_tokens(prior.model, num_samples, batch_size or num_samples, label_ids,
-                          generator, **drawn)
+                          generator, frames, prior.precision, **drawn)
     seconds = time.perf_counter() - start
     print(f"sampled {num_samples} grids ({codes[0].numel()} tokens each) in {seconds:.2f} s: "
-          f"{codes.numel() / seconds:.0f} tokens/s", file=sys.stderr)
+          f"{codes.numel() / seconds:.0f} tokens/s ({prior.precision})", file=sys.stderr)
     tone = (prior_tone(prior, tokenizer, drawn, tone_samples, batch_size)
             if tokenizer is not None else None)
 
@@ -282,7 +321,8 @@ def generate(run_id, num_samples=64, batch_size=None, seed=0, out_dir=None, no_d
               "codebook_size": prior.model.config.vocab_size, "grid": list(codes.shape[1:]),
               "tokenizer_run_id": prior.tokenizer_run_id,
               **dataclasses.asdict(generation), **drawn, "labels": names,
-              "tone": tone.to_dict() if tone is not None else None}
+              "tone": tone.to_dict() if tone is not None else None,
+              "precision": prior.precision}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.npy"
         np.save(path, codes.numpy().astype(codes_dtype(prior.model.config.vocab_size)))
@@ -293,42 +333,47 @@ def generate(run_id, num_samples=64, batch_size=None, seed=0, out_dir=None, no_d
     if tokenizer is not None:
         images = decode_and_log(tokenizer, codes, run_id, name, out_dir,
                                 where=f"--run_id {run_id} generated/{name}.npy", tone=tone)
+    if frames is not None:
+        log_gif(frames, tokenizer, tone, run_id, f"generated/{name}.gif", out_dir, "sampling.gif")
     return Generated(codes, name, seconds, images, tone, run_id, sampling, generation, names,
                      record)
 
 
 def more_draws(run_id, seeds, num_samples=64, batch_size=None, labels=None, device=None,
-               tone=None, **settings):
+               tone=None, precision="auto", **settings):
     """Decoded images of the same sampling settings under each of `seeds`, nothing logged:
     further draws for quality figures averaged over draws, mapped by the ToneCurve `tone` when
     given (generate's, for the same settings). -> [(N, C, S, S) floats]"""
-    prior = LoadedPrior(run_id, pick_device(device))
+    prior = LoadedPrior(run_id, pick_device(device), precision=precision)
     label_ids, num_samples = prior.label_ids(labels, num_samples)
     return draws_of(prior.model, prior.tokenizer(), seeds, num_samples, label_ids, batch_size,
-                    tone, **settings)
+                    tone, prior.precision, **settings)
 
 
 def draws_of(model, tokenizer, seeds, num_samples, label_ids=None, batch_size=None, tone=None,
-             **settings):
-    """more_draws for a model already loaded (a prior's, or several priors' drawn as one)."""
+             precision="fp32", **settings):
+    """more_draws for a model already loaded (a prior's, or several priors' drawn as one);
+    precision resolved (the tokenizer decodes in its own)."""
     device = next(model.parameters()).device
     draws = [tokenizer.decode(sample_tokens(model, num_samples, batch_size or num_samples,
                                             label_ids,
                                             torch.Generator(device=device).manual_seed(seed),
-                                            **settings))
+                                            precision=precision, **settings))
              for seed in seeds]
     return [tone(draw) for draw in draws] if tone is not None else draws
 
 
 def images_from_indexes(run_id=None, indexes=None, tokenizer_run_id=None, indexes_path=None,
-                        out_dir=None, device=None):
-    """Decode a prior run's generated/<indexes>.npy, or any local file with a tokenizer run."""
+                        out_dir=None, device=None, precision="auto"):
+    """Decode a prior run's generated/<indexes>.npy, or any local file with a tokenizer run
+    (decoding in `precision`, auto | fp32 | bf16, as generation does)."""
     device = pick_device(device)
     if indexes_path:
         if not tokenizer_run_id:
             raise UserError("--indexes_path needs --tokenizer_run_id (the tokenizer that "
                             "decodes it)")
-        tokenizer = load_tokenizer(tokenizer_run_id, device, flag="--tokenizer_run_id")
+        tokenizer = load_tokenizer(tokenizer_run_id, device, flag="--tokenizer_run_id",
+                                   precision=precision)
         array = read_npy(indexes_path)
         name = Path(indexes_path).stem
         return decode_and_log(tokenizer, array, tokenizer.run_id, name, out_dir,
@@ -345,7 +390,8 @@ def images_from_indexes(run_id=None, indexes=None, tokenizer_run_id=None, indexe
     if not tokenizer_run_id:
         raise UserError(f"--run_id {run_id}: the prior was trained from a local file and names "
                         f"no tokenizer; add --tokenizer_run_id ID")
-    tokenizer = load_tokenizer(tokenizer_run_id, device, flag="--tokenizer_run_id")
+    tokenizer = load_tokenizer(tokenizer_run_id, device, flag="--tokenizer_run_id",
+                               precision=precision)
     with tempfile.TemporaryDirectory() as tmp:
         path = tracking.download_artifact(run_id, f"generated/{name}.npy", tmp)
         array = read_npy(path, f"--run_id {run_id} generated/{name}.npy")

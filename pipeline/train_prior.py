@@ -19,7 +19,7 @@ import priors
 from pipeline import describe, distributed, tracking, train_loop
 from pipeline.codes import load_codes_file, load_run_codes
 from core.config import build, field
-from pipeline.device import autocast, needs_grad_scaler
+from pipeline.device import PRECISION_HELP, autocast, needs_grad_scaler, resolve_precision
 from core.errors import UserError
 from pipeline.images import split_indices
 from pipeline.runs import TrainingRun, recorded_config
@@ -77,6 +77,8 @@ class TrainConfig:
     eval_every: int = field(250, "evaluate every N steps")
     checkpoint_every: int = field(500, "write checkpoints/last.pt every N steps")
     device: Optional[str] = field(None, "cpu, cuda or cuda:N (default: cuda when available)")
+    dist_timeout: float = field(distributed.DEFAULT_TIMEOUT_S, distributed.TIMEOUT_HELP)
+    precision: str = field("auto", PRECISION_HELP)
     experiment: Optional[str] = field(None, "MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME)")
     checkpoint_dir: str = field("checkpoints", "local copies of checkpoints, one folder per run")
     log_model: bool = field(True, "at the end, log an MLflow Model (the prior and its tokenizer, "
@@ -90,12 +92,12 @@ class TrainConfig:
         return self.seed if self.split_seed is None else self.split_seed
 
 
-RESUME_OVERRIDES = ("max_steps", "epochs", "max_minutes", "device", "eval_every",
-                    "checkpoint_every", "checkpoint_dir", "log_model", "register")
+RESUME_OVERRIDES = ("max_steps", "epochs", "max_minutes", "device", "dist_timeout", "precision",
+                    "eval_every", "checkpoint_every", "checkpoint_dir", "log_model", "register")
 
 
 @torch.no_grad()
-def evaluate(model, tokens, labels, device, batch_size=256, seed=0):
+def evaluate(model, tokens, labels, device, batch_size=256, seed=0, precision="fp32"):
     """Mean nll per image (nats) over `tokens` (N, h, w); a fixed generator makes Monte-Carlo
     bounds comparable between evaluations."""
     was_training = model.training
@@ -105,7 +107,7 @@ def evaluate(model, tokens, labels, device, batch_size=256, seed=0):
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size].to(device)
         batch_labels = labels[start:start + batch_size].to(device) if labels is not None else None
-        with autocast(device):
+        with autocast(device, precision):  # (the nll is taken on fp32 outputs: priors/heads.py)
             total += model.nll(batch, batch_labels, generator=generator).float().sum().item()
     model.train(was_training)
     return total / len(tokens)
@@ -193,7 +195,8 @@ def train_prior(model_flags=None, train_flags=None, resume_run_id=None, parent_r
     it down); by default split_indices(N, --val_fraction, --split_seed or --seed), which gives
     the same rows for the same settings."""
     train_flags = train_flags or {}
-    with distributed.process_group(train_flags.get("device")) as ctx:
+    with distributed.process_group(train_flags.get("device"),
+                                   train_flags.get("dist_timeout")) as ctx:
         return _train(ctx, model_flags or {}, train_flags, resume_run_id, parent_run_id, tags,
                       progress, split)
 
@@ -261,6 +264,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                   if "image_size" in meta and "in_channels" in meta else None)
 
     device = ctx.device
+    precision = resolve_precision(train.precision, device)  # the param records this
     torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = module.Model(model_config).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -269,7 +273,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=train.learning_rate, betas=(0.9, 0.95),
                                   fused=True)  # one kernel for all tensors: 4% off a CPU step
-    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device))
+    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, precision))
     generator = torch.Generator().manual_seed(train.seed)  # batch order, identical on all ranks
     lineage = {"tokenizer_run_id": meta.get("tokenizer_run_id"),
                "tokenizer": meta.get("tokenizer"), "codes_name": meta.get("codes_name"),
@@ -288,7 +292,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
             run_tags[tracking.TOKENIZER_RUN_TAG] = lineage["tokenizer_run_id"]
         config = {"model": asdict(model_config), "train": asdict(train), "data": lineage}
         params = {**asdict(train), **asdict(model_config), "num_sequences": n,
-                  "world_size": ctx.world_size}
+                  "world_size": ctx.world_size, "precision": precision}
         splits = {"training": train_idx.tolist(), "validation": val_idx.tolist()}
         datasets = (describe.codes_inputs(lineage["tokenizer_run_id"], meta["codes_name"], meta,
                                           tokens, splits) if train.run_id else
@@ -316,7 +320,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
             batch = train_tokens[micro].to(device, non_blocking=True)
             batch_labels = train_labels[micro].to(device) if train_labels is not None else None
             last = i == train.accumulate - 1
-            with distributed.no_sync(ctx, ddp_model, sync=last), autocast(device):
+            with distributed.no_sync(ctx, ddp_model, sync=last), autocast(device, precision):
                 _, loss = ddp_model(batch, batch_labels)
                 scaler.scale(loss / train.accumulate).backward()
             loss_sum = loss_sum + loss.detach() / train.accumulate
@@ -326,7 +330,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         return {"train/nats_per_token": mean_loss}, len(pick) * tokens[0].numel() * ctx.world_size
 
     def validate(evaluated):
-        val_nll = evaluate(evaluated, val_tokens, val_labels, device, seed=train.seed)
+        val_nll = evaluate(evaluated, val_tokens, val_labels, device, seed=train.seed,
+                           precision=precision)
         metrics = {"val/nats_per_token": val_nll / tokens[0].numel()}
         if image_dims:
             metrics["val/bits_per_dim"] = val_nll / (image_dims * math.log(2))

@@ -10,7 +10,7 @@ import torch
 
 from pipeline import describe, distributed, tone, tracking, train_loop
 from core.config import build, field
-from pipeline.device import autocast, needs_grad_scaler
+from pipeline.device import PRECISION_HELP, autocast, needs_grad_scaler, resolve_precision
 from core.errors import UserError
 from pipeline.images import read_source
 from pipeline.runs import TrainingRun, recorded_config
@@ -65,11 +65,20 @@ class TrainConfig:
                                           "instead of --max_steps")
     weight_decay: float = field(0.0, "AdamW weight decay")
     grad_clip: float = field(1.0, "clip the gradient norm to this")
+    ema_decay: Optional[float] = field(None, "keep an exponential moving average of the weights "
+                                             "with this decay (e.g. 0.995, Unleashing's VQGAN): "
+                                             "evaluation, quantizing and decoding use it. The "
+                                             "codebook's own rate, which --ema_decay set before, "
+                                             "is --codebook_decay")
+    hflip: bool = field(False, "flip training images left-right at random (not for digits or "
+                               "text)")
     val_fraction: float = field(0.1, "fraction of rows held out for validation")
     seed: int = field(0, "seed for the split, initialisation and batch order")
     eval_every: int = field(200, "evaluate and log reconstructions every N steps")
     checkpoint_every: int = field(500, "write checkpoints/last.pt every N steps")
     device: Optional[str] = field(None, "cpu, cuda or cuda:N (default: cuda when available)")
+    dist_timeout: float = field(distributed.DEFAULT_TIMEOUT_S, distributed.TIMEOUT_HELP)
+    precision: str = field("auto", PRECISION_HELP)
     experiment: Optional[str] = field(None, "MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME)")
     skip_bad_images: bool = field(False, "skip unreadable images with a warning instead of failing")
     num_workers: int = field(2, "DataLoader workers when images are streamed from disk")
@@ -83,15 +92,16 @@ class TrainConfig:
 
 
 # Settings that may change when a run is resumed; everything else is the run's recorded value.
-RESUME_OVERRIDES = ("max_steps", "epochs", "device", "eval_every", "checkpoint_every",
-                    "num_workers", "checkpoint_dir", "skip_bad_images", "accumulate")
+RESUME_OVERRIDES = ("max_steps", "epochs", "device", "dist_timeout", "precision",
+                    "eval_every", "checkpoint_every", "num_workers", "checkpoint_dir",
+                    "skip_bad_images", "accumulate")
 
 
 class Adversary:
     """The discriminator's side of adversarial training: the patch discriminator, its optimizer
     (Adam with betas (0.5, 0.9), as VQGAN), its DDP wrapper and grad scaler."""
 
-    def __init__(self, config, train, ctx):
+    def __init__(self, config, train, ctx, precision="fp32"):
         self.config, self.train, self.ctx = config, train, ctx
         with torch.random.fork_rng(devices=[]):
             # its own seed: the VQ-VAE's k-means start and restarts draw what they draw without it
@@ -99,7 +109,9 @@ class Adversary:
             self.discriminator = PatchDiscriminator(config).to(ctx.device)
         self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=train.learning_rate,
                                           betas=(0.5, 0.9), fused=True)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(ctx.device))
+        self.precision = precision  # resolved (pipeline/device.py), the VQ-VAE's
+        self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(ctx.device,
+                                                                             precision))
         self.ddp = distributed.wrap(ctx, self.discriminator)
         self.discriminator.requires_grad_(False)  # only its own step trains it
 
@@ -121,7 +133,7 @@ class Adversary:
         logs = {}
         for i, (real, fake) in enumerate(zip(images, reconstructions)):
             with distributed.no_sync(self.ctx, self.ddp, sync=i == len(images) - 1):
-                with autocast(self.ctx.device):
+                with autocast(self.ctx.device, self.precision):
                     # one forward for both halves: DDP expects one forward per backward
                     logits = self.ddp(torch.cat([real, fake]) * 2 - 1)
                     logits_real, logits_fake = logits[:len(real)], logits[len(real):]
@@ -145,18 +157,19 @@ class Adversary:
 
 
 def train_step(model, ddp_model, optimizer, scaler, images, train, ctx, run_id, step, lr,
-               adversary=None):
+               adversary=None, precision="fp32"):
     """One optimizer step on this process's `images` (B, C, S, S) in [0, 1], taken as
     `train.accumulate` equal micro-batches whose gradients add up (DDP all-reduces them once,
     after the last). Returns {metric: scalar tensor} averaged over micro-batches and ranks;
-    stops (UserError) before stepping if the loss is not finite."""
+    stops (UserError) before stepping if the loss is not finite. precision: resolved
+    (pipeline/device.py); the loss is taken on fp32 reconstructions (vqvae/model.py)."""
     micro_batches = images.chunk(train.accumulate)
     adversarial = adversary is not None and step >= train.adversarial_start
     optimizer.zero_grad(set_to_none=True)
     logs, reconstructions = {}, []
     for i, x in enumerate(micro_batches):
         with distributed.no_sync(ctx, ddp_model, sync=i == len(micro_batches) - 1):
-            with autocast(ctx.device):
+            with autocast(ctx.device, precision):
                 recon, loss, _ = ddp_model(x)
                 objective, values = loss, {"train/vq_loss": loss}  # MSE + commitment
                 if adversarial:
@@ -180,14 +193,14 @@ def train_step(model, ddp_model, optimizer, scaler, images, train, ctx, run_id, 
 
 
 @torch.no_grad()
-def evaluate(model, data, indices, device, batch_size=256):
+def evaluate(model, data, indices, device, batch_size=256, precision="fp32"):
     """Reconstruction and codebook metrics over `indices` (pixels on the [0, 1] scale)."""
     model.eval()
     squared_error, pixels, loss_sum, batches = 0.0, 0, 0.0, 0
     counts = torch.zeros(model.config.codebook_size, device=device)
     for batch in data.ordered(indices, batch_size):
         images = batch.to(device).float() / 255
-        with autocast(device):
+        with autocast(device, precision):
             recon, loss, codes = model(images)
         squared_error += (recon.float().clamp(0, 1) - images).pow(2).sum().item()
         pixels += images.numel()
@@ -222,12 +235,26 @@ def run_description(model, train, flags, csv_sha256, num_train, num_val):
                                "training. Files under images/",
             "config.json": "every setting, and the CSV's SHA-256",
             "checkpoints/last.pt, best.pt": "weights-only checkpoints (model config, weights, "
-                                            "optimizer, step)",
+                                            "averaged weights when --ema_decay, optimizer, "
+                                            "step)",
             "codes/<name>.npy, .json": "code grids (N, h, w), added by quantize_dataset.py or "
                                        "the pipeline"},
         notes=["`ceiling/*`, when present, is logged by the pipeline: the quality figures of "
                "best.pt's reconstructions of training images, what a perfect prior could reach.",
                "", "Resume: `python train_vqvae.py --resume_run_id <this run's ID>`"])
+
+
+def random_hflip(images, generator):
+    """(B, C, S, S) with each image mirrored left-right with probability 1/2, drawn from
+    `generator` (a CPU torch.Generator)."""
+    flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def flip_generator(seed, step, rank):
+    """The flips' generator of one step: seeded by (seed, step, rank), so a resumed run flips
+    what it would have flipped, and ranks flip their own images independently."""
+    return torch.Generator().manual_seed(hash((seed, step, rank)))
 
 
 def training_quantiles(data, train_idx, seed):
@@ -255,7 +282,8 @@ def train_vqvae(model_flags=None, train_flags=None, resume_run_id=None, parent_r
     every process calls this; see pipeline/distributed.py. source: the CSV already read
     (images.Source; the one command's), else --path_to_data is read."""
     train_flags = train_flags or {}
-    with distributed.process_group(train_flags.get("device")) as ctx:
+    with distributed.process_group(train_flags.get("device"),
+                                   train_flags.get("dist_timeout")) as ctx:
         return _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, progress,
                       source)
 
@@ -287,6 +315,10 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     if model_config is None:
         model_config = build(VQVAEConfig, model_flags, {"in_channels": channels})
         model_config.validate()
+        if "ema_decay" in train_flags and ctx.is_main:  # an older command's flag, other meaning
+            print(f"note: --ema_decay {train.ema_decay} averages the VQ-VAE's weights; the "
+                  f"codebook's update rate (what --ema_decay set before) is --codebook_decay",
+                  file=sys.stderr)
     data = source.images(model_config.in_channels, model_config.image_size,
                          train.skip_bad_images, train.num_workers)
     train_idx, val_idx = source.split(train.val_fraction, train.seed, data)
@@ -299,12 +331,13 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                         f"{train.max_steps}: the adversarial loss would never start")
 
     device = ctx.device
+    precision = resolve_precision(train.precision, device)  # the param records this
     torch.manual_seed(train.seed)  # the same initial weights on every rank
     # channels-last weights and batches: mkldnn's layout, a CPU training step 6% faster
     model = VQVAE(model_config).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate,
                                   weight_decay=train.weight_decay, fused=True)  # one kernel
-    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device))
+    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, precision))
     model.quantizer.defer_updates = train.accumulate > 1
     adversary = None
     if train.adversarial_weight > 0:
@@ -312,7 +345,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                                                    train.discriminator_channels,
                                                    train.discriminator_layers)
         discriminator_config.validate(model_config.image_size)
-        adversary = Adversary(discriminator_config, train, ctx)
+        adversary = Adversary(discriminator_config, train, ctx, precision)
     generator = torch.Generator().manual_seed(train.seed)  # batch order, identical on all ranks
     # read before the run opens, so an unreadable image cannot leave a run stuck at RUNNING
     preview = next(data.ordered(val_idx[:8], 8)).to(device).float() / 255
@@ -323,7 +356,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                   "data": {"csv_sha256": source.sha256, "num_images": len(data),
                            "num_train": len(train_idx), "num_val": len(val_idx)}}
         params = {**asdict(train), **asdict(model_config), "num_images": len(data),
-                  "world_size": ctx.world_size}  # resolved model values win
+                  "world_size": ctx.world_size,
+                  "precision": precision}  # resolved model values (and precision) win
         name = model.run_name()
         note = run_description(model_config, train, {**train_flags, **(model_flags or {})},
                                config["data"]["csv_sha256"], len(train_idx), len(val_idx))
@@ -345,13 +379,15 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
 
     def take_step(step, lr):
         images = next(batches).to(device, non_blocking=True).float() / 255
+        if train.hflip:
+            images = random_hflip(images, flip_generator(train.seed, step, ctx.rank))
         images = images.contiguous(memory_format=torch.channels_last)
         logs = train_step(model, ddp_model, optimizer, scaler, images, train, ctx, state.run_id,
-                          step, lr, adversary)
+                          step, lr, adversary, precision)
         return logs, len(images) * ctx.world_size
 
     def validate(evaluated):
-        metrics = evaluate(evaluated, data, val_idx, device)
+        metrics = evaluate(evaluated, data, val_idx, device, precision=precision)
         return metrics, metrics["val/vq_loss"]
 
     def summary(metrics):

@@ -54,11 +54,12 @@ def help_text(main, argv, capsys):
 
 def test_the_registry_gives_each_family_its_dataclass_and_the_union_of_all():
     assert priors.sampling_class("absorbing") is AbsorbingSampling
-    for name in ("gpt", "pixelcnn", "gated_pixelcnn", "pixelcnnpp", "pixelsnail"):
+    assert priors.sampling_class("gpt") is gpt.GPTSampling  # its KV cache's dtype
+    for name in ("pixelcnn", "gated_pixelcnn", "pixelcnnpp", "pixelsnail"):
         assert priors.sampling_class(name) is SamplingConfig
     names = [f.name for f in dataclasses.fields(priors.all_sampling())]
-    assert names == ["temperature", "top_k", "top_p", "guidance", "steps", "sampler",
-                     "choice_temperature", "grid_h", "grid_w"]
+    assert names == ["temperature", "top_k", "top_p", "guidance", "cache_dtype", "steps",
+                     "stride", "sampler", "choice_temperature", "grid_h", "grid_w"]
 
 
 def test_a_new_field_is_a_script_flag_a_pipeline_flag_and_a_request_column(new_options,
@@ -137,7 +138,7 @@ def test_the_served_model_takes_sampler_for_an_absorbing_prior_and_refuses_it_fo
     model, calls = served("gpt")
     assert len(model.predict(pd.DataFrame([{"top_k": 2, "seed": 1}]))) == 1
     assert {k: v for k, v in calls[-1].items() if k != "generator"} == \
-        {"temperature": 1.0, "top_k": 2, "top_p": None, "guidance": None}
+        {"temperature": 1.0, "top_k": 2, "top_p": None, "guidance": None, "cache_dtype": None}
     for column in ("sampler", "steps"):
         with pytest.raises(MlflowException, match=re.escape(f"request 0: unknown field(s) "
                                                             f"{column}")) as error:
@@ -168,7 +169,7 @@ def test_generate_returns_a_named_result_that_its_json_records(chain):
     assert result.codes.shape == (3, 4, 4) and record["grid"] == [4, 4]
     assert result.images.shape == (3, 1, 16, 16) and result.seconds > 0
     assert result.tone is None and record["tone"] is None
-    assert result.sampling == SamplingConfig(top_k=4)
+    assert result.sampling == gpt.GPTSampling(top_k=4)
     assert dataclasses.asdict(result.sampling).items() <= record.items()
     assert result.generation == GenerationConfig(num_samples=3, seed=2, tone_samples=0)
     assert {k: v for k, v in dataclasses.asdict(result.generation).items()
