@@ -52,6 +52,18 @@ def write_csv(path, rows, header="image_path,label"):
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_without_bf16_units():
+    """--precision auto resolves to fp32 in this process, as on a CPU without bf16 units: the
+    suite computes the same on every CI machine, and its tiny models would only pay bf16's
+    per-call costs. tests/test_precision.py pretends other CPUs where it checks bf16."""
+    from pipeline import device
+    real = device.cpu_flags
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(device, "cpu_flags", lambda: real() - set(device.BF16_CPU_FLAGS))
+        yield
+
+
 @pytest.fixture(scope="session")
 def store(tmp_path_factory):
     """A fresh sqlite tracking store for the test session (also the working directory)."""
