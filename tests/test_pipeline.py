@@ -129,6 +129,29 @@ def test_seed_redraws_the_training_but_not_the_judge(store, digits_like, tmp_pat
                 "quality/real_classifier_confidence", "quality/classifier_heldout_accuracy"):
         assert first["metrics"][key] == pytest.approx(second["metrics"][key]), key  # ...one judge
 
+    # `python -m pipeline quality` on the first prior: the figures the pipeline printed, in an
+    # evaluation run whose input is the held-out CSV
+    eval_run = run_main(pipeline_main, ["quality", "--run_id", first["prior_run_id"],
+                                        "--path_to_data", str(heldout)])
+    run = tracking.client().get_run(eval_run)
+    assert run.info.status == "FINISHED" and run.data.tags[tracking.STAGE_TAG] == "quality"
+    assert run.data.tags["pipeline.prior_run_id"] == first["prior_run_id"]
+    assert run.data.params["draws"] == "8"  # the pipeline run's, as are its sampling settings
+    judged = run.data.metrics
+    compared = [k for k in first["metrics"] if k.startswith(("quality/", "ceiling/"))]
+    assert "quality/fd_ratio" in compared and "ceiling/fd_ratio" in compared
+    for key in compared:
+        assert judged[key] == pytest.approx(first["metrics"][key], rel=1e-6, abs=1e-9), key
+    inputs = run.inputs.dataset_inputs
+    assert [i.tags[0].value for i in inputs] == ["evaluation"]
+    # other settings give other figures, named in the run's params
+    other = run_main(pipeline_main, ["quality", "--run_id", first["prior_run_id"],
+                                     "--path_to_data", str(heldout), "--draws", "1",
+                                     "--sample.temperature", "3.0"])
+    other = tracking.client().get_run(other).data
+    assert other.params["sample.temperature"] == "3.0" and other.params["draws"] == "1"
+    assert other.metrics["quality/fd_ratio"] != judged["quality/fd_ratio"]
+
 
 def test_an_interrupted_stage_resumes_in_the_same_run(store, digits_like, tmp_path, monkeypatch):
     import pipeline.train_tokenizer as vqvae_trainer
