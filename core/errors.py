@@ -4,7 +4,8 @@ Library code raises `UserError` for anything the user can fix (a bad path, a wro
 mismatched artifact). Scripts wrap their entry point in `run_cli`, which turns those into a
 one-line message; `explain` lets the application layer name other failures that are not bugs
 (pipeline/cli.py passes the tracking store's). Anything else is a bug in this toolkit and keeps
-its traceback.
+its traceback. A training stopped by SIGTERM (what schedulers and `docker stop` send) raises
+`Terminated`, which exits with 143 as a process killed by SIGTERM would; Ctrl-C exits with 130.
 """
 
 import sys
@@ -12,6 +13,15 @@ import sys
 
 class UserError(Exception):
     """An error caused by the user's input, reported as one line without a traceback."""
+
+
+class Terminated(KeyboardInterrupt):
+    """A stop asked for by a signal (SIGTERM, Ctrl-C), after a graceful end: the message says
+    where it stopped. `signal` is its number: the exit status is 128 + signal."""
+
+    def __init__(self, message, signal=15):
+        super().__init__(message)
+        self.signal = signal
 
 
 def run_cli(main, argv=None, explain=None):
@@ -26,6 +36,9 @@ def run_cli(main, argv=None, explain=None):
         if message is None:
             raise
         _fail(message)
+    except Terminated as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(128 + e.signal)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

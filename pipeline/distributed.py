@@ -9,9 +9,14 @@ gives the same updates on 1 or N processes and can be resumed with a different N
 
 Without torchrun (WORLD_SIZE unset) everything here is a no-op and the trainers run as one plain
 process.
+
+A process that waits longer than --dist_timeout seconds (default 5 minutes) for the others in a
+collective stops with one line: a rank that died or hangs (a lost node, an error outside the
+guarded paths) ends every rank within that time, not after gloo's default half hour.
 """
 
 import contextlib
+import datetime
 import io
 import os
 import warnings
@@ -23,6 +28,10 @@ import torch.distributed as dist
 
 from pipeline.device import pick_device
 from core.errors import UserError
+
+DEFAULT_TIMEOUT_S = 300.0  # --dist_timeout
+TIMEOUT_HELP = ("under torchrun: seconds a process waits for the others in a collective before "
+                "it stops with an error (a rank that died or hangs ends every rank)")
 
 
 @dataclass
@@ -41,10 +50,12 @@ class Context:
 
 
 @contextmanager
-def process_group(device_flag=None):
-    """`with process_group(flag) as ctx:` joins torchrun's group for the block (nothing to join
-    without torchrun) and leaves it afterwards, however the block ends."""
-    ctx = init(device_flag)
+def process_group(device_flag=None, timeout_s=None):
+    """`with process_group(flag, --dist_timeout) as ctx:` joins torchrun's group for the block
+    (nothing to join without torchrun) and leaves it afterwards, however the block ends. A
+    collective that fails because another rank is gone or silent becomes one line."""
+    timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+    ctx = init(device_flag, timeout_s)
     try:
         yield ctx
         if ctx.enabled:
@@ -52,18 +63,48 @@ def process_group(device_flag=None):
             # abort at exit ("terminate called without an active exception"). Not after an
             # error, where the other ranks may be gone.
             dist.barrier()
+    except Exception as e:
+        if not (ctx.enabled and _collective_failure(e)):
+            raise
+        raise UserError(f"rank {ctx.rank}: stopping, another process failed or did not answer "
+                        f"within --dist_timeout {timeout_s:g} s ({_first_line(e)})") from None
     finally:
         if ctx.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def init(device_flag=None):
+def _collective_failure(e):
+    """Whether `e` is a collective that failed on a dead or silent peer (gloo, NCCL)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    # gloo's are plain RuntimeErrors naming its source ("third_party/gloo/...: Timed out
+    # waiting 300000ms for recv operation", "Connection closed by peer")
+    return isinstance(e, RuntimeError) and any(
+        sign in text for sign in ("gloo/", "Connection closed by peer",
+                                  "Connection reset by peer", "NCCL"))
+
+
+def _first_line(e):
+    """The gist of a collective's error: its first sentence, less the source location
+    ("[.../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:22664. ...")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ")[0][:200]
+
+
+def init(device_flag=None, timeout_s=DEFAULT_TIMEOUT_S):
     """Join the torchrun process group, if launched by torchrun; pick this process's device
-    (cuda:LOCAL_RANK with NCCL when there are GPUs, the CPU with gloo otherwise)."""
+    (cuda:LOCAL_RANK with NCCL when there are GPUs, the CPU with gloo otherwise). Collectives
+    give up after `timeout_s` seconds."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_flag)
     if world_size == 1:
         return Context(device=device)
+    if not timeout_s > 0:
+        raise UserError(f"--dist_timeout must be positive, got {timeout_s}")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -72,7 +113,8 @@ def init(device_flag=None):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return Context(rank, world_size, device)
 
 
@@ -109,6 +151,17 @@ def mean(ctx, value):
     value = value.detach().float().clone()
     dist.all_reduce(value)  # gloo has no AVG: sum, then divide
     return value / ctx.world_size
+
+
+def any_rank(ctx, flag):
+    """True on every rank if `flag` is true on any (a stop asked of one process stops all
+    after the same step)."""
+    if not ctx.enabled:
+        return bool(flag)
+    where = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+    value = torch.tensor([int(bool(flag))], device=where)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def on_main(ctx, fn):

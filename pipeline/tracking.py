@@ -47,9 +47,83 @@ def client():
     global _client
     if _client is None:
         _quiet_mlflow()
-        from mlflow.tracking import MlflowClient
-        _client = MlflowClient()
+        _client = _open_client()
     return _client
+
+
+def _sqlite_file():
+    """The database file of an embedded `sqlite:///` store, or None (a server, :memory:)."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine.url import make_url
+    database = make_url(uri).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def _open_client(attempts=3):
+    """An MlflowClient; an embedded sqlite store is created or migrated under a file lock
+    beside it.
+
+    MLflow creates and migrates the tables on a process's first access to the store; two
+    processes doing it at once on a fresh mlflow.db collide ("duplicate column", "table already
+    exists", alembic's "expected to match one row"). Our processes take turns on the lock; a
+    process that does not take it (`mlflow ui`) can still collide with us, so a failed
+    migration is retried once the other has had time to finish, after clearing the scratch
+    tables a migration cut short leaves behind."""
+    from mlflow.tracking import MlflowClient
+    database = _sqlite_file()
+    if database is None:
+        return MlflowClient()
+    from filelock import FileLock
+    database.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(attempts):
+        try:
+            with FileLock(str(database) + ".lock", timeout=300):
+                return MlflowClient()  # which builds the store: tables, migrations
+        except Exception as e:
+            if attempt == attempts - 1 or not _migration_race(e):
+                raise
+            _wait_until_quiet(database)  # the other process finished or died
+            with FileLock(str(database) + ".lock", timeout=300):
+                _drop_scratch_tables(database)
+
+
+def _wait_until_quiet(database, quiet_s=2.0, limit_s=60.0):
+    """Wait until the database file has not changed for `quiet_s` seconds (at most limit_s)."""
+    give_up, last = time.monotonic() + limit_s, None
+    while time.monotonic() < give_up:
+        stamp = database.stat().st_mtime_ns if database.exists() else None
+        if stamp == last:
+            return
+        last = stamp
+        time.sleep(quiet_s)
+
+
+def _drop_scratch_tables(database):
+    """Drop the `_alembic_tmp_<table>` copies a migration cut short left beside an intact
+    <table> (alembic rebuilds a sqlite table through such a copy; a leftover one makes every
+    later migration fail)."""
+    import sqlite3
+    connection = sqlite3.connect(database, timeout=60)
+    try:
+        tables = {row[0] for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for name in tables:
+            if name.startswith("_alembic_tmp_") and name[len("_alembic_tmp_"):] in tables:
+                connection.execute(f'DROP TABLE "{name}"')
+        connection.commit()
+    finally:
+        connection.close()
+
+
+def _migration_race(e):
+    """Whether `e` is what a concurrent creation or migration of the sqlite tables raises."""
+    while e is not None:
+        if type(e).__module__.split(".")[0] in ("sqlalchemy", "alembic", "sqlite3"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def reset_client():
@@ -313,13 +387,21 @@ class Uploader:
     out in one `log_batch` per `flush_secs` (a synchronous call per step would cost ~60 ms
     against a remote server). If the store becomes unreachable, everything queued is kept and
     retried with growing pauses (up to a minute), with one warning when the outage starts and one
-    line when it ends. `close` waits for the queue to drain and returns what could not be sent.
+    line when it ends. An upload the store refuses outright (401, 403, 413: retrying cannot
+    cure it) is dropped with a warning and kept in `dropped` until a later upload of the same
+    artifact succeeds. `close` waits for the queue to drain and returns what could not be sent.
+
+    heartbeat: a function -> {tag: value}, sent with the metrics every `heartbeat_secs` (the
+    run's lease, pipeline/runs.py).
     """
 
-    def __init__(self, run_id, flush_secs=5.0):
+    def __init__(self, run_id, flush_secs=5.0, heartbeat=None, heartbeat_secs=60.0):
         self.run_id, self.flush_secs = run_id, flush_secs
+        self.heartbeat, self.heartbeat_secs = heartbeat, heartbeat_secs
+        self.next_beat = time.monotonic() + heartbeat_secs
         self.metrics = []  # pending mlflow Metric entities, oldest first
         self.jobs = {}  # key -> (what, fn); a newer upload of the same artifact replaces an older
+        self.dropped = {}  # key -> (what, reason) of uploads the store refused
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.closing = self.abandoned = False
@@ -375,6 +457,7 @@ class Uploader:
         with self.lock:
             metrics, jobs = list(self.metrics), list(self.jobs.items())
         try:
+            self._beat()
             for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 per batch
                 chunk = metrics[i:i + 1000]
                 self._attempt(lambda: client().log_batch(self.run_id, metrics=chunk),
@@ -382,7 +465,7 @@ class Uploader:
                 with self.lock:
                     del self.metrics[:len(chunk)]  # new metrics only ever join at the end
             for key, job in jobs:
-                self._attempt(job[1], job[0])
+                self._attempt(job[1], job[0], key)
                 with self.lock:
                     if self.jobs.get(key) is job:  # not replaced by a newer upload meanwhile
                         del self.jobs[key]
@@ -400,9 +483,17 @@ class Uploader:
             self.outage = None
         return True
 
-    def _attempt(self, fn, what):
-        """fn(); a failure that retrying cannot cure is reported and dropped, so it cannot
-        hold up everything queued behind it."""
+    def _beat(self):
+        if self.heartbeat is None or time.monotonic() < self.next_beat:
+            return
+        from mlflow.entities import RunTag
+        tags = [RunTag(k, v) for k, v in self.heartbeat().items()]
+        self._attempt(lambda: client().log_batch(self.run_id, tags=tags), "the heartbeat")
+        self.next_beat = time.monotonic() + self.heartbeat_secs
+
+    def _attempt(self, fn, what, key=None):
+        """fn(); a failure that retrying cannot cure is reported and dropped (and, for a queued
+        upload, kept in `dropped`), so it cannot hold up everything queued behind it."""
         try:
             fn()
         except Exception as e:
@@ -410,3 +501,10 @@ class Uploader:
                 raise
             _say(f"warning: run {self.run_id}: could not log {what}, dropped: "
                  f"{describe_error(e)}")
+            if key is not None:
+                with self.lock:
+                    self.dropped[key] = (what, describe_error(e))
+        else:
+            if key is not None:
+                with self.lock:
+                    self.dropped.pop(key, None)

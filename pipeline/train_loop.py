@@ -9,8 +9,11 @@ One plain loop: set the learning rate (pipeline/schedule.py), take one optimizer
 weight average, log the step's values every 10 steps with the throughput, evaluate every
 --eval_every steps (the lowest score writes checkpoints/best.pt), write checkpoints/last.pt every
 --checkpoint_every steps, stop at --max_steps or when --max_minutes are spent, and close the run
-as FINISHED, or FAILED if anything raised. Under torchrun every process runs it and rank 0 alone
-logs, evaluates and saves (pipeline/distributed.py).
+as FINISHED, or FAILED if anything raised. SIGTERM (a scheduler, `docker stop`) or Ctrl-C stops
+it gracefully after the current step: last.pt at that step, metrics sent, the run KILLED, and
+core.errors.Terminated raised (exit status 143 for SIGTERM, 130 for Ctrl-C); a second signal
+stops it at once. Under torchrun every process runs it and rank 0 alone logs, evaluates and
+saves (pipeline/distributed.py).
 
 What differs between trainers comes in a `Trainer`: how to take one step and what it logs, how
 to evaluate and which score picks best.pt, its own checkpoint entries, what to do after an
@@ -26,7 +29,9 @@ trainer offers them as flags, ema_decay and max_minutes; and lr_schedule, lr_dec
 """
 
 import copy
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -34,9 +39,9 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from core.errors import UserError
+from core.errors import Terminated, UserError
 from pipeline import distributed
-from pipeline.runs import resume
+from pipeline.runs import SCRIPTS, resume
 from pipeline.schedule import SCHEDULES, epochs_to_steps, learning_rate_at, steps_per_epoch
 
 SPEED_LABELS = {"images": "img_s", "tokens": "tok_s"}  # the progress bar's throughput
@@ -208,6 +213,41 @@ def open_run(ctx, stage, kind, train, model, optimizer, generator, resume_run_id
 
 # the loop
 
+SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
+
+
+class StopRequest:
+    """Between `install()` and `restore()`, SIGTERM and Ctrl-C are a request that the loop
+    reads between steps (`requested`); a second signal stops at once. Only the main thread can
+    take signals, so elsewhere nothing is installed."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            for number in SIGNAL_NAMES:
+                self.previous[number] = signal.signal(number, self._handle)
+
+    def restore(self):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def _handle(self, number, frame):
+        if self.signal is not None:
+            if number == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise Terminated(f"stopped at once by a second {SIGNAL_NAMES[number]}", number)
+        self.signal = number
+        tqdm.write(f"{SIGNAL_NAMES[number]}: stopping after this step with a checkpoint "
+                   f"({SIGNAL_NAMES[number]} again stops at once)", file=sys.stderr)
+
+    def requested(self, ctx):
+        """Whether any rank got a signal: all ranks stop after the same step."""
+        return distributed.any_rank(ctx, self.signal is not None)
+
+
 def loop(ctx, trainer, train, model, optimizer, generator, state, progress=True):
     """Train from `state` to --max_steps (or the end of --max_minutes) and close the run;
     returns the run id on rank 0, None on the other ranks."""
@@ -242,7 +282,8 @@ def loop(ctx, trainer, train, model, optimizer, generator, state, progress=True)
         spent = time.perf_counter() - clock
         return float(distributed.broadcast_str(ctx, repr(spent) if ctx.is_main else None))
 
-    status = "FAILED"
+    status, stop, stopped = "FAILED", StopRequest(), False
+    stop.install()
     try:
         if ctx.is_main and not state.resumed:
             trainer.begin(run, model)
@@ -259,6 +300,8 @@ def loop(ctx, trainer, train, model, optimizer, generator, state, progress=True)
             step += 1
             trained_s = time_spent() if budget_s else time.perf_counter() - clock
             final = step == train.max_steps or (budget_s is not None and trained_s >= budget_s)
+            if stop.requested(ctx) and not final:  # checkpoint this step and end, as at the last
+                stopped = final = True
             window_items += items
             bar.update(1)
             if not ctx.is_main:  # the rest (logging, evaluation, checkpoints) is rank 0's
@@ -273,7 +316,7 @@ def loop(ctx, trainer, train, model, optimizer, generator, state, progress=True)
                                  f"train/{trainer.unit}_per_sec": speed}, step)
                 bar.set_postfix(loss=f"{logs[trainer.loss].item():.{trainer.loss_digits}f}",
                                 **{SPEED_LABELS[trainer.unit]: f"{speed:.0f}"})
-            if step % train.eval_every == 0 or final:
+            if (step % train.eval_every == 0 or final) and not stopped:
                 metrics, score = trainer.evaluate(evaluated)
                 run.log_metrics(metrics, step)
                 trainer.after_evaluation(run, evaluated, step)
@@ -287,12 +330,22 @@ def loop(ctx, trainer, train, model, optimizer, generator, state, progress=True)
             if step % train.checkpoint_every == 0 or final:
                 run.save("last.pt", checkpoint())
             if final:
-                if step < train.max_steps:
+                if step < train.max_steps and not stopped:
                     bar.write(f"stopped at step {step}: --max_minutes {max_minutes} spent")
                 break
-        status = "FINISHED"
+        status = "KILLED" if stopped else "FINISHED"
     finally:
         bar.close()
-        if ctx.is_main:
-            run.finish(status)
+        try:
+            if ctx.is_main:
+                run.finish(status)
+        finally:
+            stop.restore()
+    if stopped:
+        cause = SIGNAL_NAMES.get(stop.signal, "a signal to another process")
+        raise Terminated(f"run {run_id}: stopped by {cause} at step {step}, checkpoints/last.pt "
+                         f"saved; `python {SCRIPTS[run.stage]} --resume_run_id {run_id}` "
+                         f"continues" if ctx.is_main else
+                         f"rank {ctx.rank}: stopped by {cause} at step {step}",
+                         stop.signal or signal.SIGTERM)
     return run_id if ctx.is_main else None

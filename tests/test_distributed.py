@@ -132,3 +132,29 @@ def test_quantizer_ranks_keep_one_codebook(tmp_path):
             for _ in range(3):
                 single(z)
             torch.testing.assert_close(rank0["codebook"], single.codebook)
+
+
+def test_a_rank_that_fails_ends_every_rank_with_one_line(store, tmp_path):
+    """Rank 1 raises outside the guarded paths (a bug, a lost device) at step 5: rank 0, in a
+    collective with it, stops with one line instead of waiting for gloo's half hour."""
+    np.save(tmp_path / "codes.npy", np.random.default_rng(0).integers(0, 16, (64, 4, 4)))
+    script = tmp_path / "faulty_train.py"
+    script.write_text(
+        f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+        "import train\nfrom pipeline import train_loop\nfrom pipeline.cli import run_cli\n"
+        "schedule = train_loop.learning_rate_at\n"
+        "def learning_rate_at(step, *args):\n"
+        "    if os.environ['RANK'] == '1' and step == 5:\n"
+        "        raise RuntimeError('rank 1 broke')\n"
+        "    return schedule(step, *args)\n"
+        "train_loop.learning_rate_at = learning_rate_at\n"
+        "run_cli(train.main)\n")
+    result = torchrun(script, ["--path_to_data", str(tmp_path / "codes.npy"), "--codebook_size",
+                               "16", *TINY_PRIOR, "--max_steps", "100000",
+                               "--dist_timeout", "20", "--experiment", "rank-fails"], store)
+    assert result.returncode != 0
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error: rank 0")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "another process failed or did not answer within --dist_timeout 20 s" in errors[0]
+    (run,) = runs_in("rank-fails")
+    assert run.info.status == "FAILED"

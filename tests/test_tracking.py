@@ -1,7 +1,14 @@
-"""The background uploader: retries what a store outage interrupts, drops what cannot succeed."""
+"""The background uploader: retries what a store outage interrupts, drops what cannot succeed;
+processes opening one fresh sqlite store together."""
+
+import os
+import subprocess
+import sys
+import time
 
 from mlflow.exceptions import MlflowException
 
+from conftest import ROOT
 from pipeline import tracking
 
 
@@ -46,3 +53,25 @@ def test_uploader_gives_back_what_it_could_not_send(store):
     assert uploads == ["checkpoints/last.pt"] and uploader.outage is not None
     # the metric, queued first, went out before the upload that failed
     assert metrics == [] and len(tracking.client().get_metric_history(run_id, "a")) == 1
+
+
+def test_processes_opening_a_fresh_sqlite_store_together_all_succeed(tmp_path):
+    """MLflow creates and migrates an embedded store's tables on first use; several processes
+    doing it at once on a new mlflow.db used to die with sqlite/alembic errors."""
+    go = tmp_path / "go"
+    # every process imports MLflow, says so, then all open the store at the same moment
+    child = (f"import os, sys, time; sys.path.insert(0, {str(ROOT)!r}); import mlflow.tracking\n"
+             f"from pipeline import tracking\n"
+             f"open(os.path.join({str(tmp_path)!r}, f'ready.{{os.getpid()}}'), 'w').close()\n"
+             f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+             f"tracking.experiment_id('race')\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    processes = [subprocess.Popen([sys.executable, "-c", child], env=env, cwd=tmp_path,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    give_up = time.monotonic() + 300
+    while len(list(tmp_path.glob("ready.*"))) < len(processes):
+        assert time.monotonic() < give_up and all(p.poll() is None for p in processes)
+        time.sleep(0.01)
+    go.write_text("")
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], "\n".join(e[-800:] for e in errors)
