@@ -22,15 +22,15 @@ the one least slowed by other work.
 
 Roofs, measured here at the start, the best of several tries: the matmul peak of each dtype
 (benchmarks/common.py, a 2048^2 matmul on a CPU) and the stream bandwidth (a copy of a 256 MB
-tensor: bytes read + written per second). FLOPs are counted by torch.utils.flop_counter on one untimed call of each
-timed function (2 per multiply-add; every matmul, linear layer and convolution, the attention
-kernel counted as its full score matrix even where causal; a training step's backward included),
-so "% peak" is the share of its dtype's matmul peak that the step's matrix arithmetic would
-fill. Bytes, for KV-cache sampling only: per step, the weights of every linear layer (fp32 4
-bytes; under bf16 autocast 2, cast once per call) and the cached keys and values the step reads
-(L x B x 2 x (t + 1) x d, t averaged over the grid), at 4 bytes for an fp32 cache, 2 for bf16,
-and 4 + 2 + 2 for an fp32 cache read under bf16 (read, cast, read again:
-transformer/block.py). "% BW" is bytes per second over the measured bandwidth: near 100% the
+tensor: bytes read + written per second). FLOPs are counted by torch.utils.flop_counter on one
+untimed call of each timed function (2 per multiply-add; every matmul, linear layer and
+convolution, the attention kernel counted as its full score matrix even where causal; a
+training step's backward included), so "% peak" is the share of its dtype's matmul peak that
+the step's matrix arithmetic would fill. Bytes, for KV-cache sampling only: per step, the
+weights of every linear layer (fp32 4 bytes; under bf16 autocast 2, cast once per draw) and the
+cached keys and values the step reads (L x B x 2 x (t + 1) x d, t averaged over the grid), at
+4 bytes for an fp32 cache (read as stored, also under bf16: transformer/block.py) and 2 for
+bf16. "% BW" is bytes per second over the measured bandwidth: near 100% the
 step is memory-bound, far below both roofs it is bound by per-op overhead.
 """
 
@@ -165,11 +165,7 @@ def kv_bytes_per_step(model, batch, precision, cache_dtype):
     weight_bytes = weights * (2 if precision == "bf16" else 4)
     context = (config.block_size + 1) / 2
     elements = config.n_layer * batch * 2 * context * config.n_embd
-    if cache_dtype == "bf16":
-        per_element = 2
-    else:
-        per_element = 4 + 2 + 2 if precision == "bf16" else 4
-    return weight_bytes + elements * per_element
+    return weight_bytes + elements * (2 if cache_dtype == "bf16" else 4)
 
 
 # timing
@@ -244,13 +240,13 @@ def main():
     absorbing = priors.build("absorbing", gpt_config()).to(device).eval()
     draw = sampler(absorbing, 256, device, steps=codes)
     rows.append((f"absorbing sampling ({codes} steps, batch 256)", "codes/s", {
-        v: (lambda v=v: draw(v), 256 * codes, count_flops(lambda: draw("fp32")), None)
+        v: (lambda v=v, draw=draw: draw(v), 256 * codes, count_flops(lambda: draw("fp32")), None)
         for v in ("fp32", "bf16")}))
 
     pixelcnn = priors.build("pixelcnnpp", {**gpt_config(), "dropout": 0.0}).to(device).eval()
     draw = sampler(pixelcnn, 256, device)
     rows.append(("PixelCNN++ sampling (batch 256)", "codes/s", {
-        v: (lambda v=v: draw(v), 256 * codes, count_flops(lambda: draw("fp32")), None)
+        v: (lambda v=v, draw=draw: draw(v), 256 * codes, count_flops(lambda: draw("fp32")), None)
         for v in ("fp32", "bf16")}))
 
     if not args.skip_latency:

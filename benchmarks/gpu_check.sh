@@ -66,12 +66,13 @@ value = torch.ones(1, device="cuda")
 dist.all_reduce(value)
 assert value.item() == dist.get_world_size(), value
 if dist.get_rank() == 0:
-    print(f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}: all_reduce over "
+    print(f"NCCL {torch.cuda.nccl.version()}: all_reduce over "
           f"{dist.get_world_size()} process(es) ok")
 dist.destroy_process_group()
 EOF
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$WORK/nccl_probe.py"
-TOKENIZER_RUN="$("$PYTHON" -c "import json; print(json.load(open('$WORK/demo_out/summary.json'))['tokenizer_run_id'])")"
+TOKENIZER_RUN="$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['tokenizer_run_id'])" \
+    "$WORK/demo_out/summary.json")"
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$REPO/train.py" \
     --run_id "$TOKENIZER_RUN" --codes train --conditional --max_steps 200 --eval_every 100 \
     --checkpoint_every 100 --precision bf16 --experiment gpu-check-torchrun --no-log_model \
