@@ -35,7 +35,6 @@ step is memory-bound, far below both roofs it is bound by per-op overhead.
 """
 
 import argparse
-import contextlib
 import time
 
 import torch
