@@ -64,10 +64,13 @@ def main(argv=None):
         parser.add_argument("--data_dir", default="demo_data", help="where the digits are written")
         parser.add_argument("--out_dir", default="demo_out")
     else:
-        parser.add_argument("--path_to_data", required=True, help="CSV with an image_path column")
+        parser.add_argument("--path_to_data", required=True,
+                            help="CSV with an image_path column (and optionally label), or a "
+                                 "folder of images (class subfolders label them)")
         parser.add_argument("--out_dir", required=True)
-        parser.add_argument("--heldout", help="CSV of held-out images to judge samples against "
-                                              "(default: the tokenizer's validation split)")
+        parser.add_argument("--heldout", help="CSV or folder of held-out images to judge "
+                                              "samples against (default: the tokenizer's "
+                                              "validation split)")
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--register", default="demo-digits" if demo else None,
                         help="register the prior's MLflow Model under this name (alias "
@@ -80,6 +83,11 @@ def main(argv=None):
                         help="average the quality figures over this many draws of the samples' "
                              "size (the first is the saved samples); one draw's figures move "
                              "with the seed")
+    parser.add_argument("--minutes", type=float,
+                        help="a time budget for the whole command: the training stages get "
+                             "shares of it (--max_minutes) and their learning-rate schedules "
+                             "follow it; the preset's step counts stay the cap "
+                             "(pipeline/budget.py)")
     parser.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME)")
     parser.add_argument("--tokenizer", default="vqvae", choices=sorted(image_tokenizers.KINDS),
                         help="the tokenizer kind; its flags are --tokenizer.<flag>")
@@ -123,7 +131,7 @@ def main(argv=None):
                            data_name="digits" if demo else None,
                            command=shlex.join(["python", "-m", "pipeline", *argv]),
                            quality_draws=args.quality_draws, tokenizer=args.tokenizer,
-                           precision=args.precision)
+                           precision=args.precision, minutes=args.minutes)
     report(summary)
     print(f"run_id={summary['pipeline_run_id']}")
 
@@ -136,7 +144,8 @@ def evaluate_command(argv):
                                                  "per image dimension; logged to the run.")
     parser.add_argument("--run_id", required=True,
                         help="the prior run (or models:/NAME/VERSION, models:/NAME@alias)")
-    parser.add_argument("--path_to_data", required=True, help="CSV of images to score")
+    parser.add_argument("--path_to_data", required=True, help="CSV or folder of images to "
+                                                              "score")
     parser.add_argument("--name", help="metric/artifact name (default: the CSV's stem)")
     parser.add_argument("--elbo_samples", type=int, default=8,
                         help="Monte-Carlo draws per image for priors whose nll is a bound")
@@ -163,9 +172,10 @@ def probe_command(argv):
     parser.add_argument("--run_id", required=True,
                         help="the prior run (a family with per-layer features: gpt, absorbing)")
     parser.add_argument("--path_to_data", required=True,
-                        help="labelled CSV (image_path,label) to fit and validate on")
-    parser.add_argument("--heldout", help="labelled CSV to score on (default: a held-out split "
-                                          "of --path_to_data)")
+                        help="labelled CSV (image_path,label) or folder (class subfolders) "
+                             "to fit and validate on")
+    parser.add_argument("--heldout", help="labelled CSV or folder to score on (default: a "
+                                          "held-out split of --path_to_data)")
     parser.add_argument("--val_fraction", type=float, default=0.15,
                         help="share of the fitting images used to choose layer, C and step")
     parser.add_argument("--heldout_fraction", type=float, default=0.2,
@@ -204,7 +214,8 @@ def classify_command(argv):
                         help="models:/NAME/VERSION, models:/NAME@alias, models:/<model id> or "
                              "the probe run's id")
     parser.add_argument("--path_to_data", required=True,
-                        help="CSV with an image_path column (and optionally label)")
+                        help="CSV with an image_path column (and optionally label), or a "
+                             "folder of images (class subfolders label them)")
     parser.add_argument("--out", default="predictions.csv",
                         help="the predictions CSV: image_path, label, predicted, a probability "
                              "column per class")
@@ -284,7 +295,9 @@ def report(summary):
     lines.append(f"time: total {t['total_s']:.0f} s in {summary.get('precision', 'fp32')} "
                  f"(tokenizer {t['tokenizer_s']:.0f}, prior "
                  f"{t['prior_s']:.0f}, generate {t['generate_s']:.1f}, ceiling "
-                 f"{t.get('ceiling_s', 0):.1f}, quality {t['quality_s']:.1f})")
+                 f"{t.get('ceiling_s', 0):.1f}, quality {t['quality_s']:.1f})"
+                 + (f" of a --minutes {summary['minutes']:g} budget ({60 * summary['minutes']:.0f} s)"
+                    if summary.get("minutes") else ""))
     if summary.get("registered_model"):
         lines.append(f"model: {summary['registered_model']} (alias @champion); serve it with "
                      f"`mlflow models serve -m {summary['registered_model']} --env-manager local`")

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from pipeline import describe, tracking
 import image_tokenizers
@@ -30,6 +29,7 @@ from pipeline.train_tokenizer import KIND as TOKENIZER_KIND, TrainConfig as Toke
 from pipeline.train_tokenizer import train_vqvae
 from core.errors import UserError
 from pipeline.device import pick_device, resolve_precision
+from pipeline.budget import TimeBudget
 from pipeline.generate import generate, more_draws
 from pipeline.images import Source, read_source
 from pipeline.visual import image_grid, save_png, save_pngs
@@ -137,6 +137,10 @@ def tokenizer_trainer(kind):
     return STEP_TRAINERS[kind]
 
 
+def has_field(config_class, name):
+    return name in {f.name for f in dataclasses.fields(config_class)}
+
+
 def stage_key(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -179,8 +183,8 @@ def run_stage(name, key, experiment, train_fn, model_flags, train_flags, parent_
 
 
 def fit_label_settings(settings, overrides, has_labels):
-    """Fit the preset's class-conditional settings to the data: without a label column the
-    prior is unconditional, and an unconditional prior samples without labels or guidance.
+    """Fit the preset's class-conditional settings to the data: without labels (a CSV's label
+    column, a folder's class subfolders) the prior is unconditional, and an unconditional prior samples without labels or guidance.
     Label settings the user gave for data without labels are an error. -> the names dropped."""
     def given(stage, key):
         return key in overrides.get(stage, {})
@@ -189,7 +193,8 @@ def fit_label_settings(settings, overrides, has_labels):
                  ("sample", "labels"), ("sample", "guidance"))
                  if given(stage, key) and overrides[stage][key] not in (None, False)]
         if asked:
-            raise UserError(f"{', '.join(asked)}: the CSV has no label column")
+            raise UserError(f"{', '.join(asked)}: the data has no labels (a CSV's label "
+                            f"column, a folder's class subfolders)")
     dropped = []
     prior = settings["prior"]
     if not has_labels and prior.get("conditional") and not given("prior", "conditional"):
@@ -225,7 +230,7 @@ def load_split_images(tokenizer_run_id, source, heldout=None):
     the CSVs, read (images.Source) or as paths. Without `heldout`, the tokenizer's validation
     split is held out and its training split is the real data. With it, every row of the
     training CSV is real data, so the judge depends on the data alone and not on the --seed
-    that drew the split. Labels are None when the CSV has no label column. (The pipeline uses
+    that drew the split. Labels are None when the data has no labels. (The pipeline uses
     judged_images, which keeps the images uint8, 4x smaller: QualityReference takes either.)"""
     source = source if isinstance(source, Source) else read_source(source)
     if heldout is not None and not isinstance(heldout, Source):
@@ -274,10 +279,10 @@ def check_quality_sizes(source, settings, heldout, train_config):
     out); train_config: the tokenizer trainer's config class (its default val_fraction)."""
     fraction = settings["tokenizer"].get("val_fraction", train_config.val_fraction)
     train_rows, val_rows = source.split(fraction, settings["tokenizer"]["seed"])
-    split = f"split of {source.table.csv_path} (--tokenizer.val_fraction {fraction})"
+    split = f"split of {source.table.data_path} (--tokenizer.val_fraction {fraction})"
     if heldout is not None:
         counts = {f"the training {split}": len(train_rows),
-                  str(heldout.table.csv_path): len(heldout.table.paths)}
+                  str(heldout.table.data_path): len(heldout.table.paths)}
     else:
         counts = {f"the training {split}": len(train_rows),
                   f"the validation {split}": len(val_rows)}
@@ -295,7 +300,7 @@ def check_quality_sizes(source, settings, heldout, train_config):
 
 def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experiment=None,
                  heldout_csv=None, seed=0, register=None, data_name=None, command=None,
-                 quality_draws=8, tokenizer="vqvae", precision="auto"):
+                 quality_draws=8, tokenizer="vqvae", precision="auto", minutes=None):
     """Run (or reuse) every stage; writes out_dir/samples/*.png, grid.png, summary.json.
     The quality figures are means over `quality_draws` draws of the samples' size (the first
     draw is the saved samples).
@@ -305,12 +310,15 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     process's). tokenizer: the tokenizer kind (image_tokenizers/); `overrides["tokenizer"]`
     holds its flags. precision: auto | fp32 | bf16 for every stage (training, quantizing,
     sampling, the ceiling's reconstructions), each resolving it for its device
-    (pipeline/device.py) and recording the result as its param `precision`."""
+    (pipeline/device.py) and recording the result as its param `precision`. minutes: a time
+    budget for the whole command (pipeline/budget.py), None for the stages' step budgets."""
 
     if preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got '{preset}'")
     if quality_draws < 1:
         raise UserError(f"--quality_draws must be at least 1, got {quality_draws}")
+    budget = TimeBudget(minutes) if minutes is not None else None  # the clock starts here
+    budget_key = (budget.key(),) if budget else ()
     kind = image_tokenizers.kind(tokenizer)  # an unknown kind fails before any run is created
     train_config, train_tokenizer = tokenizer_trainer(tokenizer)
     # every CSV is read and validated here, once, and handed down (images.Source)
@@ -330,7 +338,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     check_quality_sizes(source, settings, heldout, train_config)
     if dropped:
         print(f"left out the preset's {', '.join(dropped)}: " + (
-            f"{path_to_data} has no label column" if table.labels is None else
+            f"{path_to_data} has no {table.label_source}" if table.labels is None else
             "the prior is unconditional"), file=sys.stderr)
     csv_hash = source.sha256
     # what --precision becomes on each stage's device: it keys the stages (precision_key), and
@@ -349,11 +357,11 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         {"pipeline.preset": preset, describe.NOTE_TAG: note}))
     tracking.log_params(parent, describe.run_params(
         {"path_to_data": str(path_to_data), "preset": preset, "tokenizer": tokenizer,
-         "precision": sample_precision},
+         "precision": sample_precision, "minutes": minutes},
         {f"{s}.{k}": v for s, f in settings.items() for k, v in f.items()}))
-    inputs = describe.csv_inputs(table.csv_path, csv_hash, {"training": range(len(table.paths))})
+    inputs = describe.csv_inputs(table.data_path, csv_hash, {"training": range(len(table.paths))})
     if heldout is not None:
-        inputs += describe.csv_inputs(heldout.table.csv_path, heldout.sha256,
+        inputs += describe.csv_inputs(heldout.table.data_path, heldout.sha256,
                                       {"evaluation": range(len(heldout.table.paths))})
     describe.log_inputs(parent, inputs)
     status = "FAILED"
@@ -365,7 +373,9 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         tok_key = stage_key(tokenizer, csv_hash, tok_model,
                             {k: v for k, v in tok_train.items()
                              if k not in ("path_to_data", "experiment")},
-                            *precision_key(resolved["tokenizer"]))
+                            *precision_key(resolved["tokenizer"]), *budget_key)
+        if budget and has_field(train_config, "max_minutes") and "max_minutes" not in tok_train:
+            tok_train["max_minutes"] = budget.tokenizer_minutes()
         tok_train["precision"] = precision  # (not keyed as given: auto may mean either)
         tok_run, tok_action = run_stage(tokenizer, tok_key, experiment, train_tokenizer,
                                         tok_model, tok_train, parent, source=source)
@@ -407,7 +417,9 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         pr_key = stage_key("prior", tok_run, csv_hash, pr_model,
                            {k: v for k, v in pr_train.items()
                             if k not in ("experiment", "register", "log_model", "val_fraction")},
-                           *precision_key(resolved["prior"]))
+                           *precision_key(resolved["prior"]), *budget_key)
+        if budget and "max_minutes" not in pr_train:  # what the stages before it left
+            pr_train["max_minutes"] = budget.prior_minutes()
         pr_train["precision"] = precision
         prior_run, prior_action = run_stage("prior", pr_key, experiment, train_prior, pr_model,
                                             pr_train, parent, split=split)
@@ -437,6 +449,12 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         # saved samples, then the same settings under seeds seed+1, ...), with their spread
         t0 = time.perf_counter()
         draws = [images]
+        if budget:  # a later draw costs about what the first did (its tone fit aside)
+            fit = budget.draws_that_fit(quality_draws, timings["generate_s"])
+            if fit < quality_draws:
+                print(f"--minutes {minutes}: {fit} quality draw(s) of {quality_draws} fit in the "
+                      f"time left", file=sys.stderr)
+            quality_draws = fit
         if quality_draws > 1:
             # the prior's tone curve for these settings maps every draw, as it maps the saved ones
             draws += more_draws(prior_run, range(drawn.seed + 1, drawn.seed + quality_draws),
@@ -470,7 +488,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
                    "grid": str(out_dir / "grid.png"), "preset": preset, "settings": settings,
                    "metrics": metrics, "class_counts": quality.get("class_counts"),
                    "feature_space": quality["feature_space"], "tone_matched": tone is not None,
-                   "timings": timings, "precision": sample_precision,
+                   "timings": timings, "precision": sample_precision, "minutes": minutes,
                    "tracking_uri": tracking.tracking_uri(),
                    "experiment_id": tracking.client().get_run(parent).info.experiment_id}
         _write_json(out_dir / "summary.json", summary)

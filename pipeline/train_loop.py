@@ -24,8 +24,9 @@ trainer offers them as flags, ema_decay and max_minutes; and lr_schedule, lr_dec
     ema_decay    keep an exponential moving average of the weights (WeightAverage, with a
                  warm-up), which is what evaluation sees; its checkpoints then have an `ema`
                  entry (None when off)
-    max_minutes  a time budget, on which the learning-rate schedule then runs; its checkpoints
-                 then have a `trained_s` entry, so that a resume goes on spending the same budget
+    max_minutes  a time budget: the learning-rate schedule then follows whichever of it and
+                 max_steps is further spent; its checkpoints then have a `trained_s` entry, so
+                 that a resume goes on spending the same budget
 """
 
 import copy
@@ -272,8 +273,9 @@ def loop(ctx, trainer, train, model, optimizer, generator, state, progress=True)
     bar = tqdm(total=train.max_steps, initial=step, desc=trainer.label, unit="step",
                disable=not (progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
     window_start, window_items = time.perf_counter(), 0
-    # With --max_minutes the schedule's step is the share of the time budget spent, so the
-    # learning rate decays fully whatever the speed; trained_s survives a resume.
+    # With --max_minutes the schedule follows whichever budget is further spent, the steps or
+    # the time, so the learning rate has decayed fully when either ends, whatever the speed;
+    # trained_s survives a resume.
     max_minutes = getattr(train, "max_minutes", None)
     budget_s = 60 * max_minutes if max_minutes else None
     clock = time.perf_counter() - trained_s
@@ -289,7 +291,8 @@ def loop(ctx, trainer, train, model, optimizer, generator, state, progress=True)
             trainer.begin(run, model)
         model.train()
         while step < train.max_steps:
-            scheduled = int(train.max_steps * trained_s / budget_s) if budget_s else step
+            scheduled = max(step, int(train.max_steps * trained_s / budget_s)) if budget_s \
+                else step
             lr = learning_rate_at(scheduled, train.learning_rate, train.max_steps,
                                   train.lr_schedule, train.lr_decay, trainer.epoch_steps)
             for group in optimizer.param_groups:

@@ -49,12 +49,16 @@ ADVERSARIAL_METRICS = {
 
 @dataclass
 class TrainConfig:
-    path_to_data: str = field("", "CSV with an image_path column (and optionally label)")
+    path_to_data: str = field("", "CSV with an image_path column (and optionally label), or "
+                                  "a folder of images (class subfolders label them)")
     in_channels: Optional[int] = field(None, "1 (grayscale) or 3 (RGB); detected when unset")
     batch_size: int = field(64, "images per optimizer step (the global batch under torchrun)")
     accumulate: int = field(1, "micro-batches per optimizer step: each process's share of "
                                "--batch_size is split into this many, gradients summed")
     max_steps: int = field(5000, "optimizer steps")
+    max_minutes: Optional[float] = field(None, "also stop after this many minutes (wall time, "
+                                               "validation included); the learning-rate "
+                                               "schedule then follows the clock")
     learning_rate: float = field(1e-3, "peak AdamW learning rate (warmup, then --lr_schedule)")
     lr_schedule: str = field("cosine", "after warmup: cosine (down to --lr_decay x peak), "
                                        "constant, or step (x --lr_decay every epoch)")
@@ -92,7 +96,7 @@ class TrainConfig:
 
 
 # Settings that may change when a run is resumed; everything else is the run's recorded value.
-RESUME_OVERRIDES = ("max_steps", "epochs", "device", "dist_timeout", "precision",
+RESUME_OVERRIDES = ("max_steps", "epochs", "max_minutes", "device", "dist_timeout", "precision",
                     "eval_every", "checkpoint_every", "num_workers", "checkpoint_dir",
                     "skip_bad_images", "accumulate")
 
@@ -299,7 +303,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         train = build(TrainConfig, train_flags)
         model_config = None
     if not train.path_to_data:
-        raise UserError("--path_to_data is required (a CSV with an image_path column)")
+        raise UserError("--path_to_data is required (a CSV with an image_path column, or a "
+                        "folder of images)")
     train_loop.settle_budget(train, train_flags, bool(resume_run_id))
     check_settings(train, ctx.world_size)
     if train.accumulate < 1 or train.batch_size % (ctx.world_size * train.accumulate):
@@ -361,7 +366,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         name = model.run_name()
         note = run_description(model_config, train, {**train_flags, **(model_flags or {})},
                                config["data"]["csv_sha256"], len(train_idx), len(val_idx))
-        datasets = describe.csv_inputs(table.csv_path, config["data"]["csv_sha256"],
+        datasets = describe.csv_inputs(table.data_path, config["data"]["csv_sha256"],
                                        {"training": train_idx, "validation": val_idx},
                                        ["image_path"] + (["label"] if table.labels else []))
         return TrainingRun.start(

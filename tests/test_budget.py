@@ -1,0 +1,74 @@
+"""`python -m pipeline --minutes N`: the stages' shares of one deadline, and schedules that end
+decayed whichever budget runs out first."""
+
+import json
+
+import pytest
+
+from conftest import make_images, run_main, write_csv
+from core.errors import UserError
+from pipeline import budget as budget_module, tracking
+from pipeline.__main__ import main as pipeline_main
+from pipeline.budget import TimeBudget
+from pipeline.schedule import learning_rate_at
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_shares_of_the_budget_follow_the_clock():
+    clock = FakeClock()
+    budget = TimeBudget(10, clock=clock)
+    training = 10 * (1 - budget_module.BEFORE_PRIOR_SHARE - budget_module.AFTER_PRIOR_SHARE)
+    assert budget.tokenizer_minutes() == pytest.approx(budget_module.TOKENIZER_SHARE * training)
+    clock.now += 60 * 2  # the tokenizer took 2 minutes: the prior gets the rest, less the reserve
+    assert budget.prior_minutes() == pytest.approx(8 - budget_module.AFTER_PRIOR_SHARE * 10)
+    clock.now += 60 * 7.5  # 30 s left: 3 draws of 10 s after the first fit, not 7
+    assert budget.draws_that_fit(8, 10.0) == 4
+    clock.now += 60  # past the deadline: the saved samples are still judged, and a late stage
+    assert budget.draws_that_fit(8, 10.0) == 1  # still trains a little
+    assert budget.prior_minutes() == budget_module.MIN_STAGE_MINUTES
+    with pytest.raises(UserError, match="--minutes must be positive"):
+        TimeBudget(0)
+
+
+@pytest.fixture(scope="module")
+def labelled_csv(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("budget")
+    names = make_images(folder / "imgs", n=40, seed=3)
+    return write_csv(folder / "train.csv", [f"imgs/{n},{i % 2}" for i, n in enumerate(names)])
+
+
+def test_minutes_reach_the_stages_and_the_same_command_reuses_them(store, labelled_csv, tmp_path):
+    argv = ["--path_to_data", str(labelled_csv), "--out_dir", str(tmp_path / "out"),
+            "--preset", "tiny", "--experiment", "budget", "--minutes", "5"]
+    parent = run_main(pipeline_main, argv)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["minutes"] == 5
+    assert tracking.client().get_run(parent).data.params["minutes"] == "5.0"
+    tok = tracking.client().get_run(summary["tokenizer_run_id"]).data.params
+    prior = tracking.client().get_run(summary["prior_run_id"]).data.params
+    training = 5 * (1 - budget_module.BEFORE_PRIOR_SHARE - budget_module.AFTER_PRIOR_SHARE)
+    assert float(tok["max_minutes"]) == pytest.approx(budget_module.TOKENIZER_SHARE * training)
+    # the prior took what was left when it started: more than its share of an even split
+    assert 5 * (1 - budget_module.AFTER_PRIOR_SHARE) - float(tok["max_minutes"]) < \
+        float(prior["max_minutes"]) < 5
+
+    # the tiny preset ends by its steps long before its minutes: the schedule followed the
+    # steps, so the last step ran at the fully decayed rate (not at the share of time spent)
+    lrs = tracking.client().get_metric_history(summary["prior_run_id"], "train/lr")
+    last = max(lrs, key=lambda m: m.step)
+    assert last.step == int(prior["max_steps"])
+    assert last.value == pytest.approx(learning_rate_at(
+        last.step - 1, float(prior["learning_rate"]), int(prior["max_steps"]),
+        prior["lr_schedule"]))
+
+    # the stages' computed --max_minutes differ on a second run; their keys do not
+    run_main(pipeline_main, argv)
+    again = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert again["stages"] == {"tokenizer": "reuse", "prior": "reuse"}
