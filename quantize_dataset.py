@@ -44,7 +44,8 @@ def main(argv=None):
     new.add_argument("--pixels", choices=("levels", "palette"),
                      help="short for --tokenizer pixels --mode MODE")
     add_flags(new, FitConfig, skip=("path_to_data",))
-    parser.add_argument("--path_to_data", help="CSV to encode (default: the run's training CSV)")
+    parser.add_argument("--path_to_data", help="CSV or folder of images to encode (default: "
+                                               "the run's training data)")
     if kind is not None:
         module = image_tokenizers.kind(kind)
         if not module.Model.fitted:

@@ -31,8 +31,9 @@ def main(argv=None):
     sampling = priors.all_sampling()
     add_flags(parser.add_argument_group("sampling (the prior family's settings)"), sampling)
     completion = parser.add_argument_group("completion")
-    completion.add_argument("--complete", metavar="CSV", help="complete these images instead "
-                                                               "of sampling from scratch")
+    completion.add_argument("--complete", metavar="CSV", help="complete these images (a CSV or "
+                                                               "a folder) instead of sampling "
+                                                               "from scratch")
     completion.add_argument("--keep", default="top", help="top, left, center or random:P")
     completion.add_argument("--offset", type=int, help="keep the first N tokens (overrides --keep)")
     completion.add_argument("--num_completions", type=int, default=4)

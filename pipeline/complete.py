@@ -127,7 +127,7 @@ def complete(run_id, path_to_data, keep="top", offset=None, num_completions=4, m
     labels = None
     if prior.classes and data.table.labels is not None:  # complete each image as its own class
         labels = prior.class_ids([data.table.labels[r] for r in rows],
-                                 f"{path_to_data} label column")
+                                 f"{path_to_data} {table.label_source}")
 
     repeat = lambda x: x.repeat_interleave(num_completions, 0) if x is not None else None
     total = count * num_completions

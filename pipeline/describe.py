@@ -8,8 +8,9 @@
   keeps every setting.
 - `csv_inputs(...)` / `codes_inputs(...)` / `npy_inputs(...)` -> MLflow datasets, one per split,
   with context `training` / `validation`, so the runs list's *Datasets* column and filter work.
-  A dataset's digest is derived from the CSV's (or the codes') SHA-256 and the split's rows;
-  its profile holds the full hashes, so lineage can be checked from the run alone.
+  A dataset's digest is derived from the data's (a CSV's SHA-256, a folder's folder_sha256 in
+  pipeline/images.py, or the codes') and the split's rows; its profile holds the full hashes,
+  so lineage can be checked from the run alone.
 """
 
 import hashlib
@@ -132,7 +133,9 @@ def description(title, command, started_by=None, data=None, metrics=None, artifa
 # datasets
 
 def csv_inputs(csv_path, csv_sha256, splits, columns=("image_path",)):
-    """MLflow dataset inputs for the rows of an image CSV used by each split.
+    """MLflow dataset inputs for the rows of an image CSV, or the images of a folder, used by
+    each split; the source names the CSV or the folder, csv_sha256 is the data's digest
+    (images.Source.sha256).
 
     splits: {"training": row indices, "validation": row indices} (0-based data rows)."""
     csv_path = Path(csv_path).resolve()

@@ -59,7 +59,7 @@ def evaluate(run_id, path_to_data, name=None, elbo_samples=8, batch_size=256, se
         if data.table.labels is not None:
             labels, conditioned = prior.class_ids(data.table.labels, f"{path_to_data}"), "label"
         else:
-            conditioned = "null label (the CSV has no label column)"
+            conditioned = f"null label (no {table.label_source})"
     nll = image_nll(prior.model, tokens, labels, elbo_samples, batch_size, seed,
                     prior.precision)
     bits = nll / (tokenizer.image_dims * math.log(2))

@@ -1,7 +1,10 @@
-"""Image data from a CSV: validation, decoding, the train/validation split, batching.
+"""Image data from a CSV or a folder: validation, decoding, the train/validation split, batching.
 
-The CSV has a column `image_path` (relative to the CSV's folder, or absolute) and optionally
-`label`. Images of any format, mode and size become uint8 arrays (C, S, S): converted to RGB or
+A CSV has a column `image_path` (relative to the CSV's folder, or absolute) and optionally
+`label`. A folder is read recursively (read_folder): images in first-level subfolders are
+labelled with the subfolder's name, as torchvision's ImageFolder reads them. Either way the
+result is one ImageTable, and every command reads its data through read_table / read_source.
+Images of any format, mode and size become uint8 arrays (C, S, S): converted to RGB or
 grayscale, resized so the shorter side is S and center-cropped. Cheap checks (the CSV, the
 columns, file existence) run before anything trains; decoding failures name the file and row.
 An image whose header claims more than `max_image_pixels()` pixels is refused before any pixel
@@ -9,12 +12,13 @@ is decoded (a decompression bomb: a 175 KB PNG can hold 15000x12000 pixels, 180 
 """
 
 import hashlib
+import json
 import os
 import sys
 import threading
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,8 @@ from PIL import Image, ImageOps
 
 from core.errors import UserError
 
+# what read_folder takes for an image: files PIL reads, by their name's ending (any case)
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
 IN_MEMORY_LIMIT_BYTES = 4 << 30  # decode once and keep in RAM below this; stream above it
 # Far above any training image (a 24-megapixel photo is 24e6), below what a small file can make
@@ -33,19 +39,28 @@ MAX_PIXELS_VARIABLE = "PIPELINE_MAX_IMAGE_PIXELS"
 
 @dataclass
 class ImageTable:
-    """The rows of an image CSV, validated. `rows[i]` is the 0-based data row of `paths[i]`."""
-    csv_path: Path
+    """The images of a CSV or a folder, validated. `rows[i]` is the 0-based place of `paths[i]`:
+    its data row in the CSV, or its place in the folder's sorted file list."""
+    data_path: Path  # the CSV file, or the folder
     paths: list
     rows: list
-    labels: list  # None when the CSV has no `label` column
+    labels: list  # None when the CSV has no `label` column, or the folder no class subfolders
+    folder: bool = False  # read from a folder (read_folder) rather than a CSV
+
+    @property
+    def label_source(self):
+        """Where the labels come from, for messages: the CSV's column or the folder's layout."""
+        return "class subfolders" if self.folder else "`label` column"
 
     def where(self, i):
-        return f"{self.csv_path} row {self.rows[i] + 1} ('{self.paths[i]}')"
+        if self.folder:
+            return str(self.paths[i])
+        return f"{self.data_path} row {self.rows[i] + 1} ('{self.paths[i]}')"
 
     def subset(self, keep):
-        return ImageTable(self.csv_path, [self.paths[i] for i in keep],
-                          [self.rows[i] for i in keep],
-                          None if self.labels is None else [self.labels[i] for i in keep])
+        return replace(self, paths=[self.paths[i] for i in keep],
+                       rows=[self.rows[i] for i in keep],
+                       labels=None if self.labels is None else [self.labels[i] for i in keep])
 
 
 def file_sha256(path):
@@ -56,12 +71,15 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def read_table(csv_path):
-    """Read and validate an image CSV: the file, its columns, and that every image file exists."""
+def read_table(data_path):
+    """Read and validate the images of a CSV or a folder (read_folder). A CSV: the file, its
+    columns, and that every image file exists."""
+    if Path(data_path).is_dir():
+        return read_folder(data_path)
     import pandas as pd
-    csv_path = Path(csv_path)
+    csv_path = Path(data_path)
     if not csv_path.is_file():
-        raise UserError(f"{csv_path}: no such CSV file")
+        raise UserError(f"{csv_path}: no such CSV file or folder")
     try:
         frame = pd.read_csv(csv_path)
     except pd.errors.EmptyDataError:
@@ -90,6 +108,54 @@ def read_table(csv_path):
     if "label" in frame.columns:
         labels = [v.item() if hasattr(v, "item") else v for v in frame["label"]]
     return ImageTable(csv_path, paths, list(range(len(paths))), labels)
+
+
+def read_folder(folder):
+    """A folder of images as a table: every file under it whose name ends in one of
+    IMAGE_EXTENSIONS (any case), hidden files and folders (a leading '.') skipped, in the sorted
+    order of their paths. torchvision's ImageFolder layout: when the images sit in first-level
+    subfolders, each subfolder is a class and labels its images (deeper folders belong to their
+    class); a folder with images directly in it and no subfolders of images is unlabelled.
+    Images directly in a folder beside class subfolders would have no class: an error.
+    Symbolic links to folders are not followed (a link cycle would never end)."""
+    folder = Path(folder)
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [(Path(parent) / name).relative_to(folder) for name in files
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    if not found:
+        raise UserError(f"{folder}: no images in the folder or its subfolders (files ending "
+                        f"{', '.join(IMAGE_EXTENSIONS)})")
+    found.sort(key=lambda relative: relative.parts)
+    loose = [relative for relative in found if len(relative.parts) == 1]
+    labels = None
+    if len(loose) < len(found):  # class subfolders
+        if loose:
+            classes = sorted({relative.parts[0] for relative in found if len(relative.parts) > 1})
+            named = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
+            raise UserError(f"{folder}: {len(loose)} image(s) directly in the folder (e.g. "
+                            f"'{loose[0]}') beside {len(classes)} class subfolder(s) ({named}); "
+                            f"move them into a class subfolder, or out of the folder")
+        labels = [relative.parts[0] for relative in found]
+    return ImageTable(folder, [folder / relative for relative in found],
+                      list(range(len(found))), labels, folder=True)
+
+
+def folder_sha256(table):
+    """SHA-256 of a folder's images (a table from read_folder): each image's path relative to
+    the folder, its label and the SHA-256 of its bytes, in order. Renaming an image, moving it
+    to another class or editing it changes the digest; the folder's own place, timestamps and
+    the files read_folder skips do not."""
+    from tqdm import tqdm
+    digest = hashlib.sha256()
+    labels = table.labels or [None] * len(table.paths)
+    for path, label in tqdm(zip(table.paths, labels), total=len(table.paths), unit="img",
+                            desc=f"hashing {table.data_path}", leave=False,
+                            disable=len(table.paths) < 2000):
+        entry = [path.relative_to(table.data_path).as_posix(), label, file_sha256(path)]
+        digest.update(json.dumps(entry).encode() + b"\n")
+    return digest.hexdigest()
 
 
 class ImageTooLarge(Exception):
@@ -197,7 +263,7 @@ def decode_all(table, channels, size, skip_bad=False, progress=True):
         except Exception as e:
             _bad_image(table, i, e, skip_bad)
     if not arrays:
-        raise UserError(f"{table.csv_path}: no readable images")
+        raise UserError(f"{table.data_path}: no readable images")
     kept = table.subset(keep) if len(keep) < len(table.paths) else table
     return torch.from_numpy(np.stack(arrays)), kept
 
@@ -319,11 +385,12 @@ class ImageData:
 
 
 class Source:
-    """One image CSV, read and validated once, hashed once, and its images decoded once per
-    (channels, size): what the one command hands down to every stage, so that none reads,
-    hashes or decodes the CSV again. Splits are computed here, from the decoded images' count.
+    """One image CSV or folder, read and validated once, hashed once, and its images decoded
+    once per (channels, size): what the one command hands down to every stage, so that none
+    reads, hashes or decodes the data again. Splits are computed here, from the decoded images'
+    count.
 
-        source = read_source("train.csv")
+        source = read_source("train.csv")           # or a folder: read_source("photos/")
         data = source.images(1, 16)                  # an ImageData, kept for the next caller
         train_idx, val_idx = source.split(0.1, 0, data)
     """
@@ -334,8 +401,11 @@ class Source:
 
     @property
     def sha256(self):
+        """The data's digest, what keys the stages that read it: a CSV's SHA-256, or a folder's
+        (folder_sha256). Codes and configs record it as `csv_sha256` either way."""
         if self._sha256 is None:
-            self._sha256 = file_sha256(self.table.csv_path)
+            self._sha256 = (folder_sha256(self.table) if self.table.folder
+                            else file_sha256(self.table.data_path))
         return self._sha256
 
     def readable(self, skip_bad=False):
@@ -355,7 +425,7 @@ class Source:
             return min(first.size)
 
     def images(self, channels, size, skip_bad=False, num_workers=2):
-        """The ImageData of this CSV at (channels, size), decoded on the first call only (with
+        """The ImageData of these images at (channels, size), decoded on the first call only (with
         skip_bad, of the readable rows: see `readable`)."""
         key = (channels, size, skip_bad)
         if key not in self._images:
@@ -365,7 +435,7 @@ class Source:
 
     def split(self, val_fraction, seed, data=None):
         """(train indices, validation indices): split_indices over the images of `data` (rows
-        --skip_bad_images dropped are not counted), or over every row of the CSV; computed
+        --skip_bad_images dropped are not counted), or over every image of the table; computed
         once per setting, so every stage holds out the same rows."""
         n = len(data) if data is not None else len(self.table.paths)
         if (n, val_fraction, seed) not in self._splits:
@@ -373,6 +443,6 @@ class Source:
         return self._splits[n, val_fraction, seed]
 
 
-def read_source(csv_path):
-    """read_table(csv_path) as a Source."""
-    return Source(read_table(csv_path))
+def read_source(data_path):
+    """read_table(data_path) (a CSV or a folder) as a Source."""
+    return Source(read_table(data_path))

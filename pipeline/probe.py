@@ -49,10 +49,11 @@ C_GRID = (0.01, 0.1, 1.0)  # inverse L2 strengths tried for every logistic regre
 # helpers
 
 def read_labelled(path, tokenizer):
-    """(images (N, C, S, S) in [0, 1], labels as written) of a CSV with a `label` column."""
+    """(images (N, C, S, S) in [0, 1], labels as written) of a CSV with a `label` column, or
+    of a folder with class subfolders."""
     table = read_table(path)
     if table.labels is None:
-        raise UserError(f"{path}: has no `label` column; the probe needs labelled images")
+        raise UserError(f"{path}: has no {table.label_source}; the probe needs labelled images")
     data = ImageData(table, tokenizer.in_channels, tokenizer.image_size)
     for row, value in zip(data.table.rows, data.table.labels):
         if value is None or (isinstance(value, float) and np.isnan(value)):

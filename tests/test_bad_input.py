@@ -44,7 +44,7 @@ def test_missing_csv_as_a_real_process(tmp_path):
                             timeout=300, cwd=tmp_path,
                             env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tmp_path / 'nope.csv'}: no such CSV file"
+    assert result.stderr.strip() == f"error: {tmp_path / 'nope.csv'}: no such CSV file or folder"
     assert not (tmp_path / "m.db").exists() or "Traceback" not in result.stderr
 
 

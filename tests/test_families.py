@@ -124,7 +124,7 @@ def test_conditional_flag_on_unlabelled_codes_is_an_error(store, rgb_csv, capsys
     before = len(tracking.client().search_runs([tracking.experiment_id()]))
     message = cli_error(train_prior_script.main, ["--run_id", tokenizer, "--conditional",
                                                   *TINY_PRIOR], capsys)
-    assert "has no labels (its CSV had no `label` column)" in message
+    assert "has no labels (its CSV had no `label` column, or its folder no class" in message
     assert len(tracking.client().search_runs([tracking.experiment_id()])) == before
 
 

@@ -199,7 +199,8 @@ def test_the_classifier_model_round_trips_through_pyfunc(stripes_prior, capsys):
         pipeline_main, ["classify", "--model", "models:/nobody/1", "--path_to_data",
                         str(heldout)], capsys)
     assert cli_error(pipeline_main, ["classify", "--model", "models:/nobody/1", "--path_to_data",
-                                     "missing.csv"], capsys) == "error: missing.csv: no such CSV file"
+                                     "missing.csv"], capsys) == \
+        "error: missing.csv: no such CSV file or folder"
 
 
 @pytest.fixture(scope="module")
