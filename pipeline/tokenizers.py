@@ -25,6 +25,7 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.codes import codes_dtype
 from pipeline.device import autocast, pick_device, resolve_precision
 from pipeline.images import read_source
+from pipeline.progress import progress_bar
 from pipeline.runs import load_run_checkpoint
 
 STAGE = "tokenizer"
@@ -98,27 +99,30 @@ def load_tokenizer(run_id, device=None, flag="--run_id", precision="auto"):
                                      resolve_precision(precision, device))
 
 
-def log_codes(tokenizer, source, data, name, batch_size=256):
+def log_codes(tokenizer, source, data, name, batch_size=256, progress=True):
     """Encode every image of `data` (an ImageData of `source`'s CSV) and log codes/<name>.npy
     (rows in CSV order) + .json to the tokenizer's run. Images go through the tokenizer
     `batch_size` at a time, from uint8 to floats per batch, into one preallocated array of the
-    vocabulary's integer type: memory is the codes plus one batch, not the split as floats."""
+    vocabulary's integer type: memory is the codes plus one batch, not the split as floats.
+    progress: a bar (pipeline/progress.py) while encoding."""
     codes, filled = None, 0
-    for batch in data.ordered(range(len(data)), batch_size):
-        batch_codes = tokenizer.encode(batch.float() / 255, batch_size).numpy()  # (B, h, w)
-        if codes is None:
-            codes = np.empty((len(data), *batch_codes.shape[1:]),
-                             codes_dtype(tokenizer.vocab_size))
-        codes[filled:filled + len(batch_codes)] = batch_codes
-        filled += len(batch_codes)
+    with progress_bar(len(data), "quantizing", "img", progress) as bar:
+        for batch in data.ordered(range(len(data)), batch_size):
+            batch_codes = tokenizer.encode(batch.float() / 255, batch_size).numpy()  # (B, h, w)
+            if codes is None:
+                codes = np.empty((len(data), *batch_codes.shape[1:]),
+                                 codes_dtype(tokenizer.vocab_size))
+            codes[filled:filled + len(batch_codes)] = batch_codes
+            filled += len(batch_codes)
+            bar.update(len(batch_codes))
     if codes is None:
-        raise UserError(f"{source.table.csv_path}: no readable images")
+        raise UserError(f"{source.table.data_path}: no readable images")
     encoded = data.table
     if filled < len(data):  # a streamed set skipped images that failed to decode (skip_bad)
         codes = codes[:filled]
         encoded = encoded.subset([i for i in range(len(data)) if i not in data.skipped])
     table = source.table
-    meta = {**tokenizer.codes_meta(), "csv_path": str(Path(table.csv_path).resolve()),
+    meta = {**tokenizer.codes_meta(), "csv_path": str(Path(table.data_path).resolve()),
             "csv_sha256": source.sha256, "num_images": int(codes.shape[0]),
             "rows": encoded.rows if len(encoded.rows) < len(table.rows) else None,
             "labels": encoded.labels, "precision": tokenizer.precision}
@@ -134,17 +138,18 @@ def log_codes(tokenizer, source, data, name, batch_size=256):
 
 
 def quantize(run_id, path_to_data=None, name=None, batch_size=256, device=None, source=None,
-             precision="auto"):
+             precision="auto", progress=True):
     """Encode a CSV's images with a tokenizer run and log codes/<name>.npy and .json into it.
     `source`: the CSV already read (images.read_source), so it is not read again. The codes'
-    .json records the precision they were encoded in."""
+    .json records the precision they were encoded in. progress: a bar while encoding."""
     tokenizer = load_tokenizer(run_id, device, precision=precision)
     run_id = tokenizer.run_id
     recorded = tracking.load_json_artifact(run_id, "config.json")
     source = source or read_source(path_to_data or recorded["train"]["path_to_data"])
     skip_bad = bool(recorded["train"].get("skip_bad_images", False))
     data = source.images(tokenizer.in_channels, tokenizer.image_size, skip_bad)
-    log_codes(tokenizer, source, data, name or Path(source.table.csv_path).stem, batch_size)
+    log_codes(tokenizer, source, data, name or Path(source.table.data_path).stem, batch_size,
+              progress)
     return run_id
 
 
@@ -152,7 +157,8 @@ def quantize(run_id, path_to_data=None, name=None, batch_size=256, device=None, 
 
 @dataclass
 class FitConfig:
-    path_to_data: str = field("", "CSV with an image_path column (and optionally label)")
+    path_to_data: str = field("", "CSV with an image_path column (and optionally label), or "
+                                  "a folder of images (class subfolders label them)")
     in_channels: Optional[int] = field(None, "1 (grayscale) or 3 (RGB); detected when unset")
     val_fraction: float = field(0.1, "fraction of rows held out: fitting sees the rest only")
     seed: int = field(0, "seed for the split and the fit")
@@ -173,7 +179,8 @@ def fit_tokenizer(kind, model_flags=None, fit_flags=None, parent_run_id=None, ta
         raise UserError(f"the {kind} tokenizer is trained by steps (train_vqvae.py), not fitted")
     fit = build(FitConfig, fit_flags or {})
     if not fit.path_to_data:
-        raise UserError("--path_to_data is required (a CSV with an image_path column)")
+        raise UserError("--path_to_data is required (a CSV with an image_path column, or a "
+                        "folder of images)")
     source = source or read_source(fit.path_to_data)
     geometry = {"in_channels": fit.in_channels or source.channels(fit.skip_bad_images),
                 "image_size": (model_flags or {}).get("image_size")
@@ -207,7 +214,7 @@ def fit_tokenizer(kind, model_flags=None, fit_flags=None, parent_run_id=None, ta
             asdict(fit), asdict(config), {"vocab_size": model.vocab_size,
                                           "num_images": len(data)}))
         describe.log_inputs(run_id, describe.csv_inputs(
-            source.table.csv_path, source.sha256, {"training": train_idx, "validation": val_idx},
+            source.table.data_path, source.sha256, {"training": train_idx, "validation": val_idx},
             ["image_path"] + (["label"] if source.table.labels else [])))
         tracking.log_json(run_id, {"model": asdict(config), "train": asdict(fit),
                                    "data": {"csv_sha256": source.sha256,

@@ -160,6 +160,9 @@ class Trainer:
                        model, optimizer, step, best_val_loss, train, rng, run_id (ema, trained_s)
     begin(run, model)  before the first step of a new run
     after_evaluation(run, model, step)   after an evaluation's metrics are logged
+    after_step(run, model, step, final)  after every step's logging, evaluation and
+                       checkpoint (`model` as evaluate's; final: the last step), except a step
+                       stopped by a signal; its time is kept out of the throughput
     objective_changed(step)  True when the objective changed since the last evaluation:
                        best.pt then starts over
     epoch_steps        optimizer steps per pass over the training split (apply_epochs): the
@@ -175,6 +178,7 @@ class Trainer:
     checkpoint: Callable
     begin: Callable = _nothing
     after_evaluation: Callable = _nothing
+    after_step: Callable = _nothing
     objective_changed: Callable = _nothing
     epoch_steps: int = 1
 
@@ -332,6 +336,10 @@ def loop(ctx, trainer, train, model, optimizer, generator, state, progress=True)
                 window_start = time.perf_counter()  # keep evaluation out of the throughput
             if step % train.checkpoint_every == 0 or final:
                 run.save("last.pt", checkpoint())
+            if not stopped:
+                hook_start = time.perf_counter()
+                trainer.after_step(run, evaluated, step, final)
+                window_start += time.perf_counter() - hook_start  # not the throughput's
             if final:
                 if step < train.max_steps and not stopped:
                     bar.write(f"stopped at step {step}: --max_minutes {max_minutes} spent")

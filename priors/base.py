@@ -7,12 +7,15 @@
                                                   absorbing diffusion (`nll_is_bound`)
     sample(n, labels=None, known=None, known_mask=None, temperature=1.0, top_k=None,
            top_p=None, steps=None, guidance=None, generator=None, on_step=None,
-           **options) -> (n, h, w)
+           on_progress=None, **options) -> (n, h, w)
         the keyword settings are the fields of the family's sampling dataclass
         (priors/settings.py; `sampling_settings` builds and checks it); a prior refuses an
         option its family does not take. on_step(tokens (n, h, w), decided (n, h, w) bool),
         when given, is called with the grid before the first step and after every step that
-        draws a token (where `decided` is False a token means nothing): GIFs of sampling
+        draws a token (where `decided` is False a token means nothing): GIFs of sampling.
+        on_progress(share), when given, is called at every network evaluation with the share
+        of the draw it is (the shares sum to at most 1): progress bars; a prior alone prints
+        nothing
 
 tokens are (N, grid_h, grid_w) integers in [0, vocab_size); labels (N,) class ids in
 [0, num_classes). `known`/`known_mask` (n, h, w) is completion: keep those tokens, draw the
@@ -130,7 +133,8 @@ class Prior(nn.Module):
         raise NotImplementedError
 
     def sample(self, n, labels=None, known=None, known_mask=None, temperature=1.0, top_k=None,
-               top_p=None, steps=None, guidance=None, generator=None, on_step=None, **options):
+               top_p=None, steps=None, guidance=None, generator=None, on_step=None,
+               on_progress=None, **options):
         raise NotImplementedError
 
 
@@ -152,7 +156,8 @@ class RasterPrior(Prior):
         return self.head.nll(out, self.position_values(tokens)).sum(1)
 
     def sample(self, n, labels=None, known=None, known_mask=None, temperature=1.0, top_k=None,
-               top_p=None, steps=None, guidance=None, generator=None, on_step=None, **options):
+               top_p=None, steps=None, guidance=None, generator=None, on_step=None,
+               on_progress=None, **options):
         from priors.sampling import sample_raster
         # one position per step: `steps` (the parallel decoders') is refused like any option
         # the family's sampling dataclass lacks
@@ -161,7 +166,7 @@ class RasterPrior(Prior):
         self.check_sample_args(s.guidance, labels)
         return sample_raster(self, n, labels, known, known_mask, s.temperature, s.top_k, s.top_p,
                              s.guidance, generator, on_step=on_step,
-                             begin_options=self.begin_options(s))
+                             begin_options=self.begin_options(s), on_progress=on_progress)
 
     def begin_options(self, settings):
         """The keywords `begin` takes from the family's own sampling settings (the GPT's

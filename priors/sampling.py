@@ -126,7 +126,7 @@ def check_raster_prefix(known_mask, family):
 @torch.no_grad()
 def sample_raster(model, n, labels=None, known=None, known_mask=None, temperature=1.0,
                   top_k=None, top_p=None, guidance=None, generator=None, on_step=None,
-                  begin_options=None):
+                  begin_options=None, on_progress=None):
     """Draw (n, grid_h, grid_w) tokens one position at a time, in raster order.
 
     `model` provides `positions` (P), `head` (with `channels` C; P * C = grid_h * grid_w), and
@@ -135,7 +135,8 @@ def sample_raster(model, n, labels=None, known=None, known_mask=None, temperatur
             reading only positions < p of tokens.
     With guidance, the model runs on a doubled batch: the labels, then the null label.
     on_step(tokens, decided), when given, sees the grid before the first draw and after each
-    position drawn (report_raster)."""
+    position drawn (report_raster); on_progress(share), when given, is called after each
+    position with the share of the draw it is (1 / P): a caller's progress bar."""
     config, head = model.config, model.head
     device = next(model.parameters()).device
     positions, channels = model.positions, head.channels
@@ -173,6 +174,8 @@ def sample_raster(model, n, labels=None, known=None, known_mask=None, temperatur
                 tokens[n:, p] = values
             if on_step is not None and not (here is not None and bool(here.all())):
                 report_raster(on_step, tokens[:n], p + 1, grid, known, known_mask)
+            if on_progress is not None:
+                on_progress(1 / positions)
     return tokens[:n].reshape(n, config.grid_h, config.grid_w)
 
 
