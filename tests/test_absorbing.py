@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import math
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,6 +94,24 @@ def test_sampler_finishes_in_exactly_s_steps_revealing_at_least_one_token_per_st
         assert drawn.max() < 8  # and the last step revealed the rest
 
 
+def test_the_default_is_maskgit_with_its_cosine_stride_as_the_docs_say():
+    """Unset settings draw what maskgit with the cosine stride and choice temperature 4.5 draws
+    (the default chosen in docs/absorbing.md, whose flag table says so); the absorbing sampler
+    keeps its own default stride, magic."""
+    model = tiny()
+    draw = lambda **settings: model.sample(5, steps=6, generator=torch.Generator().manual_seed(3),
+                                           **settings)
+    assert torch.equal(draw(), draw(sampler="maskgit", stride="cosine", choice_temperature=4.5))
+    assert torch.equal(draw(sampler="absorbing"), draw(sampler="absorbing", stride="magic"))
+    assert not torch.equal(draw(), draw(sampler="absorbing"))
+    docs = (Path(__file__).parents[1] / "docs" / "absorbing.md").read_text()
+    defaults = [line for line in docs.splitlines()
+                if line.startswith("| `--sampler ") and "(default" in line]
+    assert len(defaults) == 1 and defaults[0].startswith("| `--sampler maskgit`")
+    stride_row = next(line for line in docs.splitlines() if line.startswith("| `--stride NAME`"))
+    assert "`cosine` (maskgit's default" in stride_row and "the default sampler" in stride_row
+
+
 def test_stride_times_are_the_seeds_lists():
     """Times of the network calls for n = 16 tokens (module docstring, Strides)."""
     assert stride_times("magic", 8, 16) == [8, 7, 6, 5, 4, 3, 2, 1]
@@ -146,7 +165,8 @@ def test_strides_reveal_their_schedule_on_average():
     by randomised rounding: on a fresh grid of n tokens, about n t_(i+1) / t_1 stay masked."""
     model = tiny(vocab_size=4, grid_h=4, grid_w=5)  # n = 20
     seen = record_inputs(model)
-    model.sample(2000, stride="quadratic", steps=4, generator=torch.Generator().manual_seed(0))
+    model.sample(2000, sampler="absorbing", stride="quadratic", steps=4,
+                 generator=torch.Generator().manual_seed(0))
     mean_masked = [(x == model.mask_token).sum(1).float().mean().item() for x in seen]
     expected = [20 * t / 16 for t in (16, 9, 4, 1)]  # 20, 11.25, 5, 1.25
     assert all(abs(a - b) < 0.1 for a, b in zip(mean_masked, expected)), mean_masked
@@ -340,8 +360,8 @@ def test_bad_settings_are_one_line_errors():
     for kwargs, match in (({"steps": 0}, r"--steps must be in 1..12"),
                           ({"steps": 13}, r"--steps must be in 1..12"),
                           ({"sampler": "greedy"}, "--sampler must be one of absorbing, maskgit"),
-                          ({"choice_temperature": 2.0}, "--choice_temperature is for --sampler "
-                                                        "maskgit"),
+                          ({"sampler": "absorbing", "choice_temperature": 2.0},
+                           "--choice_temperature is for --sampler maskgit"),
                           ({"grid_h": 2}, "at least the trained grid"),
                           ({"window_size": 2}, "does not take --window_size"),
                           ({"stride": "linear"}, "--stride must be one of magic, all, even, "

@@ -125,8 +125,8 @@ def test_the_served_model_takes_sampler_for_an_absorbing_prior_and_refuses_it_fo
     for bad, match in (({"sampler": "greedy"}, "request 0: sampler must be one of absorbing, "
                                                "maskgit, got 'greedy'"),
                        ({"sampler": 3}, "request 0: sampler must be a string"),
-                       ({"choice_temperature": 1.0}, "request 0: choice_temperature is for "
-                                                     "sampler maskgit"),
+                       ({"sampler": "absorbing", "choice_temperature": 1.0},
+                        "request 0: choice_temperature is for sampler maskgit"),
                        ({"steps": 13}, "steps must be in 1..12"),
                        ({"steps": 0}, "steps must be in 1..12"),
                        # a larger grid is not served: one request could ask for any size

@@ -65,7 +65,11 @@ agree where the gaps are 1, magic and all.) A fresh grid keeps about n t_(i+1) /
 masked after call i: about n/S per call for magic and even, n (2x - 1) / S^2 for quadratic at
 x = S..1 (most first, one at the end), few first and most last for cosine.
 
-Sampling (`sample(..., sampler=, stride=, steps=S)`), both samplers in K network evaluations:
+Sampling (`sample(..., sampler=, stride=, steps=S)`), both samplers in K network evaluations;
+maskgit (with its cosine stride) is the default: on the demo digits at 8 steps its samples'
+classifier confidence and precision are within 10% of a GPT's on the same codes, conditional or
+not, where the reverse process's unconditional precision is about 30% below the GPT's;
+maskgit pays in recall (docs/absorbing.md, "Labels and 8 steps", chosen on a validation split):
     absorbing  the reverse process at the stride's times: from t_i to t_(i+1) we reveal a
                uniformly random subset of each image's m masked positions whose size is
                floor or ceil of m (t_i - t_(i+1)) / t_i, with that mean (randomised rounding):
@@ -394,15 +398,15 @@ class Absorbing(Prior):
     def sample(self, n, labels=None, known=None, known_mask=None, temperature=1.0, top_k=None,
                top_p=None, steps=None, guidance=None, generator=None, sampler=None,
                choice_temperature=None, grid_h=None, grid_w=None, on_step=None, stride=None,
-               **options):
+               on_progress=None, **options):
         """(n, grid_h, grid_w) tokens in the stride's network evaluations (module docstring);
-        the settings are AbsorbingSampling's; on_step as in priors/base.py."""
+        the settings are AbsorbingSampling's; on_step and on_progress as in priors/base.py."""
         s = self.sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p,
                                    steps=steps, guidance=guidance, sampler=sampler,
                                    choice_temperature=choice_temperature, grid_h=grid_h,
                                    grid_w=grid_w, stride=stride, **options)
         self.check_sample_args(s.guidance, labels)
-        sampler = s.sampler or "absorbing"
+        sampler = s.sampler
         height, width = self._sample_grid(s.grid_h, s.grid_w)
         length = height * width
         if s.steps is not None and not 1 <= s.steps <= length:
@@ -430,11 +434,11 @@ class Absorbing(Prior):
                                                 decided.view(n, height, width))
         if sampler == "absorbing":
             tokens = absorbing_decode(predict, tokens, self.mask_token, times, generator,
-                                      on_step=report)
+                                      on_step=report, on_progress=on_progress)
         else:
             choice = 4.5 if s.choice_temperature is None else s.choice_temperature
             tokens = maskgit_decode(predict, tokens, self.mask_token, times, choice, generator,
-                                    on_step=report)
+                                    on_step=report, on_progress=on_progress)
         return tokens.view(n, height, width)
 
     def _sample_grid(self, grid_h, grid_w):
@@ -513,17 +517,20 @@ def _draw(log_p, generator, per_row=None):
     return multinomial(log_p.exp(), generator, per_row)
 
 
-def absorbing_decode(predict, tokens, mask_token, times, generator=None, on_step=None):
+def absorbing_decode(predict, tokens, mask_token, times, generator=None, on_step=None,
+                     on_progress=None):
     """The reverse absorbing process at the stride's `times` (stride_times; an int S: magic's
     S..1), one network evaluation each (module docstring); tokens (n, L) with mask_token where
     a value is to be drawn. on_step(tokens, decided) sees the start and each step that reveals
-    tokens."""
+    tokens; on_progress(1 / steps) is called as each step starts."""
     masked = tokens == mask_token
     if isinstance(times, int):
         times = stride_times("magic", times, int(masked.sum(1).max()))
     if on_step is not None:
         on_step(tokens.clone(), ~masked)
     for i, t in enumerate(times):
+        if on_progress is not None:
+            on_progress(1 / len(times))
         later = times[i + 1] if i + 1 < len(times) else 0
         reveal = reveal_subset(masked, t, generator, later, len(times) - i - 1)
         if not reveal.any():  # completion: no image reveals anything at this step
@@ -536,10 +543,11 @@ def absorbing_decode(predict, tokens, mask_token, times, generator=None, on_step
 
 
 def maskgit_decode(predict, tokens, mask_token, times, choice_temperature, generator=None,
-                   on_step=None):
+                   on_step=None, on_progress=None):
     """MaskGIT's confidence decoding at the stride's `times` (stride_times; an int S: cosine's
     S steps, MaskGIT's schedule), one network evaluation each (module docstring); on_step
-    (tokens, decided) sees the start and each step's tokens that stay."""
+    (tokens, decided) sees the start and each step's tokens that stay; on_progress(1 / steps)
+    is called as each step starts."""
     masked = tokens == mask_token
     initially_masked = masked.sum(1)  # (n,)
     if isinstance(times, int):
@@ -553,6 +561,8 @@ def maskgit_decode(predict, tokens, mask_token, times, choice_temperature, gener
     for i in range(1, steps + 1):
         if not masked.any():
             break
+        if on_progress is not None:
+            on_progress(1 / steps)
         log_p = predict.log_probs(tokens, masked)  # (R, V) at every masked position
         drawn = _draw(log_p, generator, masked.sum(1))
         confidence = log_p.gather(1, drawn[:, None])[:, 0]
@@ -589,8 +599,8 @@ class AbsorbingSampling(SamplingConfig):
                                         "token per call), even, quadratic (large steps first), "
                                         "cosine (maskgit's default), or how many tokens each "
                                         "call reveals, e.g. 1,2,4,9 (summing to the grid's)")
-    sampler: Optional[str] = field(None, "absorbing (the reverse process; unset: this one) "
-                                         "or maskgit (confidence decoding)")
+    sampler: str = field("maskgit", "maskgit (confidence decoding, the default) or absorbing "
+                                    "(the reverse process)")
     choice_temperature: Optional[float] = field(None, "maskgit: scale of the Gumbel noise on "
                                                       "the confidences that pick which drawn "
                                                       "tokens stay, annealed linearly to 0 over "
@@ -600,11 +610,10 @@ class AbsorbingSampling(SamplingConfig):
 
     def validate(self, where="--{}"):
         super().validate(where)
-        sampler = self.sampler or "absorbing"
-        if sampler not in SAMPLERS:
+        if self.sampler not in SAMPLERS:
             raise UserError(f"{where.format('sampler')} must be one of {', '.join(SAMPLERS)}, "
-                            f"got '{sampler}'")
-        if self.choice_temperature is not None and sampler != "maskgit":
+                            f"got '{self.sampler}'")
+        if self.choice_temperature is not None and self.sampler != "maskgit":
             raise UserError(f"{where.format('choice_temperature')} is for "
                             f"{setting_name(where, 'sampler')} maskgit")
         if self.choice_temperature is not None and not 0 <= self.choice_temperature < math.inf:
