@@ -12,6 +12,10 @@ Model training view, and writes:
     vqvae_overview.png    the VQ-VAE run's Overview: description, metrics, datasets
     reconstructions.png   the VQ-VAE run's `reconstructions` card (Model metrics tab) as it
                           opens (step 0, before training), and enlarged at the last step
+    prior_samples.png     the same of the prior run's `training_samples` card, where it has one
+                          (`--prior.sample_every`)
+    models_tab.png        the experiment's Models tab: its logged models and their linked
+                          metrics, sorted by quality/fd_ratio
     registered_model.png  with --registered_model: that model's page
 
 Needs what neither the pipeline nor the tests need (docs/requirements-screenshots.txt):
@@ -91,7 +95,7 @@ def stop_ui(process):
 
 
 def find_runs(tracking_uri, experiment):
-    """(experiment id, newest VQ-VAE run) of `experiment`."""
+    """(experiment id, newest VQ-VAE run, newest prior run or None) of `experiment`."""
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
@@ -102,7 +106,16 @@ def find_runs(tracking_uri, experiment):
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         sys.exit(f"error: experiment '{experiment}' has no VQ-VAE run")
-    return found.experiment_id, runs[0]
+    priors = client.search_runs([found.experiment_id], "tags.`pipeline.stage` = 'prior'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+    return found.experiment_id, runs[0], priors[0] if priors else None
+
+
+def has_step_images(run, key):
+    """Whether `run` logged images under `key` with steps (an image card with a slider)."""
+    from mlflow.tracking import MlflowClient
+    return any(Path(a.path).name.startswith(f"{key}+step+")
+               for a in MlflowClient().list_artifacts(run.info.run_id, "images"))
 
 
 # the pages
@@ -170,9 +183,10 @@ def shoot_overview(browser, experiment_id, run):
     browser.save("vqvae_overview.png", clip=main_panel(page, 1250))
 
 
-def shoot_reconstructions(browser, experiment_id, run, key="reconstructions"):
-    """The card as it opens (step 0: before training), and enlarged by dragging its corner (as
-    the README says) at the last step, side by side in one PNG."""
+def shoot_slider(browser, experiment_id, run, key, name):
+    """An image card with a step slider (a VQ-VAE's `reconstructions`, a prior's `samples`):
+    the card as it opens (step 0: before training), and enlarged by dragging its corner (as the
+    README says) at the last step, side by side in one PNG."""
     page = browser.page
     browser.open(f"/experiments/{experiment_id}/runs/{run.info.run_id}/model-metrics", key,
                  height=6000)  # below 25 metric charts
@@ -197,9 +211,21 @@ def shoot_reconstructions(browser, experiment_id, run, key="reconstructions"):
                                max(p.height for p in parts)), "white")
     joined.paste(parts[0], (0, 0))
     joined.paste(parts[1], (parts[0].width + 20, 0))
-    path = browser.out / "reconstructions.png"
+    path = browser.out / name
     joined.save(path)
     print(path)
+
+
+def shoot_models_tab(browser, experiment_id, metric):
+    """The experiment's Models tab: its logged models with their linked metrics, the best by
+    `metric` first."""
+    page = browser.page
+    browser.open(f"/experiments/{experiment_id}/models", "Models", height=700)
+    header = page.locator(".ag-header-cell", has=page.get_by_text(metric, exact=True))
+    if header.count():  # sort by the metric (one click: ascending, the best FD ratio first)
+        header.first.click()
+        page.wait_for_timeout(SETTLE_MS)
+    browser.save("models_tab.png", clip=main_panel(page, 520))
 
 
 def shoot_registered_model(browser, name):
@@ -222,7 +248,8 @@ def main(argv=None):
     store, out = Path(args.store).resolve(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
-    experiment_id, vqvae_run = find_runs(os.environ["MLFLOW_TRACKING_URI"], args.experiment)
+    experiment_id, vqvae_run, prior_run = find_runs(os.environ["MLFLOW_TRACKING_URI"],
+                                                    args.experiment)
     parent_id = vqvae_run.data.tags.get("mlflow.parentRunId")
     parent_name = MlflowClient().get_run(parent_id).info.run_name if parent_id else None
     port = free_port()
@@ -233,7 +260,12 @@ def main(argv=None):
             if parent_name:
                 shoot_runs_list(browser, experiment_id, parent_name)
             shoot_overview(browser, experiment_id, vqvae_run)
-            shoot_reconstructions(browser, experiment_id, vqvae_run)
+            shoot_slider(browser, experiment_id, vqvae_run, "reconstructions",
+                         "reconstructions.png")
+            if prior_run is not None and has_step_images(prior_run, "training_samples"):
+                shoot_slider(browser, experiment_id, prior_run, "training_samples",
+                             "prior_samples.png")
+            shoot_models_tab(browser, experiment_id, "quality/fd_ratio")
             if args.registered_model:
                 shoot_registered_model(browser, args.registered_model)
             browser.context.close()

@@ -73,8 +73,9 @@ def main(argv=None):
                                               "validation split)")
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--register", default="demo-digits" if demo else None,
-                        help="register the prior's MLflow Model under this name (alias "
-                             "@champion), ready for `mlflow models serve`"
+                        help="register the prior's MLflow Model under this name, ready for "
+                             "`mlflow models serve`: alias @champion when its held-out FD "
+                             "ratio beats the champion's, else @challenger"
                              + (" (default: demo-digits)" if demo else ""))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -89,6 +90,9 @@ def main(argv=None):
                              "follow it; the preset's step counts stay the cap "
                              "(pipeline/budget.py)")
     parser.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME)")
+    parser.add_argument("--system_metrics", action="store_true",
+                        help="log the machine's CPU, memory (and GPU) use to the training runs "
+                             "as system/... (needs psutil)")
     parser.add_argument("--tokenizer", default="vqvae", choices=sorted(image_tokenizers.KINDS),
                         help="the tokenizer kind; its flags are --tokenizer.<flag>")
     # the kind's flags, as --tokenizer.<flag> and as --<kind>.<flag> (e.g. --vqvae.max_steps)
@@ -96,14 +100,14 @@ def main(argv=None):
                                       f"also spelt --{known.tokenizer}.<flag>)")
     for prefix, hidden in (("tokenizer.", False), (f"{known.tokenizer}.", True)):
         add_flags(group, tokenizer_train, skip=("path_to_data", "experiment", "seed",
-                                                "precision"),
+                                                "precision", "system_metrics"),
                   prefix=prefix, hidden=hidden)
         add_flags(group, kind.Config, skip=("in_channels",), prefix=prefix, hidden=hidden)
     prior = parser.add_argument_group("prior stage (--prior.<flag>)")
     # the prior holds out the tokenizer's validation rows (--tokenizer.val_fraction)
     add_flags(prior, PriorTrainConfig, skip=("run_id", "codes", "path_to_data", "codebook_size",
                                              "experiment", "seed", "split_seed", "register",
-                                             "precision", "val_fraction"),
+                                             "precision", "val_fraction", "system_metrics"),
               prefix="prior.")
     add_flags(prior, family.Config, skip=DATA_FIELDS, prefix="prior.")
     sample_flags(parser, family.Model.family)
@@ -131,7 +135,8 @@ def main(argv=None):
                            data_name="digits" if demo else None,
                            command=shlex.join(["python", "-m", "pipeline", *argv]),
                            quality_draws=args.quality_draws, tokenizer=args.tokenizer,
-                           precision=args.precision, minutes=args.minutes)
+                           precision=args.precision, minutes=args.minutes,
+                           system_metrics=args.system_metrics)
     report(summary)
     print(f"run_id={summary['pipeline_run_id']}")
 
@@ -296,10 +301,11 @@ def report(summary):
                  f"(tokenizer {t['tokenizer_s']:.0f}, prior "
                  f"{t['prior_s']:.0f}, generate {t['generate_s']:.1f}, ceiling "
                  f"{t.get('ceiling_s', 0):.1f}, quality {t['quality_s']:.1f})"
-                 + (f" of a --minutes {summary['minutes']:g} budget ({60 * summary['minutes']:.0f} s)"
-                    if summary.get("minutes") else ""))
+                 + (f" of a --minutes {summary['minutes']:g} budget "
+                    f"({60 * summary['minutes']:.0f} s)" if summary.get("minutes") else ""))
     if summary.get("registered_model"):
-        lines.append(f"model: {summary['registered_model']} (alias @champion); serve it with "
+        lines.append(f"model: {summary['registered_model']} (alias "
+                     f"@{summary['registered_alias']}); serve it with "
                      f"`mlflow models serve -m {summary['registered_model']} --env-manager local`")
     lines.append(f"summary: {Path(summary['samples_dir']).parent / 'summary.json'}; browse the "
                  f"runs with `mlflow ui` (tracking store {summary['tracking_uri']}), then open "

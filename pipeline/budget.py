@@ -9,9 +9,11 @@ Shares of the budget, from stage times measured on 2 CPU cores: the demo digits 
 spent 58 s on the VQ-VAE, 94 s on the prior and 15 s on everything else (ceiling, quantizing,
 sampling, quality); 800 RGB crops at 32 px spent 7.3 minutes on the VQ-VAE and 9.5 on the prior.
 Held back from training: a share before the prior (the tokenizer's ceiling, quantizing) and one
-after it (sampling, decoding, the quality draws). A tokenizer that is fitted, not trained, or a
-stage that is reused, leaves its time to the prior, which gets what is left when it starts. The
-quality draws are then cut to the time that remains (at least the saved samples are judged).
+after it (sampling, the tone calibration draw, the quality draws). A tokenizer that is fitted,
+not trained, or a stage that is reused, leaves its time to the prior, which gets what is left
+when it starts. Sampling and the tone calibration draw then get half the time left, the draw cut
+to what fits at the speed sampling just had (its 4,096 grids of 8x8 codes once took 8 minutes on
+a loaded machine), and the quality draws the rest (at least the saved samples are judged).
 """
 
 import time
@@ -19,8 +21,9 @@ import time
 from core.errors import UserError
 
 TOKENIZER_SHARE = 0.4     # of the training time, for a tokenizer trained by steps
-BEFORE_PRIOR_SHARE = 0.05  # of the budget: the tokenizer's ceiling and quantizing
-AFTER_PRIOR_SHARE = 0.12   # of the budget: sampling, decoding and the quality draws
+BEFORE_PRIOR_SHARE = 0.1   # of the budget: the tokenizer's ceiling and quantizing
+AFTER_PRIOR_SHARE = 0.2    # of the budget: sampling, tone calibration, the quality draws
+GENERATE_SHARE = 0.5       # of the time left after the prior: sampling and tone calibration
 MIN_STAGE_MINUTES = 0.1    # a stage started past its share still trains this long
 
 
@@ -45,6 +48,11 @@ class TimeBudget:
         """What is left once the time after the prior is held back (so it takes whatever the
         stages before it did not spend)."""
         return max(MIN_STAGE_MINUTES, self.left() - AFTER_PRIOR_SHARE * self.minutes)
+
+    def generate_seconds(self):
+        """What sampling and the tone calibration draw may take together (generate's
+        time_limit_s): a share of the time left, the rest going to the quality draws."""
+        return max(0.0, GENERATE_SHARE * self.left() * 60)
 
     def draws_that_fit(self, wanted, seconds_per_draw):
         """How many quality draws (the saved samples and up to wanted - 1 more, each about

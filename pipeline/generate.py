@@ -24,6 +24,7 @@ from pipeline import tracking
 from pipeline.codes import check_codes, codes_dtype, pick_artifact, read_npy
 from pipeline.device import autocast, pick_device, resolve_precision
 from core.errors import UserError
+from pipeline.progress import progress_bar
 from pipeline.runs import load_run_checkpoint
 from pipeline.sampling_gif import SamplingFrames, render, save_gif
 from pipeline.tokenizers import load_tokenizer
@@ -158,10 +159,11 @@ def check_prior_matches(prior_config, tokenizer, run_id):
                         f"{tuple(tokenizer.grid)}")
 
 
-def decode_and_log(tokenizer, codes, log_run_id, name, out_dir=None, where="", tone=None):
+def decode_and_log(tokenizer, codes, log_run_id, name, out_dir=None, where="", tone=None,
+                   progress=True):
     """Decode (then map by the ToneCurve `tone` when given), log a grid (key "samples") and
     samples/<name>/*.png to `log_run_id`, and write the PNGs and grid.png to out_dir when given.
-    Returns the images."""
+    progress: a bar (pipeline/progress.py) while decoding. Returns the images."""
     codes = check_codes(codes.numpy() if torch.is_tensor(codes) else codes,
                         tokenizer.vocab_size, where)
     grid = tuple(codes.shape[1:])
@@ -170,7 +172,8 @@ def decode_and_log(tokenizer, codes, log_run_id, name, out_dir=None, where="", t
             grid[1] % tokenizer.values_per_pixel:
         raise UserError(f"{where}: code grid {grid} does not fit the tokenizer's "
                         f"{tuple(tokenizer.grid)} (it may be larger, with whole pixels, not smaller)")
-    images = tokenizer.decode(codes)
+    with progress_bar(len(codes), "decoding", "grid", progress) as bar:
+        images = decode(tokenizer, codes, bar)
     if tone is not None:
         images = tone(images)
     grid = image_grid(images[:64], ncol=8)
@@ -189,22 +192,40 @@ def decode_and_log(tokenizer, codes, log_run_id, name, out_dir=None, where="", t
 
 
 def sample_tokens(model, num_samples, batch_size, labels=None, generator=None, frames=None,
-                  precision="fp32", **settings):
+                  precision="fp32", bar=None, **settings):
     """Draw num_samples grids in batches (labels (num_samples,) or None); -> LongTensor CPU.
-    `frames` (a sampling_gif.SamplingFrames) records the steps of a GIF. precision: resolved
-    (pipeline/device.py); the draws themselves (log-softmax, filters) are fp32
-    (priors/sampling.py), the GPT's KV cache is its `cache_dtype` setting's."""
+    `frames` (a sampling_gif.SamplingFrames) records the steps of a GIF; `bar` (a progress_bar
+    counting grids, maybe shared by several draws) advances at every network evaluation.
+    precision: resolved (pipeline/device.py); the draws themselves (log-softmax, filters) are
+    fp32 (priors/sampling.py), the GPT's KV cache is its `cache_dtype` setting's."""
     device = next(model.parameters()).device
     chunks = []
+    start = bar.n if bar is not None else 0
     with autocast(device, precision):
         for i in range(0, num_samples, batch_size):
             count = min(batch_size, num_samples - i)
             chunk_labels = labels[i:i + count].to(device) if labels is not None else None
-            on_step = frames.batch(count) if frames is not None else None
-            extra = {"on_step": on_step} if on_step is not None else {}
+            extra = {}
+            if frames is not None:
+                extra["on_step"] = frames.batch(count)
+            if bar is not None and not bar.disable:
+                extra["on_progress"] = lambda share, count=count: bar.update(count * share)
             chunks.append(model.sample(count, chunk_labels, generator=generator, **extra,
                                        **settings).cpu())
+            if bar is not None:  # exactly the grids drawn (a sampler may end a step early)
+                bar.update(start + i + count - bar.n)
     return torch.cat(chunks)
+
+
+def decode(tokenizer, codes, bar=None, batch_size=256):
+    """tokenizer.decode(codes) in batches of `batch_size` grids, advancing `bar` (a
+    progress_bar counting grids) by each."""
+    images = []
+    for i in range(0, len(codes), batch_size):
+        images.append(tokenizer.decode(codes[i:i + batch_size], batch_size))
+        if bar is not None:
+            bar.update(len(images[-1]))
+    return torch.cat(images)
 
 
 def log_gif(frames, tokenizer, tone, run_id, artifact, out_dir=None, file_name=None, ncol=8,
@@ -232,20 +253,23 @@ def tone_applies(tokenizer, settings, count):
 
 
 def calibrate_tone(model, tokenizer, labels, settings, count=TONE_SAMPLES, batch_size=None,
-                   precision="fp32"):
+                   precision="fp32", progress=True):
     """Tone matching's curve for these sampling settings (pipeline/tone.py), fitted on a draw of
     `count` grids with `labels` ((count,) class ids, LoadedPrior.calibration_labels, or None),
     in batches of at most TONE_BATCH, from its own stream (TONE_SEED: every caller fits the same
     curve, and the samples and quality draws of any seed are untouched). None where tone
     matching does not apply (tone_applies): pixel tokenizers, VQ-VAE runs from before it, larger
-    grids, count 0."""
+    grids, count 0. progress: bars (pipeline/progress.py) over the draw, then its decoding."""
     if not tone_applies(tokenizer, settings, count):
         return None
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(TONE_SEED)
-    codes = sample_tokens(model, count, min(batch_size or TONE_BATCH, TONE_BATCH), labels,
-                          generator, precision=precision, **settings)
-    return ToneCurve.fit(tokenizer.decode(codes), tokenizer.pixel_quantiles)
+    with progress_bar(count, "tone calibration", "grid", progress) as bar:
+        codes = sample_tokens(model, count, min(batch_size or TONE_BATCH, TONE_BATCH), labels,
+                              generator, precision=precision, bar=bar, **settings)
+    with progress_bar(count, "tone calibration (decoding)", "grid", progress) as bar:
+        images = decode(tokenizer, codes, bar)
+    return ToneCurve.fit(images, tokenizer.pixel_quantiles)
 
 
 def tone_key(settings, count):
@@ -257,10 +281,11 @@ def tone_key(settings, count):
                                      sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prior_tone(prior, tokenizer, settings, count=TONE_SAMPLES, batch_size=None):
+def prior_tone(prior, tokenizer, settings, count=TONE_SAMPLES, batch_size=None, progress=True):
     """The prior's tone curve for these settings: fitted by the first generation that asks for
-    it (calibrate_tone) and kept on the prior run as tone/<key>.json, which later ones read, so
-    the calibration draw is paid once per setting, not per request."""
+    it (calibrate_tone, with progress bars unless progress=False) and kept on the prior run as
+    tone/<key>.json, which later ones read, so the calibration draw is paid once per setting,
+    not per request."""
     if not tone_applies(tokenizer, settings, count):
         return None
     path = f"tone/{tone_key(settings, count)}.json"
@@ -268,7 +293,7 @@ def prior_tone(prior, tokenizer, settings, count=TONE_SAMPLES, batch_size=None):
         return ToneCurve.from_dict(tracking.load_json_artifact(prior.run_id, path)["curve"])
     start = time.perf_counter()
     tone = calibrate_tone(prior.model, tokenizer, prior.calibration_labels(count), settings,
-                          count, batch_size, prior.precision)
+                          count, batch_size, prior.precision, progress)
     if tone is not None:
         tracking.log_json(prior.run_id, {"settings": settings, "tone_samples": count,
                                          "curve": tone.to_dict()}, path)
@@ -279,7 +304,7 @@ def prior_tone(prior, tokenizer, settings, count=TONE_SAMPLES, batch_size=None):
 
 def generate(run_id, num_samples=64, batch_size=None, seed=0, out_dir=None, no_decode=False,
              name=None, device=None, labels=None, tone_samples=TONE_SAMPLES, gif=False,
-             precision="auto", **settings):
+             precision="auto", progress=True, time_limit_s=None, **settings):
     """Sample token grids from a prior run, log generated/<name>.npy (+ .json), decode unless
     no_decode. The generation's fields are GenerationConfig's (`labels`: '3,3,7' or 'all', for
     conditional priors); `settings` (temperature=, top_k=, ..., steps=, sampler=, ...) are the
@@ -290,7 +315,11 @@ def generate(run_id, num_samples=64, batch_size=None, seed=0, out_dir=None, no_d
     images_from_indexes decodes the same images. With gif, a GIF of the sampling (the first
     64 grids, pipeline/sampling_gif.py) is logged as generated/<name>.gif and written to
     out_dir as sampling.gif. precision: auto | fp32 | bf16 (pipeline/device.py), resolved
-    for the device and recorded in the .json. Returns a Generated."""
+    for the device and recorded in the .json. progress: bars on stderr for the waits past
+    2 s (pipeline/progress.py). time_limit_s (the one command's --minutes): what sampling and
+    the tone calibration draw may take together; the draw is cut to the grids that fit, at the
+    sampling speed just measured (in multiples of TONE_BATCH; none fit: no tone matching).
+    Returns a Generated."""
     generation = GenerationConfig(num_samples, batch_size, seed, labels, tone_samples, gif)
     generation.validate()
     if gif and no_decode:
@@ -306,12 +335,21 @@ def generate(run_id, num_samples=64, batch_size=None, seed=0, out_dir=None, no_d
     drawn = dataclasses.asdict(sampling)  # what the prior's sample() takes
     frames = SamplingFrames() if gif else None
     start = time.perf_counter()
-    codes = sample_tokens(prior.model, num_samples, batch_size or num_samples, label_ids,
-                          generator, frames, prior.precision, **drawn)
+    with progress_bar(num_samples, "sampling", "grid", progress) as bar:
+        codes = sample_tokens(prior.model, num_samples, batch_size or num_samples, label_ids,
+                              generator, frames, prior.precision, bar, **drawn)
     seconds = time.perf_counter() - start
     print(f"sampled {num_samples} grids ({codes[0].numel()} tokens each) in {seconds:.2f} s: "
           f"{codes.numel() / seconds:.0f} tokens/s ({prior.precision})", file=sys.stderr)
-    tone = (prior_tone(prior, tokenizer, drawn, tone_samples, batch_size)
+    if time_limit_s is not None and tone_samples:
+        left_s = max(0.0, time_limit_s - seconds)
+        fit = int(left_s * num_samples / seconds) // TONE_BATCH * TONE_BATCH
+        if fit < tone_samples:
+            print(f"tone matching: {fit or 'no'} calibration grids of {tone_samples} fit in the "
+                  f"{left_s:.0f} s left to it", file=sys.stderr)
+            tone_samples = fit
+            generation = dataclasses.replace(generation, tone_samples=fit)
+    tone = (prior_tone(prior, tokenizer, drawn, tone_samples, batch_size, progress)
             if tokenizer is not None else None)
 
     name = name or time.strftime("gen-%Y%m%d-%H%M%S")
@@ -332,7 +370,8 @@ def generate(run_id, num_samples=64, batch_size=None, seed=0, out_dir=None, no_d
     images = None
     if tokenizer is not None:
         images = decode_and_log(tokenizer, codes, run_id, name, out_dir,
-                                where=f"--run_id {run_id} generated/{name}.npy", tone=tone)
+                                where=f"--run_id {run_id} generated/{name}.npy", tone=tone,
+                                progress=progress)
     if frames is not None:
         log_gif(frames, tokenizer, tone, run_id, f"generated/{name}.gif", out_dir, "sampling.gif")
     return Generated(codes, name, seconds, images, tone, run_id, sampling, generation, names,
@@ -340,31 +379,35 @@ def generate(run_id, num_samples=64, batch_size=None, seed=0, out_dir=None, no_d
 
 
 def more_draws(run_id, seeds, num_samples=64, batch_size=None, labels=None, device=None,
-               tone=None, precision="auto", **settings):
+               tone=None, precision="auto", progress=True, **settings):
     """Decoded images of the same sampling settings under each of `seeds`, nothing logged:
     further draws for quality figures averaged over draws, mapped by the ToneCurve `tone` when
     given (generate's, for the same settings). -> [(N, C, S, S) floats]"""
     prior = LoadedPrior(run_id, pick_device(device), precision=precision)
     label_ids, num_samples = prior.label_ids(labels, num_samples)
     return draws_of(prior.model, prior.tokenizer(), seeds, num_samples, label_ids, batch_size,
-                    tone, prior.precision, **settings)
+                    tone, prior.precision, progress, **settings)
 
 
 def draws_of(model, tokenizer, seeds, num_samples, label_ids=None, batch_size=None, tone=None,
-             precision="fp32", **settings):
+             precision="fp32", progress=True, **settings):
     """more_draws for a model already loaded (a prior's, or several priors' drawn as one);
-    precision resolved (the tokenizer decodes in its own)."""
+    precision resolved (the tokenizer decodes in its own). progress: one bar (pipeline/
+    progress.py) over all the draws' grids."""
     device = next(model.parameters()).device
-    draws = [tokenizer.decode(sample_tokens(model, num_samples, batch_size or num_samples,
-                                            label_ids,
-                                            torch.Generator(device=device).manual_seed(seed),
-                                            precision=precision, **settings))
-             for seed in seeds]
+    seeds = list(seeds)
+    draws = []
+    with progress_bar(len(seeds) * num_samples, "quality draws", "grid", progress) as bar:
+        for seed in seeds:
+            generator = torch.Generator(device=device).manual_seed(seed)
+            draws.append(tokenizer.decode(sample_tokens(
+                model, num_samples, batch_size or num_samples, label_ids, generator,
+                precision=precision, bar=bar, **settings)))
     return [tone(draw) for draw in draws] if tone is not None else draws
 
 
 def images_from_indexes(run_id=None, indexes=None, tokenizer_run_id=None, indexes_path=None,
-                        out_dir=None, device=None, precision="auto"):
+                        out_dir=None, device=None, precision="auto", progress=True):
     """Decode a prior run's generated/<indexes>.npy, or any local file with a tokenizer run
     (decoding in `precision`, auto | fp32 | bf16, as generation does)."""
     device = pick_device(device)
@@ -377,7 +420,7 @@ def images_from_indexes(run_id=None, indexes=None, tokenizer_run_id=None, indexe
         array = read_npy(indexes_path)
         name = Path(indexes_path).stem
         return decode_and_log(tokenizer, array, tokenizer.run_id, name, out_dir,
-                              where=str(indexes_path))
+                              where=str(indexes_path), progress=progress)
     if not run_id:
         raise UserError("give --run_id <prior run> [--indexes NAME], or "
                         "--tokenizer_run_id ID --indexes_path FILE")
@@ -398,4 +441,5 @@ def images_from_indexes(run_id=None, indexes=None, tokenizer_run_id=None, indexe
     record = tracking.load_json_artifact(run_id, f"generated/{name}.json")  # logged before the .npy
     tone = ToneCurve.from_dict(record["tone"]) if record.get("tone") else None
     return decode_and_log(tokenizer, array, run_id, name, out_dir,
-                          where=f"--run_id {run_id} generated/{name}.npy", tone=tone)
+                          where=f"--run_id {run_id} generated/{name}.npy", tone=tone,
+                          progress=progress)

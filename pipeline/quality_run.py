@@ -16,62 +16,29 @@ overrides either.
 
 The figures go to a new run (stage `quality`, tag `pipeline.prior_run_id`) whose inputs are the
 held-out CSV and, where the prior logged one, its model; the metrics are linked to that model
-and name the held-out data set, so the experiment's Models tab ranks generators by them.
+and name the held-out data set, so the experiment's Models tab ranks generators by them. (The
+drawing and the evaluation run are pipeline/ranking.py's, which also judges a champion that
+has no figure on a new version's held-out data.)
 """
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 import priors
-from core.config import add_flags, field_type, given
+from core.config import add_flags, given
 from core.errors import UserError
 from pipeline import describe, tracking
 from pipeline.device import PRECISION_HELP, PRECISIONS, pick_device
-from pipeline.generate import TONE_SAMPLES, LoadedPrior, draws_of, prior_tone
+from pipeline.generate import LoadedPrior
 from pipeline.images import read_source
-from pipeline.quality import QualityReference, report_draws, run_ceiling, with_spread
+from pipeline.quality import QualityReference, run_ceiling, with_spread
+from pipeline.ranking import (draw_figures, log_evaluation, pipeline_settings,
+                              typed_settings)
 from pipeline.run import judged_images, tokenizer_split
 
-STAGE = "quality"
-PRIOR_RUN_TAG = "pipeline.prior_run_id"
 DEFAULT_SAMPLES = 300  # the small preset's
 DEFAULT_DRAWS = 8  # the one command's --quality_draws
-
-
-def pipeline_settings(prior_run):
-    """(the sampling settings {name: value} the one command used for this prior, from its
-    parent pipeline run's `sample.*` params, and its number of quality draws); ({}, None) for
-    a prior trained on its own."""
-    parent = prior_run.data.tags.get("mlflow.parentRunId")
-    if not parent:
-        return {}, None
-    data = tracking.client().get_run(parent).data
-    draws = data.metrics.get("quality/draws")
-    return ({k.split(".", 1)[1]: v for k, v in data.params.items() if k.startswith("sample.")},
-            int(draws) if draws else None)
-
-
-def _typed(family, settings):
-    """Params are strings: give each sampling setting its field's type (None for 'None')."""
-    kinds = {f.name: field_type(f) for f in dataclasses.fields(priors.sampling_class(family))}
-    out = {}
-    for name, value in settings.items():
-        if name in kinds:
-            out[name] = None if value in (None, "None") else kinds[name](value)
-    return out
-
-
-def logged_model_id(run_id):
-    """The id of the generator model a prior run logged (None when it logged none)."""
-    try:
-        models = tracking.client().search_logged_models(
-            experiment_ids=[tracking.client().get_run(run_id).info.experiment_id],
-            filter_string=f"source_run_id = '{run_id}'")
-    except Exception:  # a store without logged models (an old server): nothing to link
-        return None
-    return models[0].model_id if models else None
 
 
 def judge(run_id, heldout_csv, num_samples=None, draws=None, seed=None, settings=None,
@@ -91,14 +58,12 @@ def judge(run_id, heldout_csv, num_samples=None, draws=None, seed=None, settings
     chosen = {**recorded, **{k: v for k, v in (settings or {}).items() if v is not None}}
     num_samples = num_samples or int(chosen.get("num_samples", DEFAULT_SAMPLES))
     seed = int(chosen.get("seed", 0)) if seed is None else seed
-    labels = chosen.get("labels", "all" if prior.classes else None)
-    labels = None if labels in (None, "None") or not prior.classes else labels
-    sampling = priors.sampling_settings(prior.family, _typed(prior.family, chosen))
-    drawn = dataclasses.asdict(sampling)  # what the prior's sample() takes
+    # a setting the family does not take fails here, before the reference is built
+    priors.sampling_settings(prior.family, typed_settings(prior.family, chosen))
 
     tokenizer_config = tracking.load_json_artifact(prior.tokenizer_run_id, "config.json")
     recorded_csv = tokenizer_config["train"].get("path_to_data")
-    if train_csv is None and not (recorded_csv and Path(recorded_csv).is_file()):
+    if train_csv is None and not (recorded_csv and Path(recorded_csv).exists()):
         raise UserError(f"the tokenizer run {prior.tokenizer_run_id} was trained on "
                         f"'{recorded_csv}', which is not here: give --train_csv (the real "
                         f"reference)")
@@ -108,63 +73,21 @@ def judge(run_id, heldout_csv, num_samples=None, draws=None, seed=None, settings
         *tokenizer_split(prior.tokenizer_run_id, source), heldout)
     reference = QualityReference(heldout_images, train_images, train_labels, heldout_labels)
     ceiling, _ = run_ceiling(prior.tokenizer_run_id, reference, prior.precision)
-
-    tokenizer = prior.tokenizer()
-    label_ids, num_samples = prior.label_ids(labels, num_samples)
-    tone = prior_tone(prior, tokenizer, drawn, TONE_SAMPLES)
-    images = draws_of(prior.model, tokenizer, range(seed, seed + draws), num_samples, label_ids,
-                      None, tone, prior.precision, **drawn)
-    requested = [prior.classes[i] for i in label_ids.tolist()] if label_ids is not None else None
-    figures = report_draws(reference, images, requested)
+    figures, used = draw_figures(prior, reference, chosen, num_samples, draws, seed)
     figures.update({f"ceiling/{k}": v for k, v in ceiling.items()})
 
-    # the evaluation run
-    heldout_input = describe.csv_inputs(heldout.table.csv_path, heldout.sha256,
-                                        {"evaluation": range(len(heldout.table.paths))})
-    model_id = logged_model_id(run_id)
+    (heldout_input,) = describe.csv_inputs(heldout.table.data_path, heldout.sha256,
+                                           {"evaluation": range(len(heldout.table.paths))})
+    params = describe.run_params(
+        {"prior_run_id": run_id, "heldout": str(heldout_csv), "train_csv": str(train_csv),
+         "num_samples": used["num_samples"], "draws": draws, "seed": seed,
+         "labels": used["labels"], "precision": prior.precision},
+        {f"sample.{k}": v for k, v in used["sampling"].items()})
     command = " ".join(["python -m pipeline quality", "--run_id", run_id, "--path_to_data",
                         str(heldout_csv)])
-    note = describe.description(
-        f"Quality of prior run `{run_id}` ({prior.family}) against held-out images",
-        command=command, data=f"`{heldout_csv}` (under *Datasets*)")
-    eval_run = tracking.create_run(STAGE, experiment, run_name=f"quality {prior.family}",
-                                   tags=describe.source_tags({
-                                       PRIOR_RUN_TAG: run_id, describe.NOTE_TAG: note,
-                                       tracking.TOKENIZER_RUN_TAG: prior.tokenizer_run_id}))
-    status = "FAILED"
-    try:
-        tracking.log_params(eval_run, describe.run_params(
-            {"prior_run_id": run_id, "heldout": str(heldout_csv), "train_csv": str(train_csv),
-             "num_samples": num_samples, "draws": draws, "seed": seed, "labels": labels,
-             "precision": prior.precision},
-            {f"sample.{k}": v for k, v in drawn.items()}))
-        _log_inputs(eval_run, heldout_input, model_id)
-        dataset = heldout_input[0].dataset
-        # named as the one command names them on its pipeline run
-        metrics = {(k if k.startswith("ceiling/") else f"quality/{k}"): v
-                   for k, v in figures.items() if isinstance(v, (int, float))}
-        _log_linked(eval_run, metrics, model_id, dataset.name, dataset.digest)
-        tracking.log_json(eval_run, {k: v for k, v in figures.items()}, "quality.json")
-        status = "FINISHED"
-    finally:
-        tracking.end_run(eval_run, status)
+    eval_run = log_evaluation(prior, figures, params, heldout_input, command,
+                              f"`{heldout_csv}` (under *Datasets*)", experiment)
     return eval_run, figures
-
-
-def _log_inputs(run_id, datasets, model_id):
-    from mlflow.entities import LoggedModelInput
-    models = [LoggedModelInput(model_id)] if model_id else None
-    tracking.client().log_inputs(run_id, datasets=list(datasets), models=models)
-
-
-def _log_linked(run_id, metrics, model_id, dataset_name, dataset_digest):
-    """Log metrics that name the held-out data set and, where there is one, the model."""
-    import time
-    from mlflow.entities import Metric
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, 0, model_id=model_id, dataset_name=dataset_name,
-                    dataset_digest=dataset_digest) for k, v in sorted(metrics.items())]
-    tracking.client().log_batch(run_id, metrics=items)
 
 
 def summary_line(figures):
@@ -172,8 +95,8 @@ def summary_line(figures):
                                             f"quality/{name}", digits)
     parts = [f"FD ratio {mean('fd_ratio', 3)}", f"precision {mean('precision', 2)}",
              f"recall {mean('recall', 2)}", f"nearest-train ratio {figures['nn_ratio']:.2f}"]
-    if "confidence" in figures:
-        parts.append(f"confidence {mean('confidence', 3)}")
+    if "classifier_confidence" in figures:
+        parts.append(f"classifier confidence {mean('classifier_confidence', 3)}")
     if "label_agreement" in figures:
         parts.append(f"drawn class recognised in {mean('label_agreement', 3)}")
     if "ceiling/fd_ratio" in figures:
@@ -188,9 +111,10 @@ def main(argv=None):
                     "against a held-out CSV, logged to a new evaluation run.")
     parser.add_argument("--run_id", required=True,
                         help="the prior run, or models:/NAME/VERSION, models:/NAME@alias")
-    parser.add_argument("--path_to_data", required=True, help="CSV of held-out images")
+    parser.add_argument("--path_to_data", required=True,
+                        help="CSV or folder of held-out images")
     parser.add_argument("--train_csv", help="the real reference: the tokenizer's training CSV "
-                                            "(default: the path its run recorded)")
+                                            "or folder (default: the path its run recorded)")
     parser.add_argument("--num_samples", type=int,
                         help="samples per draw (default: the pipeline run's, else 300)")
     parser.add_argument("--draws", type=int,

@@ -22,6 +22,7 @@ import image_tokenizers
 import priors
 from priors.settings import LARGER_IMAGES
 from pipeline.quality import K_NEIGHBOURS, QualityReference, report_draws, run_ceiling
+from pipeline.ranking import HeldOut, link_figures, logged_model_id
 from pipeline.runs import live_owner
 from pipeline.tokenizers import FitConfig, fit_tokenizer, quantize
 from pipeline.train_prior import TrainConfig as PriorTrainConfig, train_prior
@@ -52,7 +53,8 @@ PRESETS = {
                   "eval_every": 200, "checkpoint_every": 200},
         "prior": {"n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.3, "batch_size": 64,
                   "max_steps": 2400, "learning_rate": 6e-4, "weight_decay": 0.1,
-                  "eval_every": 100, "checkpoint_every": 200, "conditional": True},
+                  "eval_every": 100, "checkpoint_every": 200, "conditional": True,
+                  "sample_every": 400},
         "sample": {"num_samples": 300, "temperature": 1.25, "top_k": None, "top_p": None,
                    "labels": "all", "guidance": 1.3},
     },
@@ -300,18 +302,22 @@ def check_quality_sizes(source, settings, heldout, train_config):
 
 def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experiment=None,
                  heldout_csv=None, seed=0, register=None, data_name=None, command=None,
-                 quality_draws=8, tokenizer="vqvae", precision="auto", minutes=None):
+                 quality_draws=8, tokenizer="vqvae", precision="auto", minutes=None,
+                 system_metrics=False):
     """Run (or reuse) every stage; writes out_dir/samples/*.png, grid.png, summary.json.
     The quality figures are means over `quality_draws` draws of the samples' size (the first
     draw is the saved samples).
-    With `register`, the prior's MLflow Model becomes a new version of that registered model
-    (alias @champion). data_name names the data in the parent run's name (default: the CSV's
-    folder/stem); command is the command line recorded in its description (default: this
-    process's). tokenizer: the tokenizer kind (image_tokenizers/); `overrides["tokenizer"]`
-    holds its flags. precision: auto | fp32 | bf16 for every stage (training, quantizing,
+    With `register`, the prior's MLflow Model becomes a new version of that registered model,
+    once the quality step has judged it: @champion when its FD ratio beats the champion's on the
+    same held-out images, else @challenger (pipeline/ranking.py). data_name names the data in
+    the parent run's name (default: the CSV's folder/stem); command is the command line
+    recorded in its description (default: this process's). tokenizer: the tokenizer kind
+    (image_tokenizers/); `overrides["tokenizer"]` holds its flags. precision: auto | fp32 | bf16 for every stage (training, quantizing,
     sampling, the ceiling's reconstructions), each resolving it for its device
     (pipeline/device.py) and recording the result as its param `precision`. minutes: a time
-    budget for the whole command (pipeline/budget.py), None for the stages' step budgets."""
+    budget for the whole command (pipeline/budget.py), None for the stages' step budgets.
+    system_metrics: the training stages log the machine's figures (--system_metrics; it does
+    not change a model, so it is no part of a stage's key)."""
 
     if preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got '{preset}'")
@@ -377,6 +383,8 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         if budget and has_field(train_config, "max_minutes") and "max_minutes" not in tok_train:
             tok_train["max_minutes"] = budget.tokenizer_minutes()
         tok_train["precision"] = precision  # (not keyed as given: auto may mean either)
+        if system_metrics and has_field(train_config, "system_metrics"):  # (fitted kinds: none)
+            tok_train["system_metrics"] = True
         tok_run, tok_action = run_stage(tokenizer, tok_key, experiment, train_tokenizer,
                                         tok_model, tok_train, parent, source=source)
         timings["tokenizer_s"] = time.perf_counter() - t0
@@ -416,22 +424,22 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         # (val_fraction is the tokenizer's, which its run id already fixes)
         pr_key = stage_key("prior", tok_run, csv_hash, pr_model,
                            {k: v for k, v in pr_train.items()
-                            if k not in ("experiment", "register", "log_model", "val_fraction")},
+                            if k not in ("experiment", "register", "log_model", "val_fraction",
+                                         "sample_every")},
                            *precision_key(resolved["prior"]), *budget_key)
         if budget and "max_minutes" not in pr_train:  # what the stages before it left
             pr_train["max_minutes"] = budget.prior_minutes()
         pr_train["precision"] = precision
+        if system_metrics:
+            pr_train["system_metrics"] = True
         prior_run, prior_action = run_stage("prior", pr_key, experiment, train_prior, pr_model,
                                             pr_train, parent, split=split)
         timings["prior_s"] = time.perf_counter() - t0
-        version = None
-        if register:
-            from pipeline.served import register_prior
-            version = register_prior(prior_run, register)
 
         # 4. generate and decode (cheap: always fresh, so the samples match this invocation)
         t0 = time.perf_counter()
         generated = generate(prior_run, name=f"pipeline-{parent[:8]}", precision=precision,
+                             time_limit_s=budget.generate_seconds() if budget else None,
                              **settings["sample"])
         name, images, tone, drawn = generated.name, generated.images, generated.tone, \
             generated.generation
@@ -449,8 +457,8 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         # saved samples, then the same settings under seeds seed+1, ...), with their spread
         t0 = time.perf_counter()
         draws = [images]
-        if budget:  # a later draw costs about what the first did (its tone fit aside)
-            fit = budget.draws_that_fit(quality_draws, timings["generate_s"])
+        if budget:  # a draw: its sampling, and about half that again to decode and judge it
+            fit = budget.draws_that_fit(quality_draws, 1.5 * generated.seconds)
             if fit < quality_draws:
                 print(f"--minutes {minutes}: {fit} quality draw(s) of {quality_draws} fit in the "
                       f"time left", file=sys.stderr)
@@ -470,8 +478,25 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
                       for k, v in run.data.metrics.items() if k.startswith("val/")},
                    **{f"quality/{k}": v for k, v in quality.items() if isinstance(v, (int, float))},
                    **ceiling}
-        tracking.log_metrics(parent, {**metrics, **{f"time/{k}": v for k, v in timings.items()}},
-                             step=0)
+        # the held-out images the figures were judged on: the held-out CSV, else the
+        # tokenizer's validation split (the digest of the tokenizer run's validation input)
+        judged_input = (describe.csv_inputs(heldout.table.data_path, heldout.sha256,
+                                            {"evaluation": range(len(heldout.table.paths))})
+                        if heldout is not None else
+                        describe.csv_inputs(table.data_path, csv_hash, {"evaluation": split[1]}))[0]
+        if heldout is None:
+            describe.log_inputs(parent, [judged_input])
+        version = alias = None
+        if register:  # after the quality step: @champion moves only to a better version
+            from pipeline.served import register_prior
+            version, alias = register_prior(prior_run, register, HeldOut(
+                judged_input, reference, quality["fd_ratio"], drawn.num_samples, quality_draws,
+                drawn.seed, precision, experiment))
+        # the figures name that data set and the prior's logged model: the Models tab ranks
+        judged = {k: v for k, v in metrics.items() if k.startswith(("quality/", "ceiling/"))}
+        link_figures(parent, judged, judged_input.dataset, logged_model_id(prior_run))
+        tracking.log_metrics(parent, {**{k: v for k, v in metrics.items() if k not in judged},
+                                      **{f"time/{k}": v for k, v in timings.items()}}, step=0)
         tracking.client().set_tag(parent, tracking.TOKENIZER_RUN_TAG, tok_run)
         tracking.client().set_tag(parent, "pipeline.prior_run_id", prior_run)
         tracking.client().set_tag(parent, "quality.feature_space", quality["feature_space"])
@@ -484,6 +509,7 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         summary = {"pipeline_run_id": parent, "tokenizer_run_id": tok_run,
                    "prior_run_id": prior_run, "tokenizer": tokenizer, "stages": actions,
                    "registered_model": f"models:/{register}/{version}" if register else None,
+                   "registered_alias": alias,
                    "generated": f"generated/{name}.npy", "samples_dir": str(samples_dir),
                    "grid": str(out_dir / "grid.png"), "preset": preset, "settings": settings,
                    "metrics": metrics, "class_counts": quality.get("class_counts"),

@@ -67,6 +67,13 @@ MAX_SEED = 2 ** 63 - 1  # the answer's seed column is a signed 64-bit integer
 EXACT_FLOAT = 2 ** 53   # whole numbers a float holds exactly (a column with gaps is float)
 RESPONSE_COLUMNS = {"request": "long", "sample": "long", "label": "string", "seed": "long",
                     "image_png_base64": "string", "codes_json": "string"}
+# The logged model's input example: the smallest request (one image; a conditional prior
+# draws it unconditionally, a label being optional)
+EXAMPLE_REQUEST = {"num_samples": 1, "seed": 0}
+# The logged model's tags, named as the prior run's (pipeline/tracking.py), so that the Models
+# tab filters generators by family or tokenizer
+MODEL_TAGS = {"family": "pipeline.prior", "tokenizer": "pipeline.tokenizer",
+              "tokenizer_run_id": "pipeline.tokenizer_run_id"}
 
 
 def request_columns(family):
@@ -388,35 +395,70 @@ def requirements():
 
 def log_generator(prior_run_id, register=None):
     """Log the MLflow Model of a finished prior run (its best checkpoint and its tokenizer's);
-    register it as `register` when given. Returns (model URI, registered version or None)."""
+    register it as `register` when given. Returns (model URI, registered version or None).
+
+    The logged model is what the experiment's Models tab lists and ranks: it is logged at its
+    checkpoint's step, so MLflow links the run's metrics of that step to it, and the validation
+    figures are linked again naming the validation split (_link_validation); the one command
+    adds the quality figures (pipeline/ranking.py). It is tagged with its family and tokenizer
+    (MODEL_TAGS), and carries an input example (EXAMPLE_REQUEST) that MLflow checks by
+    answering it once, one image, while it logs."""
     import mlflow
+    import pandas as pd
     from mlflow.models import Model
-    from pipeline import tracking
+    from pipeline import describe, tracking
+    from pipeline.checkpoint import load_checkpoint
     from core.errors import UserError
     run = tracking.get_run(prior_run_id, "prior")
     tokenizer_run_id = tracking.tokenizer_run_of(run)
     if not tokenizer_run_id:
         raise UserError(f"run {prior_run_id}: a prior trained from a local file has no "
                         f"tokenizer to serve images with; no model logged")
+    tokenizer_kind = tracking.stage_of(tracking.get_run(tokenizer_run_id))[1]
     with tempfile.TemporaryDirectory() as tmp:
         prior = _download_checkpoint(prior_run_id, Path(tmp) / "prior")
         tokenizer = _download_checkpoint(tokenizer_run_id, Path(tmp) / "tokenizer")
-        with warnings.catch_warnings():  # MLflow's advice on type hints and input examples
+        step = load_checkpoint(prior, ("prior", "transformer"))["step"]
+        tags = {MODEL_TAGS["family"]: family_of(run), MODEL_TAGS["tokenizer"]: tokenizer_kind,
+                MODEL_TAGS["tokenizer_run_id"]: tokenizer_run_id}
+        # created here, in the run's experiment: Model.log would create it in the process's
+        # current experiment (Default), away from the run and its experiment's Models tab
+        model = tracking.client().create_logged_model(
+            run.info.experiment_id, MODEL_NAME, prior_run_id, describe.source_tags(tags),
+            run.data.params)
+        with warnings.catch_warnings():  # MLflow's advice on type hints
             warnings.simplefilter("ignore", UserWarning)
             info = Model.log(None, mlflow.pyfunc, name=MODEL_NAME, run_id=prior_run_id,
+                             model_id=model.model_id, step=step, tags=tags,
                              python_model=str(ROOT / "pipeline" / "served_model.py"),
                              artifacts={"prior": str(prior), "tokenizer": str(tokenizer)},
                              code_paths=[str(ROOT / p) for p in PACKAGES if (ROOT / p).is_dir()],
                              pip_requirements=requirements(), signature=signature(),
+                             input_example=pd.DataFrame([EXAMPLE_REQUEST]),
                              registered_model_name=register,
                              metadata={"request_columns": request_columns(family_of(run)),
                                        "prior_run_id": prior_run_id,
                                        "tokenizer_run_id": tokenizer_run_id,
                                        "prior": family_of(run)})
+    _link_validation(run, info.model_id, step)
     version = getattr(info, "registered_model_version", None)
-    print(f"logged model {info.model_uri}" + (f", registered as models:/{register}/{version}"
-                                              if register else ""), file=sys.stderr)
+    print(f"logged model {info.model_uri} at step {step}" + (
+        f", registered as models:/{register}/{version}" if register else ""), file=sys.stderr)
     return info.model_uri, version
+
+
+def _link_validation(run, model_id, step):
+    """Link the validation figures of `step` to the logged model again, naming the validation
+    split they were measured on. (Model.log links the run's metrics of its step, but MLflow's
+    SQL store keeps a metric's dataset only with a model's metrics, so those links name none.)"""
+    from pipeline import describe, ranking, tracking
+    validation = [i.dataset for i in run.inputs.dataset_inputs
+                  if any(t.key == describe.CONTEXT_TAG and t.value == "validation" for t in i.tags)]
+    figures = {m.key: m.value for key in run.data.metrics if key.startswith("val/")
+               for m in tracking.client().get_metric_history(run.info.run_id, key)
+               if m.step == step}
+    if validation and figures:
+        ranking.link_figures(run.info.run_id, figures, validation[0], model_id, step)
 
 
 def family_of(run):
@@ -432,25 +474,30 @@ def _download_checkpoint(run_id, folder):
     return checkpoint_for_model(run_id, folder)
 
 
-def register_prior(prior_run_id, name, alias="champion"):
+def register_prior(prior_run_id, name, heldout=None):
     """Register the newest model a prior run logged (logging one first if it has none) as a
-    new version of `name`, and point `alias` at it. Returns the version number."""
+    new version of `name`, and give it @champion or @challenger by pipeline/ranking.py's rule:
+    heldout (a ranking.HeldOut: what the one command's quality step judged it on, and its FD
+    ratio there), or None without a quality step, when the first version alone takes
+    @champion. Prints one line naming the alias and why. Returns (version, alias)."""
     import mlflow
-    from pipeline import tracking
+    from pipeline import ranking, tracking
     client = tracking.client()
     run = tracking.get_run(prior_run_id, "prior")
-    logged = client.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{prior_run_id}'",
-        order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1)
-    if logged:
-        version = mlflow.register_model(f"models:/{logged[0].model_id}", name).version
+    model_id = ranking.logged_model_id(prior_run_id)
+    if model_id:
+        version = mlflow.register_model(f"models:/{model_id}", name).version
     else:
         version = log_generator(prior_run_id, name)[1]
+        model_id = ranking.version_model_id(client.get_model_version(name, str(version)))
+    alias, why, champion = ranking.place(name, model_id, heldout)
     client.set_registered_model_alias(name, alias, str(version))
     describe_version(client, name, version, run)
-    print(f"registered models:/{name}/{version} (alias @{alias})", file=sys.stderr)
-    return version
+    against = f" (against @champion, version {champion})" if champion else ""
+    where = f" on {heldout.dataset_input.dataset.name} #{heldout.digest}" if heldout else ""
+    print(f"registered models:/{name}/{version} as @{alias}{against}: {why}{where}",
+          file=sys.stderr)
+    return version, alias
 
 
 def describe_version(client, name, version, run):

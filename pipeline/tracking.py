@@ -9,6 +9,7 @@ the stages `vqvae` and `transformer` and the tag `pipeline.vqvae_run_id`; they r
 `vqvae` tokenizer and a `gpt` prior.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -323,6 +324,43 @@ def log_metrics(run_id, metrics, step):
     _with_retries(lambda: client().log_batch(run_id, metrics=items), f"log metrics to run {run_id}")
 
 
+def require_psutil():
+    """--system_metrics needs psutil (an optional dependency): one line saying so, before any
+    run is created."""
+    from core.errors import UserError
+    import importlib.util
+    if importlib.util.find_spec("psutil") is None:
+        raise UserError("--system_metrics needs psutil, an optional dependency: "
+                        "pip install psutil")
+
+
+@contextlib.contextmanager
+def system_metrics(run_id):
+    """While the block runs, MLflow's SystemMetricsMonitor logs the machine's figures to
+    `run_id` as system/... (CPU and memory use, disk, network, and the GPU's with nvidia-ml-py)
+    every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by default). Runs are made with
+    MlflowClient.create_run, for which mlflow.enable_system_metrics_logging() does nothing, so
+    the monitor is started here for the run id. One more sample is logged at the end, so a run
+    shorter than the interval has one too. run_id None: nothing."""
+    if run_id is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=tracking_uri())
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        try:  # the samples since the last one logged (finish() drops them), at the next step
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as e:  # a lost sample must not fail a finished training
+            print(f"warning: run {run_id}: could not log the last system metrics: "
+                  f"{describe_error(e)}", file=sys.stderr)
+
+
 def describe_error(e):
     """A one-line account of a tracking-store failure, e.g. for "could not upload ... (...)"."""
     text = str(e).strip()
@@ -428,15 +466,26 @@ class Uploader:
         with self.lock:
             return list(self.metrics), [what for what, _ in self.jobs.values()]
 
-    def close(self, timeout):
+    def close(self, timeout, progress=True):
         """Send everything still queued, trying for up to `timeout` seconds; stop the thread.
-        Returns `pending()`: empty lists when everything was sent."""
+        progress: a bar (pipeline/progress.py) over the queued uploads and metric batches
+        while it waits. Returns `pending()`: empty lists when everything was sent."""
+        from pipeline.progress import progress_bar
         self.closing = True
         self.wake.set()
-        self.thread.join(timeout)
+        give_up = time.monotonic() + timeout
+        with progress_bar(self._queued(), "uploading", "upload", progress) as bar:
+            while self.thread.is_alive() and time.monotonic() < give_up:
+                self.thread.join(min(0.5, give_up - time.monotonic()))
+                bar.update(bar.total - self._queued() - bar.n)
         self.abandoned = True
         self.wake.set()
         return self.pending()
+
+    def _queued(self):
+        """What is left to send, as the requests that send it: uploads and metric batches."""
+        metrics, uploads = self.pending()
+        return len(uploads) + -(-len(metrics) // 1000)
 
     def _loop(self):
         pause = self.flush_secs

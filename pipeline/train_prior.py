@@ -21,11 +21,16 @@ from pipeline.codes import load_codes_file, load_run_codes
 from core.config import build, field
 from pipeline.device import PRECISION_HELP, autocast, needs_grad_scaler, resolve_precision
 from core.errors import UserError
+from pipeline.generate import sample_tokens
 from pipeline.images import split_indices
 from pipeline.runs import TrainingRun, recorded_config
+from pipeline.tokenizers import load_tokenizer
 from pipeline.train_loop import apply_gradients, check_finite, check_settings
+from pipeline.visual import image_grid
 
 STAGE = "prior"
+SAMPLES_KEY = "training_samples"  # not `samples`: generations log theirs at step 0 of the run
+SAMPLE_ROWS = 8  # of the training_samples grid: 8 per class (or 8 columns, unconditional)
 # Named like the tokenizer's: quantity and unit, so the stages never share a chart by accident.
 METRICS = {
     "train/nats_per_token": "training objective per batch: mean negative log-likelihood of a "
@@ -47,8 +52,9 @@ class TrainConfig:
     codes: Optional[str] = field(None, "name of the codes artifact (default: the only/first one)")
     path_to_data: Optional[str] = field(None, "a local codes .npy (N, h, w) instead of a run")
     codebook_size: Optional[int] = field(None, "vocabulary size K, required with --path_to_data")
-    conditional: bool = field(False, "condition on the CSV's `label` column (recorded with the "
-                                     "codes), with label dropout for guidance")
+    conditional: bool = field(False, "condition on the labels (a CSV's `label` column, a "
+                                     "folder's class subfolders; recorded with the codes), "
+                                     "with label dropout for guidance")
     batch_size: int = field(64, "sequences per optimizer step (the global batch)")
     accumulate: int = field(1, "split each batch into this many micro-batches (less memory, "
                                "same update)")
@@ -76,15 +82,24 @@ class TrainConfig:
                                             "rows, e.g. for an ensemble")
     eval_every: int = field(250, "evaluate every N steps")
     checkpoint_every: int = field(500, "write checkpoints/last.pt every N steps")
+    sample_every: Optional[int] = field(None, "log a grid of samples (the same seed each time; "
+                                              "a column per class) at step 0, every N steps "
+                                              "and the last: the run page's "
+                                              f"`{SAMPLES_KEY}` image and its step slider")
     device: Optional[str] = field(None, "cpu, cuda or cuda:N (default: cuda when available)")
     dist_timeout: float = field(distributed.DEFAULT_TIMEOUT_S, distributed.TIMEOUT_HELP)
     precision: str = field("auto", PRECISION_HELP)
     experiment: Optional[str] = field(None, "MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME)")
     checkpoint_dir: str = field("checkpoints", "local copies of checkpoints, one folder per run")
+    system_metrics: bool = field(False, "log the machine's CPU, memory, disk and network use "
+                                        "(and GPU with nvidia-ml-py) to the run as system/..., "
+                                        "every 10 s (MLflow's monitor; needs psutil)")
     log_model: bool = field(True, "at the end, log an MLflow Model (the prior and its tokenizer, "
                                   "served by `mlflow models serve`)")
     register: Optional[str] = field(None, "also register that model under this name in the "
-                                          "Model Registry (a new version, alias @champion)")
+                                          "Model Registry: a new version, @champion if it is "
+                                          "the first, else @challenger (no quality step "
+                                          "ranks it: python -m pipeline --register does)")
 
     @property
     def rows_seed(self):
@@ -93,7 +108,8 @@ class TrainConfig:
 
 
 RESUME_OVERRIDES = ("max_steps", "epochs", "max_minutes", "device", "dist_timeout", "precision",
-                    "eval_every", "checkpoint_every", "checkpoint_dir", "log_model", "register")
+                    "eval_every", "checkpoint_every", "checkpoint_dir", "log_model", "register",
+                    "sample_every", "system_metrics")
 
 
 @torch.no_grad()
@@ -169,10 +185,39 @@ def run_description(family, config, train, flags, where, num_train, num_val, cla
                          "models serve` (absent with --no-log_model)",
             "generated/<name>.npy, samples": "added by transformer_generation.py: token grids "
                                              "and their decoded images",
-            "completions": "added by transformer_generation.py --complete"},
+            "completions": "added by transformer_generation.py --complete",
+            **({SAMPLES_KEY: f"Model metrics tab: the same draw (a fixed seed) from the prior "
+                             f"at step 0 (untrained), every {train.sample_every} steps and "
+                             f"the last; the slider picks the step"}
+               if train.sample_every else {})},
         notes=["Generate: `python transformer_generation.py --run_id <this run's ID> "
                "--num_samples 16`", "",
                "Resume: `python train.py --resume_run_id <this run's ID>`"])
+
+
+def sample_logger(family, tokenizer, classes, seed, precision):
+    """-> log(run, model, step): the `training_samples` image at `step`, a frame of the run
+    page's step slider. The same draw every time (a generator seeded by `seed`; SAMPLE_ROWS
+    per class, one column each, or 8 columns for an unconditional prior), from `model` in eval
+    mode with the family's default sampling settings, decoded by the codes' tokenizer (a
+    RunTokenizer), so that frames differ by the training between them only."""
+    ncol = len(classes) if classes and len(classes) <= 16 else 8
+    count = SAMPLE_ROWS * ncol
+    labels = torch.arange(count) % len(classes) if classes else None  # classes in turn
+    settings = asdict(priors.sampling_settings(family, {}))
+
+    def log(run, model, step):
+        was_training = model.training
+        model.eval()
+        try:
+            generator = torch.Generator(device=tokenizer.device).manual_seed(seed)
+            codes = sample_tokens(model, count, count, labels, generator, precision=precision,
+                                  **settings)
+        finally:
+            model.train(was_training)
+        images = tokenizer.decode(codes)
+        run.log_image(image_grid(images, ncol=ncol, title=f"step {step}"), SAMPLES_KEY, step)
+    return log
 
 
 def finish_model(run_id, train, has_tokenizer):
@@ -183,7 +228,7 @@ def finish_model(run_id, train, has_tokenizer):
     from pipeline.served import log_generator, register_prior
     if train.log_model:
         log_generator(run_id)
-    if train.register:  # the model just logged (or a new one), as a version with @champion
+    if train.register:  # the model just logged (or a new one), as a new version
         register_prior(run_id, train.register)
 
 
@@ -223,6 +268,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     module, train, recorded = _settings(model_flags, train_flags, resume_run_id)
     train_loop.settle_budget(train, train_flags, bool(resume_run_id))
     check_settings(train, ctx.world_size)
+    if train.system_metrics:
+        tracking.require_psutil()
     if train.accumulate < 1 or (train.batch_size // ctx.world_size) % train.accumulate:
         raise UserError(f"--accumulate {train.accumulate} must divide each process's batch "
                         f"({train.batch_size // ctx.world_size})")
@@ -230,6 +277,11 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     if train.register and not train.run_id:
         raise UserError("--register needs --run_id (a tokenizer run): a prior trained from a "
                         "local file cannot decode images")
+    if train.sample_every is not None and train.sample_every < 1:
+        raise UserError(f"--sample_every must be at least 1, got {train.sample_every}")
+    if train.sample_every and not train.run_id:
+        raise UserError("--sample_every needs --run_id (a tokenizer run): a prior trained from "
+                        "a local file cannot decode its samples")
     tokens, meta = load_tokens(train)
     where = (f"--run_id {train.run_id} codes/{meta.get('codes_name')}" if train.run_id
              else str(train.path_to_data))
@@ -238,7 +290,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
     if train.conditional:
         if meta.get("labels") is None:
             raise UserError(f"--conditional: {where} has no labels (its CSV had no `label` "
-                            f"column)")
+                            f"column, or its folder no class subfolders)")
         classes, labels = class_names(meta["labels"], where)
     if split is not None and sum(map(len, split)) != n:
         raise UserError(f"{where}: {n} code grids, but the split given covers "
@@ -265,6 +317,12 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
 
     device = ctx.device
     precision = resolve_precision(train.precision, device)  # the param records this
+    log_samples = None
+    if train.sample_every and ctx.is_main:  # (building the tokenizer draws from the global
+        # RNG: before the seed that initialises the prior, which then trains as without it)
+        log_samples = sample_logger(module.Model.family,
+                                    load_tokenizer(train.run_id, device, precision=precision),
+                                    classes, train.seed, precision)
     torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = module.Model(model_config).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -341,13 +399,20 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         return (f"val {metrics['val/nats_per_token']:.4f} nats/token"
                 + (f", {metrics['val/bits_per_dim']:.4f} bits/dim" if image_dims else ""))
 
+    def sample_frame(run, model, step, final=False):  # step 0: the untrained prior
+        if log_samples is not None and (step % train.sample_every == 0 or final):
+            log_samples(run, model, step)
+
     trainer = train_loop.Trainer(
         label=f"prior ({family})", unit="tokens", loss="train/nats_per_token", loss_digits=3,
         step=take_step, evaluate=validate, summary=summary,
         checkpoint=lambda: {"kind": "prior", "family": family, "config": asdict(model_config),
                             "data": lineage},
+        begin=lambda run, model: sample_frame(run, model, 0), after_step=sample_frame,
         epoch_steps=epoch_steps)
-    run_id = train_loop.loop(ctx, trainer, train, model, optimizer, generator, state, progress)
+    with tracking.system_metrics(state.run_id if ctx.is_main and train.system_metrics else None):
+        run_id = train_loop.loop(ctx, trainer, train, model, optimizer, generator, state,
+                                 progress)
     if ctx.is_main:
         finish_model(run_id, train, bool(lineage["tokenizer_run_id"]))
     return run_id

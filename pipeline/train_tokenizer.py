@@ -87,6 +87,9 @@ class TrainConfig:
     skip_bad_images: bool = field(False, "skip unreadable images with a warning instead of failing")
     num_workers: int = field(2, "DataLoader workers when images are streamed from disk")
     checkpoint_dir: str = field("checkpoints", "local copies of checkpoints, one folder per run")
+    system_metrics: bool = field(False, "log the machine's CPU, memory, disk and network use "
+                                        "(and GPU with nvidia-ml-py) to the run as system/..., "
+                                        "every 10 s (MLflow's monitor; needs psutil)")
     adversarial_weight: float = field(0.0, "weight of a patch discriminator's loss, scaled by "
                                            "VQGAN's adaptive weight (0 = off)")
     adversarial_start: int = field(1000, "step at which the discriminator starts (it and its "
@@ -98,7 +101,7 @@ class TrainConfig:
 # Settings that may change when a run is resumed; everything else is the run's recorded value.
 RESUME_OVERRIDES = ("max_steps", "epochs", "max_minutes", "device", "dist_timeout", "precision",
                     "eval_every", "checkpoint_every", "num_workers", "checkpoint_dir",
-                    "skip_bad_images", "accumulate")
+                    "skip_bad_images", "accumulate", "system_metrics")
 
 
 class Adversary:
@@ -307,6 +310,8 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                         "folder of images)")
     train_loop.settle_budget(train, train_flags, bool(resume_run_id))
     check_settings(train, ctx.world_size)
+    if train.system_metrics:
+        tracking.require_psutil()
     if train.accumulate < 1 or train.batch_size % (ctx.world_size * train.accumulate):
         raise UserError(f"--accumulate {train.accumulate} must be at least 1 and split each "
                         f"process's {train.batch_size // ctx.world_size} images of --batch_size "
@@ -413,4 +418,5 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
         begin=lambda run, model: log_reconstructions(run, model, preview, 0),
         after_evaluation=lambda run, model, step: log_reconstructions(run, model, preview, step),
         objective_changed=adversary_started, epoch_steps=epoch_steps)
-    return train_loop.loop(ctx, trainer, train, model, optimizer, generator, state, progress)
+    with tracking.system_metrics(state.run_id if ctx.is_main and train.system_metrics else None):
+        return train_loop.loop(ctx, trainer, train, model, optimizer, generator, state, progress)

@@ -28,7 +28,9 @@ def test_shares_of_the_budget_follow_the_clock():
     assert budget.tokenizer_minutes() == pytest.approx(budget_module.TOKENIZER_SHARE * training)
     clock.now += 60 * 2  # the tokenizer took 2 minutes: the prior gets the rest, less the reserve
     assert budget.prior_minutes() == pytest.approx(8 - budget_module.AFTER_PRIOR_SHARE * 10)
-    clock.now += 60 * 7.5  # 30 s left: 3 draws of 10 s after the first fit, not 7
+    clock.now += 60 * 7  # 60 s left: sampling and tone calibration get half
+    assert budget.generate_seconds() == pytest.approx(60 * budget_module.GENERATE_SHARE)
+    clock.now += 30  # 30 s left: 3 draws of 10 s after the first fit, not 7
     assert budget.draws_that_fit(8, 10.0) == 4
     clock.now += 60  # past the deadline: the saved samples are still judged, and a late stage
     assert budget.draws_that_fit(8, 10.0) == 1  # still trains a little
@@ -72,3 +74,15 @@ def test_minutes_reach_the_stages_and_the_same_command_reuses_them(store, labell
     run_main(pipeline_main, argv)
     again = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert again["stages"] == {"tokenizer": "reuse", "prior": "reuse"}
+
+
+def test_a_time_limit_cuts_the_tone_calibration_draw(chain):
+    from pipeline.generate import TONE_BATCH, generate
+    # no time left after sampling: no calibration draw, recorded as such
+    cut = generate(chain["prior"], 4, tone_samples=4096, name="no-time", time_limit_s=0.0,
+                   progress=False)
+    assert cut.generation.tone_samples == 0 and cut.tone is None
+    # time for far more than asked: the draw is the one asked for
+    kept = generate(chain["prior"], 4, tone_samples=TONE_BATCH, name="time", time_limit_s=1e6,
+                    progress=False)
+    assert kept.generation.tone_samples == TONE_BATCH and kept.tone is not None

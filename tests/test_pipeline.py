@@ -57,8 +57,9 @@ def test_end_to_end_then_reuse(store, digits_like, tmp_path):
     assert run.info.run_name == f"pipeline tiny {digits_like.parent.name}/train"
     note = run.data.tags["mlflow.note.content"]
     assert "python -m pipeline --path_to_data" in note and summary["prior_run_id"] in note
+    # the CSV, and its validation split that the quality figures were judged on
     assert [(i.dataset.name, i.tags[0].value) for i in run.inputs.dataset_inputs] == \
-        [(f"{digits_like.parent.name}/train.csv", "training")]
+        [(f"{digits_like.parent.name}/train.csv", c) for c in ("training", "evaluation")]
     assert "None" not in run.data.params.values()  # e.g. sample.top_k is left out
 
     again = pipeline(digits_like, out, "pipe-e2e")
@@ -252,7 +253,7 @@ def test_label_settings_of_a_preset_are_left_out_without_labels():
     # the user's own label flags on data without labels: an error before any training
     for stage, key, value in (("prior", "conditional", True), ("sample", "labels", "all"),
                               ("sample", "guidance", 2.0)):
-        with pytest.raises(UserError, match=f"--{stage}.{key}: the CSV has no label column"):
+        with pytest.raises(UserError, match=f"--{stage}.{key}: the data has no labels"):
             fit_label_settings(json.loads(json.dumps(preset)), {stage: {key: value}}, False)
     # --no-prior.conditional on labelled data: sample without the preset's labels
     settings = {"prior": {"conditional": False}, "sample": {"labels": "all", "guidance": 2.0}}

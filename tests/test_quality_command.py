@@ -20,3 +20,14 @@ def test_a_missing_reference_csv_is_one_line(store, chain, tmp_path, monkeypatch
     if not recorded.startswith("/"):
         with pytest.raises(UserError, match="give --train_csv"):
             run_main(pipeline_main, args)
+
+
+def test_the_printed_line_names_every_figure_it_has():
+    from pipeline.quality_run import summary_line
+    figures = {"fd_ratio": 1.2, "precision": 0.8, "recall": 0.7, "nn_ratio": 1.1,
+               "classifier_confidence": 0.91, "label_agreement": 0.95}
+    line = summary_line(figures)
+    assert "classifier confidence 0.910" in line and "recognised in 0.950" in line
+    assert "confidence" not in summary_line({k: v for k, v in figures.items()
+                                             if k not in ("classifier_confidence",
+                                                          "label_agreement")})
