@@ -52,6 +52,12 @@ def write_csv(path, rows, header="image_path,label"):
     return path
 
 
+def labelled_csv(folder, n, seed, name="train.csv"):
+    """make_images in folder/imgs, listed in folder/name with two classes in turn (0, 1, 0, ...)."""
+    names = make_images(Path(folder) / "imgs", n=n, seed=seed)
+    return write_csv(Path(folder) / name, [f"imgs/{n},{i % 2}" for i, n in enumerate(names)])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cpu_without_bf16_units():
     """--precision auto resolves to fp32 in this process, as on a CPU without bf16 units: the

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import make_images, run_main, write_csv
+from conftest import labelled_csv, run_main
 from core.errors import UserError
 from pipeline import budget as budget_module, tracking
 from pipeline.__main__ import main as pipeline_main
@@ -40,14 +40,12 @@ def test_shares_of_the_budget_follow_the_clock():
 
 
 @pytest.fixture(scope="module")
-def labelled_csv(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("budget")
-    names = make_images(folder / "imgs", n=40, seed=3)
-    return write_csv(folder / "train.csv", [f"imgs/{n},{i % 2}" for i, n in enumerate(names)])
+def two_classes(tmp_path_factory):
+    return labelled_csv(tmp_path_factory.mktemp("budget"), n=40, seed=3)
 
 
-def test_minutes_reach_the_stages_and_the_same_command_reuses_them(store, labelled_csv, tmp_path):
-    argv = ["--path_to_data", str(labelled_csv), "--out_dir", str(tmp_path / "out"),
+def test_minutes_reach_the_stages_and_the_same_command_reuses_them(store, two_classes, tmp_path):
+    argv = ["--path_to_data", str(two_classes), "--out_dir", str(tmp_path / "out"),
             "--preset", "tiny", "--experiment", "budget", "--minutes", "5"]
     parent = run_main(pipeline_main, argv)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -115,11 +115,10 @@ def test_a_class_folder_trains_end_to_end_and_labels_the_prior(store, tmp_path):
     from pipeline.generate import LoadedPrior
     root = class_folder(tmp_path / "shapes")
     out = tmp_path / "out"
-    run_main(pipeline_main, ["--path_to_data", str(root), "--out_dir", str(out),
-                             "--preset", "tiny", "--experiment", "folder-e2e",
-                             "--prior.conditional", "--no-prior.log_model",
-                             "--sample.labels", "all", "--sample.num_samples", "8",
-                             "--quality_draws", "1"])
+    argv = ["--path_to_data", str(root), "--out_dir", str(out), "--preset", "tiny",
+            "--experiment", "folder-e2e", "--prior.conditional", "--no-prior.log_model",
+            "--sample.labels", "all", "--sample.num_samples", "8", "--quality_draws", "1"]
+    run_main(pipeline_main, argv)
     summary = json.loads((out / "summary.json").read_text())
     tokenizer_run, prior_run = summary["tokenizer_run_id"], summary["prior_run_id"]
     codes = tracking.load_json_artifact(tokenizer_run, "codes/train.json")
@@ -152,10 +151,6 @@ def test_a_class_folder_trains_end_to_end_and_labels_the_prior(store, tmp_path):
     assert json.loads(dataset.source)["uri"] == str(heldout.resolve())
 
     # the same tree again: the same digest, so every stage is reused
-    run_main(pipeline_main, ["--path_to_data", str(root), "--out_dir", str(out),
-                             "--preset", "tiny", "--experiment", "folder-e2e",
-                             "--prior.conditional", "--no-prior.log_model",
-                             "--sample.labels", "all", "--sample.num_samples", "8",
-                             "--quality_draws", "1"])
+    run_main(pipeline_main, argv)
     again = json.loads((out / "summary.json").read_text())
     assert again["stages"] == {"tokenizer": "reuse", "prior": "reuse"}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import make_images, run_main, write_csv
+from conftest import labelled_csv, run_main
 from pipeline import tracking
 from pipeline.__main__ import main as pipeline_main
 from core.errors import UserError
@@ -12,9 +12,7 @@ from core.errors import UserError
 
 @pytest.fixture(scope="module")
 def digits_like(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pipe")
-    names = make_images(folder / "imgs", n=40, seed=1)
-    return write_csv(folder / "train.csv", [f"imgs/{n},{i % 2}" for i, n in enumerate(names)])
+    return labelled_csv(tmp_path_factory.mktemp("pipe"), n=40, seed=1)
 
 
 def pipeline(csv, out, experiment):
@@ -113,9 +111,7 @@ def test_pixels_tokenizer_end_to_end(store, digits_like, tmp_path):
 def test_seed_redraws_the_training_but_not_the_judge(store, digits_like, tmp_path):
     """With a held-out CSV the quality reference (classifier, random features, real images)
     depends on the data alone, so runs that differ only in --seed are judged alike."""
-    names = make_images(tmp_path / "imgs", n=24, seed=7)
-    heldout = write_csv(tmp_path / "heldout.csv",
-                        [f"imgs/{n},{i % 2}" for i, n in enumerate(names)])
+    heldout = labelled_csv(tmp_path, n=24, seed=7, name="heldout.csv")
     summaries = []
     for seed in (0, 1):
         out = tmp_path / f"out{seed}"

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 import train as train_prior_script
-from conftest import TINY_PRIOR, make_images, run_main, write_csv
+from conftest import TINY_PRIOR, labelled_csv, run_main
 from core.errors import UserError
 from pipeline import ranking, served, tracking
 from pipeline.__main__ import main as pipeline_main
@@ -63,9 +63,7 @@ def test_without_a_quality_step_only_the_first_version_is_champion(chain):
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ranked")
-    names = make_images(folder / "imgs", n=40, seed=3)
-    return write_csv(folder / "train.csv", [f"imgs/{n},{i % 2}" for i, n in enumerate(names)])
+    return labelled_csv(tmp_path_factory.mktemp("ranked"), n=40, seed=3)
 
 
 def registered(csv, out, *flags):
@@ -128,9 +126,7 @@ def test_champion_moves_only_to_a_better_version(store, shapes, tmp_path, capsys
 
     # on other held-out images the champion has no figure: it is judged on them first, in an
     # evaluation run linked to its model, and then compared
-    names = make_images(tmp_path / "held" / "imgs", n=12, seed=9)
-    heldout = write_csv(tmp_path / "held" / "heldout.csv",
-                        [f"imgs/{n},{i % 2}" for i, n in enumerate(names)])
+    heldout = labelled_csv(tmp_path / "held", n=12, seed=9, name="heldout.csv")
     other = registered(shapes, tmp_path / "e", *untrained, "--heldout", str(heldout))
     assert "judging the champion" in capsys.readouterr().err
     parent = tracking.client().get_run(other["pipeline_run_id"])
