@@ -60,3 +60,12 @@ def build(config_class, *layers):
                 layer[new] = layer.pop(old)
         values.update({k: v for k, v in layer.items() if k in names})
     return config_class(**values)
+
+
+def from_record(config_class, recorded):
+    """build() from a config recorded by an earlier version (a checkpoint's): a field the record
+    lacks takes the value it had before the field existed, when the class lists it as
+    `before = {field: value}` (a ClassVar), not today's default, so the model is the one that
+    was trained."""
+    before = getattr(config_class, "before", {})
+    return build(config_class, {k: v for k, v in before.items() if k not in recorded}, recorded)

@@ -18,7 +18,7 @@ import torch
 import priors
 from pipeline import describe, distributed, tracking, train_loop
 from pipeline.codes import load_codes_file, load_run_codes
-from core.config import build, field
+from core.config import build, field, from_record
 from pipeline.device import PRECISION_HELP, autocast, needs_grad_scaler, resolve_precision
 from core.errors import UserError
 from pipeline.generate import sample_tokens
@@ -309,7 +309,7 @@ def _train(ctx, model_flags, train_flags, resume_run_id, parent_run_id, tags, pr
                    "ordered": bool(meta.get("ordered", False)),
                    "num_classes": len(classes) if classes else 0}
     data_fields["channels"] = int(meta.get("values_per_pixel", 1))
-    model_config = (build(module.Config, recorded["model"]) if recorded else
+    model_config = (from_record(module.Config, recorded["model"]) if recorded else
                     build(module.Config, model_flags, data_fields))
     # bits per image dimension need the image geometry (known when the codes came from a run)
     image_dims = (meta["in_channels"] * meta["image_size"] ** 2

@@ -5,20 +5,22 @@ a pixel enter the network together, and the output at a pixel, which reads only 
 parameterises all three (the mixture head couples them linearly, PixelCNN++'s way). So no
 channel masking is needed, and the softmax head, which would need it, is refused for RGB.
 
-A family implements `network(grid (B, rows, W, C), label (B, D) or None, top) -> (B, out_dim,
-rows, W)` for rows top .. top + rows - 1 of the grid, and sets `rows_above`: how many rows above
-a pixel its output can read (None: all of them). Sampling a pixel in row i then runs the
-network on rows max(0, i - rows_above) .. i only: rows below i are never read (causality), and
-rows further up are outside the receptive field, so the crop is exact (a test checks it against
-the full forward).
+A family implements `network(grid (B, rows, W, C), label (a Label for those rows,
+pixelcnn/layers.py) or None, top) -> (B, out_dim, rows, W)` for rows top .. top + rows - 1 of
+the grid, and sets `rows_above`: how many rows above a pixel its output can read (None: all
+of them). Sampling a pixel in row i then runs the network on rows max(0, i - rows_above) .. i
+only: rows below i are never read (causality), and rows further up are outside the receptive
+field, so the crop is exact (a test checks it against the full forward).
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from core.config import field
+from pixelcnn.layers import Label
 from priors.base import PriorConfig, RasterPrior
 
 
@@ -27,6 +29,12 @@ class ConvConfig(PriorConfig):
     head: str = field("auto", "softmax | mixture | auto: mixture for ordered tokens (pixel "
                               "levels), softmax for VQ codes and palette entries")
     embed_dim: int = field(32, "channels of a pixel's input: its tokens' embeddings, summed")
+    label_maps: int = field(8, "with --conditional: channels of a learned map per class over "
+                               "the pixel grid, projected into every layer beside the label's "
+                               "per-channel bias, so the class can say where ink goes (0: the "
+                               "bias alone, as priors trained before this field)")
+    # what a checkpoint's config that lacks a field meant (core.config.from_record)
+    before: ClassVar[dict] = {"label_maps": 0}
 
     def __post_init__(self):
         if self.head == "auto":
@@ -46,13 +54,27 @@ class ConvPrior(RasterPrior):
         self.register_buffer("channel_offset", torch.arange(config.channels) * config.vocab_size,
                              persistent=False)
         self.label_embedding = self.make_label_embedding(label_dim)
+        # (num_classes + 1, label_maps * H * W); none in a checkpoint from before the maps,
+        # whose config reads label_maps 0 (ConvConfig.before)
+        maps = config.label_maps * self.height * self.width
+        self.label_map = self.make_label_embedding(maps) if maps else None
 
     def embed(self, grid):
         """(B, rows, W, C) token values -> (B, embed_dim, rows, W)."""
         return self.embedding(grid + self.channel_offset).sum(3).permute(0, 3, 1, 2)
 
-    def label_vector(self, labels):
-        return self.label_embedding(labels) if labels is not None else None
+    @property
+    def label_maps(self):
+        """Channels of the label maps each layer's LabelBias reads (0: none)."""
+        return self.config.label_maps if self.label_map is not None else 0
+
+    def label_of(self, labels):
+        """(B,) class ids -> a Label over the whole grid, or None."""
+        if labels is None:
+            return None
+        maps = (self.label_map(labels).view(-1, self.config.label_maps, self.height, self.width)
+                if self.label_map is not None else None)
+        return Label(self.label_embedding(labels), maps)
 
     def network(self, grid, label, top=0):
         raise NotImplementedError
@@ -62,7 +84,7 @@ class ConvPrior(RasterPrior):
         each from earlier pixels only, and the mean nll in nats per token."""
         n = tokens.shape[0]
         grid = tokens.reshape(n, self.height, self.width, self.config.channels)
-        label = self.label_vector(self.training_labels(labels, n, tokens.device))
+        label = self.label_of(self.training_labels(labels, n, tokens.device))
         out = self.network(grid, label).flatten(2).transpose(1, 2)  # (N, P, out_dim)
         nll = self.head.nll(out, grid.flatten(1, 2))  # (N, P) nats per pixel
         return out, nll.mean() / self.config.channels
@@ -70,7 +92,7 @@ class ConvPrior(RasterPrior):
     # the raster sampler's hooks (priors/sampling.py)
 
     def begin(self, batch, labels):
-        return {"label": self.label_vector(labels)}
+        return {"label": self.label_of(labels)}
 
     def rows_for(self, row):
         """The first row of the exact crop for outputs in `row`."""
@@ -81,4 +103,5 @@ class ConvPrior(RasterPrior):
         row, col = divmod(p, self.width)
         top = self.rows_for(row)
         grid = tokens.view(tokens.shape[0], self.height, self.width, -1)[:, top:row + 1]
-        return self.network(grid, state["label"], top)[:, :, -1, col]
+        label = state["label"].rows(top, row + 1 - top) if state["label"] is not None else None
+        return self.network(grid, label, top)[:, :, -1, col]

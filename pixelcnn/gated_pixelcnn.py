@@ -9,7 +9,8 @@ first layer shifts right by one so it never reads the pixel itself). Each layer 
 vertical features into the horizontal stack shifted down by one row, so the horizontal stack
 sees every pixel above, up-right included, and nothing at or after the pixel. Both stacks use
 tanh(a) * sigmoid(b) gates, to whose pre-activations each layer adds its own projection of
-the label (the paper's V^T h).
+the label (the paper's V^T h, and its V * s: a bias per position from the label maps,
+pixelcnn/layers.py LabelBias).
 """
 
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ import torch.nn as nn
 from core.config import field
 from core.errors import UserError
 from pixelcnn.base import ConvConfig, ConvPrior
-from pixelcnn.layers import (DownRightShiftedConv2d, DownShiftedConv2d, down_shift, gate,
-                             right_shift)
+from pixelcnn.layers import (DownRightShiftedConv2d, DownShiftedConv2d, LabelBias, down_shift,
+                             gate, right_shift)
 from priors.dropout import Dropout
 
 
@@ -41,7 +42,7 @@ class GatedPixelCNNConfig(ConvConfig):
 class GatedLayer(nn.Module):
     """One layer of both stacks: (v, h) -> (v', h'); see the module docstring."""
 
-    def __init__(self, in_channels, filters, kernel, first, label_dim, dropout):
+    def __init__(self, in_channels, filters, kernel, first, label_dim, label_maps, dropout):
         super().__init__()
         reach = kernel // 2
         self.first = first
@@ -52,17 +53,17 @@ class GatedLayer(nn.Module):
                                                  (1, reach if first else reach + 1))
         self.dropout = Dropout(dropout)
         self.horizontal_out = nn.Conv2d(filters, filters, 1)
-        self.label = nn.Linear(label_dim, 4 * filters) if label_dim else None
+        self.label = LabelBias(label_dim, label_maps, 4 * filters) if label_dim else None
 
     def forward(self, v, h, label=None):
-        """v, h (B, in_channels, H, W); label (B, label_dim) or None -> v', h' (B, F, H, W)."""
+        """v, h (B, in_channels, H, W); label (a Label) or None -> v', h' (B, F, H, W)."""
         v_pre = self.vertical(v)  # (B, 2F, H, W), rows <= i
         h_pre = self.horizontal(h)
         if self.first:
             h_pre = right_shift(h_pre)
         h_pre = h_pre + self.vertical_to_horizontal(down_shift(v_pre))  # rows < i only
         if label is not None:
-            label_v, label_h = self.label(label)[:, :, None, None].chunk(2, 1)
+            label_v, label_h = self.label(label, v_pre).chunk(2, 1)
             v_pre, h_pre = v_pre + label_v, h_pre + label_h
         h_out = self.horizontal_out(self.dropout(gate(h_pre)))
         # no residual in the first layer: its input at (i, j) is the pixel itself
@@ -77,7 +78,7 @@ class GatedPixelCNN(ConvPrior):
         label_dim = config.filters if config.num_classes else 0
         self.layers = nn.ModuleList(
             GatedLayer(config.embed_dim if i == 0 else config.filters, config.filters,
-                       config.kernel, i == 0, label_dim, config.dropout)
+                       config.kernel, i == 0, label_dim, self.label_maps, config.dropout)
             for i in range(config.n_layers))
         self.out = nn.Sequential(nn.ReLU(), nn.Conv2d(config.filters, config.output_filters, 1),
                                  nn.ReLU(), nn.Conv2d(config.output_filters, self.head.out_dim, 1))

@@ -15,6 +15,7 @@ down_shift / right_shift of one row / column then makes "<=" strict. A masked co
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -142,6 +143,53 @@ class MaskedConv2d(nn.Conv2d):
         return F.linear(patch, cache["weight"], self.bias)[:, :, None, None]
 
 
+# labels
+
+@dataclass
+class Label:
+    """A class label as the layers take it: its vector (B, D), and its maps (B, M, rows, W) for
+    the rows the network computes (None: a model without label maps)."""
+    vector: torch.Tensor
+    maps: torch.Tensor = None
+
+    def rows(self, top, count):
+        """The label for rows top .. top + count - 1 of the grid (a row crop of the maps)."""
+        maps = self.maps[:, :, top:top + count] if self.maps is not None else None
+        return Label(self.vector, maps)
+
+    def padded(self, right, below):
+        """The label for the grid padded by `right` columns and `below` rows (PixelCNN++)."""
+        maps = F.pad(self.maps, (0, right, 0, below)) if self.maps is not None else None
+        return Label(self.vector, maps)
+
+    def at(self, row, col):
+        """The label for pixel (row, col) alone (PixelCNN's cached sampler)."""
+        maps = self.maps[:, :, row:row + 1, col:col + 1] if self.maps is not None else None
+        return Label(self.vector, maps)
+
+
+class LabelBias(nn.Linear):
+    """A layer's label term, added to its pre-activation (B, out, h, w): a per-channel bias
+    projected from the label's vector (this nn.Linear), plus a 1x1 projection of the label's
+    maps: a bias per class *and position*, so a class can say where ink goes, not only how
+    much. The maps hold no pixel, so any position may read them without breaking causality."""
+
+    def __init__(self, label_dim, map_channels, out_channels):
+        super().__init__(label_dim, out_channels)
+        self.map = nn.Conv2d(map_channels, out_channels, 1, bias=False) if map_channels else None
+
+    def forward(self, label, pre_activation):
+        """label: a Label; pre_activation: what the term is added to, (B, C, h, w), which sets
+        the resolution -> (B, out, h, w), or (B, out, 1, 1) without maps."""
+        out = super().forward(label.vector)[:, :, None, None]
+        if self.map is None:
+            return out
+        # a coarser scale of PixelCNN++ takes the map at each cell's top-left pixel (not a mean
+        # with the rows below, which a row-cropped grid pads with zeros)
+        step = label.maps.shape[3] // pre_activation.shape[3]
+        return out + self.map(label.maps[:, :, ::step, ::step])
+
+
 # blocks
 
 class GatedResnet(nn.Module):
@@ -150,22 +198,22 @@ class GatedResnet(nn.Module):
     causal convolution class of the stream (its field is the block's field); the optional
     `skip` input (a tensor of `skip_channels`) must have the same field or a narrower one."""
 
-    def __init__(self, filters, conv, skip_channels=0, label_dim=0, dropout=0.0):
+    def __init__(self, filters, conv, skip_channels=0, label_dim=0, label_maps=0, dropout=0.0):
         super().__init__()
         self.conv_in = conv(2 * filters, filters)
         self.skip = nn.Conv2d(2 * skip_channels, filters, 1) if skip_channels else None
         self.dropout = Dropout(dropout)
         self.conv_out = conv(2 * filters, 2 * filters)
-        self.label = nn.Linear(label_dim, 2 * filters) if label_dim else None
+        self.label = LabelBias(label_dim, label_maps, 2 * filters) if label_dim else None
 
     def forward(self, x, skip=None, label=None):
-        """x (B, F, H, W), skip (B, S, H, W) or None, label (B, label_dim) or None."""
+        """x (B, F, H, W), skip (B, S, H, W) or None, label (a Label) or None."""
         hidden = self.conv_in(concat_elu(x))
         if skip is not None:
             hidden = hidden + self.skip(concat_elu(skip))
         hidden = self.conv_out(self.dropout(concat_elu(hidden)))  # (B, 2F, H, W)
         if label is not None:
-            hidden = hidden + self.label(label)[:, :, None, None]
+            hidden = hidden + self.label(label, hidden)
         value, gate_ = hidden.chunk(2, 1)
         return x + value * torch.sigmoid(gate_)
 

@@ -4,7 +4,8 @@ A 7x7 type-A masked convolution (the centre pixel hidden) reads the pixels befor
 residual blocks of 1x1 -> 3x3 type-B masked -> 1x1 convolutions follow; two 1x1 layers map to
 the head's outputs. A masked convolution never reads the pixels up and to the right beyond its
 own kernel row, so stacking them leaves a blind spot (Gated PixelCNN removes it); kept here as
-the paper had it. With a label, every residual block adds its own projection of the label.
+the paper had it. With a label, every residual block adds its own projection of the label
+(a bias per channel, and one per position from the label maps: pixelcnn/layers.py LabelBias).
 """
 
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from core.config import field
 from core.errors import UserError
 from pixelcnn.base import ConvConfig, ConvPrior
-from pixelcnn.layers import MaskedConv2d
+from pixelcnn.layers import LabelBias, MaskedConv2d
 from priors.dropout import Dropout
 
 
@@ -38,12 +39,12 @@ class ResidualBlock(nn.Module):
     """x + 1x1(relu(masked3x3(relu(1x1(relu(x)))) + label)): the paper's block, halving the
     channels around the masked convolution."""
 
-    def __init__(self, filters, label_dim, dropout):
+    def __init__(self, filters, label_dim, label_maps, dropout):
         super().__init__()
         half = filters // 2
         self.reduce = nn.Conv2d(filters, half, 1)
         self.conv = MaskedConv2d(half, half, 3, "B")
-        self.label = nn.Linear(label_dim, half) if label_dim else None
+        self.label = LabelBias(label_dim, label_maps, half) if label_dim else None
         self.dropout = Dropout(dropout)
         self.expand = nn.Conv2d(half, filters, 1)
 
@@ -51,7 +52,7 @@ class ResidualBlock(nn.Module):
         """`conv`, when given, stands in for the masked convolution (the cached sampler's)."""
         hidden = (conv or self.conv)(F.relu(self.reduce(F.relu(x))))
         if label is not None:
-            hidden = hidden + self.label(label)[:, :, None, None]
+            hidden = hidden + self.label(label, hidden)
         return x + self.expand(self.dropout(F.relu(hidden)))
 
 
@@ -62,8 +63,10 @@ class PixelCNN(ConvPrior):
         super().__init__(config, label_dim=config.filters)
         label_dim = config.filters if config.num_classes else 0
         self.first = MaskedConv2d(config.embed_dim, config.filters, config.first_kernel, "A")
-        self.first_label = nn.Linear(label_dim, config.filters) if label_dim else None
-        self.blocks = nn.ModuleList(ResidualBlock(config.filters, label_dim, config.dropout)
+        self.first_label = (LabelBias(label_dim, self.label_maps, config.filters)
+                            if label_dim else None)
+        self.blocks = nn.ModuleList(ResidualBlock(config.filters, label_dim, self.label_maps,
+                                                  config.dropout)
                                     for _ in range(config.n_layers))
         self.out = nn.Sequential(nn.ReLU(), nn.Conv2d(config.filters, config.output_filters, 1),
                                  nn.ReLU(), nn.Conv2d(config.output_filters, self.head.out_dim, 1))
@@ -77,7 +80,7 @@ class PixelCNN(ConvPrior):
         """Everything after the first convolution; convs[k], when given, runs block k's masked
         convolution."""
         if label is not None:
-            x = x + self.first_label(label)[:, :, None, None]
+            x = x + self.first_label(label, x)
         for k, block in enumerate(self.blocks):
             x = block(x, label=label, conv=convs[k] if convs else None)
         return self.out(x)
@@ -89,7 +92,7 @@ class PixelCNN(ConvPrior):
 
     def begin(self, batch, labels):
         convs = [self.first, *(block.conv for block in self.blocks)]
-        return {"label": self.label_vector(labels),
+        return {"label": self.label_of(labels),
                 "caches": [conv.new_cache(batch, self.height, self.width) for conv in convs]}
 
     def step(self, state, p, tokens):
@@ -101,7 +104,8 @@ class PixelCNN(ConvPrior):
         x = self.first.at(first_cache, row, col)  # (B, F, 1, 1): type A, pixels before p
         convs = [partial(block.conv.at, cache, row, col)
                  for block, cache in zip(self.blocks, block_caches)]
-        return self.layers_after_first(x, state["label"], convs)[:, :, 0, 0]
+        label = state["label"].at(row, col) if state["label"] is not None else None
+        return self.layers_after_first(x, label, convs)[:, :, 0, 0]
 
 
 # the registry's names (priors/__init__.py)

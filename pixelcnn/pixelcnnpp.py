@@ -11,7 +11,9 @@ a `u` block the kept `u`, a `ul` block the new `u` together with the kept `ul`. 
 (a `u` block fed `ul`) lets `u` read the current row, and the model sees the pixel it predicts;
 tests/test_pixelcnn.py checks each stream's field at every block.
 
-With a label, every gated resnet block adds its own projection of it before the gate.
+With a label, every gated resnet block adds its own projection of it before the gate (a bias
+per channel, and one per position from the label maps, at a coarser scale the map of each
+cell's top-left pixel: pixelcnn/layers.py LabelBias).
 """
 
 from dataclasses import dataclass
@@ -50,7 +52,8 @@ class PixelCNNPP(ConvPrior):
         super().__init__(config, label_dim=config.filters)
         f, scales = config.filters, config.n_scales
         label_dim = f if config.num_classes else 0
-        block = partial(GatedResnet, f, label_dim=label_dim, dropout=config.dropout)
+        block = partial(GatedResnet, f, label_dim=label_dim, label_maps=self.label_maps,
+                        dropout=config.dropout)
         u_block = partial(block, DownShiftedConv2d)
         ul_block = partial(block, DownRightShiftedConv2d)
         # first features, shifted after the convolution: u reads the two rows above (2 x 3),
@@ -80,6 +83,8 @@ class PixelCNNPP(ConvPrior):
         # pad below and to the right (after every real pixel in raster order, so nothing real
         # reads them) up to a size that halves evenly at every scale
         x = F.pad(x, (0, -cols % self.multiple, 0, -rows % self.multiple))
+        if label is not None:
+            label = label.padded(-cols % self.multiple, -rows % self.multiple)
         n_resnet, scales = self.config.n_resnet, self.config.n_scales
 
         # up pass: keep every output for the down pass

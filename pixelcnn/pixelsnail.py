@@ -7,7 +7,8 @@ mixing the attention's output in]. Convolutions give the local detail, attention
 receptive field. Queries come from the stream and the pixel's position (coordinates and a
 learned vector); keys and values also from the input pixels themselves, so a pixel attends
 strictly to earlier pixels, never to itself (pixelcnn/layers.py CausalAttention). With a
-label, every gated resnet block adds its own projection of it before the gate.
+label, every gated resnet block adds its own projection of it before the gate (a bias per
+channel, and one per position from the label maps: pixelcnn/layers.py LabelBias).
 
 `up_stream` (default on) adds PixelCNN++'s stream of the rows above (2x3 convolutions) and
 feeds it into each 2x2 block, as PixelCNN++'s up pass does: the published models ran the
@@ -64,7 +65,8 @@ class PixelSNAIL(ConvPrior):
         super().__init__(config, label_dim=config.filters)
         f = config.filters
         label_dim = f if config.num_classes else 0
-        block = partial(GatedResnet, f, label_dim=label_dim, dropout=config.dropout)
+        block = partial(GatedResnet, f, label_dim=label_dim, label_maps=self.label_maps,
+                        dropout=config.dropout)
         # the stream's first features: the row above (1 x 3) and the pixel left (2 x 1), shifted
         e = config.embed_dim
         self.start_above = DownShiftedConv2d(e, f, (1, 3))

@@ -10,7 +10,7 @@ is one line here.
 import dataclasses
 
 from core import registry
-from core.config import build as build_config
+from core.config import build as build_config, from_record
 from core.errors import UserError
 from priors.settings import SamplingConfig
 
@@ -76,19 +76,20 @@ def sampling_settings(name, settings, where="--{}", kind=None):
     return config
 
 
-def build(name, config_dict):
+def build(name, config_dict, recorded=False):
     """A fresh model of family `name` from a config dict (unknown keys are ignored, missing
-    ones take their defaults, so checkpoints from older versions still load)."""
+    ones take their defaults). recorded: the dict is a checkpoint's, perhaps from an older
+    version: a field it lacks takes the value it had then (core.config.from_record)."""
     module = family(name)
-    model = module.Model(build_config(module.Config, config_dict))
-    return model
+    make = from_record if recorded else build_config
+    return module.Model(make(module.Config, config_dict))
 
 
 def from_checkpoint(checkpoint, averaged=True):
     """Rebuild a prior from a checkpoint dict alone, with its averaged (EMA) weights when it
     has them and `averaged`; in eval mode."""
     name = checkpoint.get("family", "gpt")  # checkpoints before the registry were all GPTs
-    model = build(name, checkpoint["config"])
+    model = build(name, checkpoint["config"], recorded=True)
     weights = checkpoint.get("ema") if averaged and checkpoint.get("ema") else checkpoint["model"]
     model.load_state_dict(weights)
     return model.eval()

@@ -1,8 +1,10 @@
 """The convolutional priors (pixelcnn/): masking proven by changing pixels, the gated stack
 without a blind spot, PixelCNN++'s two streams, PixelSNAIL's strictly causal attention, labels
-reaching every block, normalised likelihoods, the exact row-cropped sampler. Tiny models in
-float64 on the CPU (so an output that does not read a pixel is bit-for-bit unchanged)."""
+reaching every block at every position, checkpoints from before the label maps, normalised
+likelihoods, the exact row-cropped sampler. Tiny models in float64 on the CPU (so an output
+that does not read a pixel is bit-for-bit unchanged)."""
 
+import dataclasses
 import itertools
 import tempfile
 from functools import partial
@@ -13,10 +15,11 @@ import torch
 
 import priors
 from pipeline.codes import load_run_codes
+from core.config import from_record
 from core.errors import UserError
 from pixelcnn.base import ConvPrior
 from pixelcnn.gated_pixelcnn import GatedLayer
-from pixelcnn.layers import CausalAttention, GatedResnet
+from pixelcnn.layers import CausalAttention, GatedResnet, LabelBias
 from pixelcnn.pixelcnn import ResidualBlock
 
 FAMILIES = ["pixelcnn", "gated_pixelcnn", "pixelcnnpp", "pixelsnail"]
@@ -183,8 +186,10 @@ BLOCKS = (ResidualBlock, GatedLayer, GatedResnet)
 def test_every_block_reads_the_label_itself(name):
     """Each residual / gated block, given the same inputs, changes its output at every
     position with the label: the label reaches every block directly, not only through the
-    first layer. (A model that added the class vector to its input only would fail.)"""
-    model = tiny(name, num_classes=3)
+    first layer. (A model that added the class vector to its input only would fail.) PixelCNN
+    is wider here: with 4 channels at its ReLU, a position may have all of them shut for two
+    labels."""
+    model = tiny(name, num_classes=3, **({"filters": 16} if name == "pixelcnn" else {}))
     blocks = [m for m in model.modules() if isinstance(m, BLOCKS)]
     expected = {"pixelcnn": 2, "gated_pixelcnn": 3, "pixelcnnpp": 4 + 2 * (1 + 2),
                 "pixelsnail": 2 * (1 + 1 + 1)}[name]
@@ -210,6 +215,56 @@ def test_every_block_reads_the_label_itself(name):
                 assert (out_a - out_b).abs().flatten(2).amax(1).min() > 0, (block, a, b)
     for a, b in itertools.combinations(outs, 2):  # and every pixel's output, the first included
         assert (a - b).abs().amax(-1).min() > 1e-6
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_layer_adds_a_label_term_that_varies_by_position(name):
+    """Every layer's label term (LabelBias) is used in the forward pass, differs between labels
+    at every position, and, from the label maps, between positions for one label: a per-channel
+    bias alone (--label_maps 0) is the same at every position."""
+    model = tiny(name, num_classes=3)
+    terms = [m for m in model.modules() if isinstance(m, LabelBias)]
+    blocks = [m for m in model.modules() if isinstance(m, BLOCKS)]
+    assert len(terms) == len(blocks) + (name == "pixelcnn")  # PixelCNN's first layer too
+    seen = {}
+    hooks = [t.register_forward_hook(lambda m, args, out: seen.setdefault(m, []).append(out))
+             for t in terms]
+    tokens = torch.randint(8, (1, 5, 6), generator=torch.Generator().manual_seed(0))
+    for label in (0, 1, 3):  # 3: the null label
+        model(tokens, torch.tensor([label]))
+    for hook in hooks:
+        hook.remove()
+    for term in terms:
+        outs = seen[term]  # one (1, C, h, w) term per label
+        assert len(outs) == 3
+        for a, b in itertools.combinations(outs, 2):
+            assert (a - b).abs().amax(1).min() > 0, term
+        assert (outs[0] - outs[0][..., :1, :1]).abs().amax() > 0  # not one bias everywhere
+    bias_only = tiny(name, num_classes=3, label_maps=0)
+    assert all(t.map is None for t in bias_only.modules() if isinstance(t, LabelBias))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_checkpoint_from_before_label_maps_loads_and_computes_as_before(name, tmp_path):
+    """A checkpoint written before --label_maps (its config lacks the field, its weights the
+    maps) loads weights-only as the model it was, without maps, and gives the same outputs and
+    samples; a resume rebuilds that model too (its optimizer state fits)."""
+    old = tiny(name, num_classes=3, label_maps=0)  # the layout before the maps
+    config = dataclasses.asdict(old.config)
+    del config["label_maps"]
+    torch.save({"family": name, "config": config, "model": old.state_dict()}, tmp_path / "old.pt")
+    loaded = priors.from_checkpoint(torch.load(tmp_path / "old.pt", weights_only=True))
+    assert loaded.config.label_maps == 0 and loaded.label_map is None  # not today's default
+    assert from_record(type(old.config), config).label_maps == 0
+    assert tiny(name, num_classes=3).label_map is not None  # a new model has them
+    loaded = loaded.double()
+    tokens = torch.randint(8, (2, 5, 6), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2])
+    torch.testing.assert_close(loaded(tokens, labels)[0], old(tokens, labels)[0],
+                               atol=1e-12, rtol=0)
+    draw = lambda m: m.sample(2, labels=labels, guidance=2.0,
+                              generator=torch.Generator().manual_seed(1))
+    assert torch.equal(draw(loaded), draw(old))
 
 
 # likelihoods
