@@ -3,6 +3,7 @@
     python -m pipeline demo                                # in some folder, e.g. /tmp/demo
     python docs/screenshots.py --store /tmp/demo           # -> docs/screenshots/*.png
     python docs/screenshots.py --store /tmp/demo --registered_model NAME   # + its page
+    python docs/screenshots.py --store /tmp/demo --heldout demo_data/heldout.csv  # + Models tab
 
 `--store` is the folder the pipeline ran in (its mlflow.db and mlruns/); the script starts
 `mlflow ui` on 127.0.0.1 against it, opens the pages in Chromium through Playwright, in MLflow's
@@ -14,8 +15,8 @@ Model training view, and writes:
                           opens (step 0, before training), and enlarged at the last step
     prior_samples.png     the same of the prior run's `training_samples` card, where it has one
                           (`--prior.sample_every`)
-    models_tab.png        the experiment's Models tab: its logged models and their linked
-                          metrics, sorted by quality/fd_ratio
+    models_tab.png        with --heldout: the experiment's Models tab, its logged models with
+                          their figures on that held-out data set
     registered_model.png  with --registered_model: that model's page
 
 Needs what neither the pipeline nor the tests need (docs/requirements-screenshots.txt):
@@ -44,6 +45,9 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 # MLflow 3.17 keeps its GenAI / Model training switch in the browser; this parameter sets it.
 ML_VIEW = "workflowType=machine_learning"
 WIDTH = 1600
+# the held-out figures the Models tab shows
+MODEL_METRICS = ("quality/fd_ratio", "quality/precision", "quality/recall",
+                 "quality/classifier_confidence", "quality/label_agreement")
 SETTLE_MS = 2500  # after the page's text is there, for images and charts to draw
 
 
@@ -106,7 +110,10 @@ def find_runs(tracking_uri, experiment):
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         sys.exit(f"error: experiment '{experiment}' has no VQ-VAE run")
-    priors = client.search_runs([found.experiment_id], "tags.`pipeline.stage` = 'prior'",
+    # the prior of the same pipeline run as that VQ-VAE, else the newest
+    parent = runs[0].data.tags.get("mlflow.parentRunId")
+    same = f" AND tags.`mlflow.parentRunId` = '{parent}'" if parent else ""
+    priors = client.search_runs([found.experiment_id], "tags.`pipeline.stage` = 'prior'" + same,
                                 order_by=["attributes.start_time DESC"], max_results=1)
     return found.experiment_id, runs[0], priors[0] if priors else None
 
@@ -216,16 +223,38 @@ def shoot_slider(browser, experiment_id, run, key, name):
     print(path)
 
 
-def shoot_models_tab(browser, experiment_id, metric):
-    """The experiment's Models tab: its logged models with their linked metrics, the best by
-    `metric` first."""
+def shoot_models_tab(browser, experiment_id, dataset, metrics):
+    """The experiment's Models tab: its logged models with their figures on the held-out
+    `dataset` (the name its column group shows) — only `metrics` of them, and fewer attribute
+    columns, so that the figures fit beside the models' names and versions."""
     page = browser.page
     browser.open(f"/experiments/{experiment_id}/models", "Models", height=700)
-    header = page.locator(".ag-header-cell", has=page.get_by_text(metric, exact=True))
-    if header.count():  # sort by the metric (one click: ascending, the best FD ratio first)
-        header.first.click()
-        page.wait_for_timeout(SETTLE_MS)
-    browser.save("models_tab.png", clip=main_panel(page, 520))
+    page.get_by_text("Columns", exact=True).first.click()
+    tree = page.locator(".du-bois-light-tree").first
+    tree.wait_for()
+
+    def node(title):
+        return tree.locator(".du-bois-light-tree-treenode",
+                            has=page.locator(".du-bois-light-tree-title", has_text=title)).first
+
+    def toggle(title):
+        node(title).locator(".du-bois-light-tree-checkbox").click()
+        page.wait_for_timeout(300)
+
+    for title in ("Status", "Logged from", "Dataset", "No dataset", "Parameters"):
+        toggle(title)
+    for other in tree.locator(".du-bois-light-tree-title", has_text="Dataset: ").all_inner_texts():
+        if not other.startswith(f"Dataset: {dataset}"):
+            toggle(other)
+    toggle(f"Dataset: {dataset}")  # all of its metrics off, then the chosen ones on
+    node(f"Dataset: {dataset}").locator(".du-bois-light-tree-switcher").click()
+    page.wait_for_timeout(500)
+    for metric in metrics:
+        toggle(metric)
+    page.keyboard.press("Escape")
+    page.mouse.click(5, 690)
+    page.wait_for_timeout(SETTLE_MS)
+    browser.save("models_tab.png", clip=main_panel(page, 330))
 
 
 def shoot_registered_model(browser, name):
@@ -242,6 +271,9 @@ def main(argv=None):
     parser.add_argument("--experiment", default="Default")
     parser.add_argument("--out", default=str(Path(__file__).parent / "screenshots"))
     parser.add_argument("--registered_model", help="also shoot this registered model's page")
+    parser.add_argument("--heldout", help="also shoot the Models tab, with the figures on this "
+                                          "held-out data set (as its name shows there, e.g. "
+                                          "demo_data/heldout.csv)")
     args = parser.parse_args(argv)
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import sync_playwright
@@ -265,7 +297,8 @@ def main(argv=None):
             if prior_run is not None and has_step_images(prior_run, "training_samples"):
                 shoot_slider(browser, experiment_id, prior_run, "training_samples",
                              "prior_samples.png")
-            shoot_models_tab(browser, experiment_id, "quality/fd_ratio")
+            if args.heldout:
+                shoot_models_tab(browser, experiment_id, args.heldout, MODEL_METRICS)
             if args.registered_model:
                 shoot_registered_model(browser, args.registered_model)
             browser.context.close()
