@@ -175,9 +175,15 @@ def log_classifier(probe_run_id, classifier, prior, register=None, summary=None)
         save_checkpoint(tuned, tmp / "prior.pt")
         save_checkpoint(head, tmp / "classifier.pt")
         tokenizer = _download_checkpoint(prior.tokenizer_run_id, tmp / "tokenizer")
+        # created in the probe run's experiment: Model.log alone would put it in the
+        # process's current experiment (Default), away from the run's Models tab
+        model = tracking.client().create_logged_model(
+            tracking.client().get_run(probe_run_id).info.experiment_id, MODEL_NAME,
+            probe_run_id)
         with warnings.catch_warnings():  # MLflow's advice on type hints and input examples
             warnings.simplefilter("ignore", UserWarning)
             info = Model.log(None, mlflow.pyfunc, name=MODEL_NAME, run_id=probe_run_id,
+                             model_id=model.model_id,
                              python_model=str(ROOT / "pipeline" / "classifier_model.py"),
                              artifacts={"prior": str(tmp / "prior.pt"),
                                         "classifier": str(tmp / "classifier.pt"),

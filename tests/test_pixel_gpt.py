@@ -174,9 +174,13 @@ def test_the_classifier_model_round_trips_through_pyfunc(stripes_prior, capsys):
     tokenizer = prior.tokenizer()
     torch.manual_seed(0)  # any head will do: the model must give what the objects give
     classifier = Classifier(prior.model, PooledClassifier(32, 3), ["a", "b", "c"], tokenizer)
-    run_id = tracking.create_run("probe")
+    run_id = tracking.create_run("probe", experiment="probes elsewhere")
     uri, _ = log_classifier(run_id, classifier, prior)
     tracking.end_run(run_id, "FINISHED")
+    # the model sits beside its run, in the run's experiment (not the process's Default)
+    logged = tracking.client().get_logged_model(uri.split("/")[-1])
+    assert logged.experiment_id == tracking.client().get_run(run_id).info.experiment_id
+    assert logged.source_run_id == run_id
     heldout = stripes_prior["heldout"]
     images, _ = read_labelled(heldout, tokenizer)
     expected = classifier.probabilities(images)  # (15, 3)
