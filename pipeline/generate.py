@@ -281,6 +281,11 @@ def tone_key(settings, count):
                                      sort_keys=True).encode()).hexdigest()[:16]
 
 
+def tone_path(settings, count):
+    """Where a prior run keeps its tone curve for these settings and calibration count."""
+    return f"tone/{tone_key(settings, count)}.json"
+
+
 def prior_tone(prior, tokenizer, settings, count=TONE_SAMPLES, batch_size=None, progress=True):
     """The prior's tone curve for these settings: fitted by the first generation that asks for
     it (calibrate_tone, with progress bars unless progress=False) and kept on the prior run as
@@ -288,7 +293,7 @@ def prior_tone(prior, tokenizer, settings, count=TONE_SAMPLES, batch_size=None, 
     not per request."""
     if not tone_applies(tokenizer, settings, count):
         return None
-    path = f"tone/{tone_key(settings, count)}.json"
+    path = tone_path(settings, count)
     if path in tracking.list_artifacts(prior.run_id, "tone"):
         return ToneCurve.from_dict(tracking.load_json_artifact(prior.run_id, path)["curve"])
     start = time.perf_counter()
@@ -341,9 +346,14 @@ def generate(run_id, num_samples=64, batch_size=None, seed=0, out_dir=None, no_d
     seconds = time.perf_counter() - start
     print(f"sampled {num_samples} grids ({codes[0].numel()} tokens each) in {seconds:.2f} s: "
           f"{codes.numel() / seconds:.0f} tokens/s ({prior.precision})", file=sys.stderr)
-    if time_limit_s is not None and tone_samples:
+    if (time_limit_s is not None and tokenizer is not None
+            and tone_applies(tokenizer, drawn, tone_samples)
+            and tone_path(drawn, tone_samples)
+            not in tracking.list_artifacts(prior.run_id, "tone")):
+        # a calibration draw to pay for (none kept for these settings): as much as fits
         left_s = max(0.0, time_limit_s - seconds)
-        fit = int(left_s * num_samples / seconds) // TONE_BATCH * TONE_BATCH
+        fit = int(left_s * num_samples / seconds)
+        fit = fit // TONE_BATCH * TONE_BATCH if fit > TONE_BATCH else fit
         if fit < tone_samples:
             print(f"tone matching: {fit or 'no'} calibration grids of {tone_samples} fit in the "
                   f"{left_s:.0f} s left to it", file=sys.stderr)

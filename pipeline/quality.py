@@ -46,6 +46,7 @@ one piece; above that, BLAS may round a distance differently in its last bit.
 """
 
 import contextlib
+import hashlib
 import math
 
 import numpy as np
@@ -370,8 +371,20 @@ class QualityReference:
         self.heldout_stats = gaussian_stats(self.heldout_features)
         self.heldout_radii = knn_radii(self.heldout_features)
         self.heldout_nn = nearest_distances(self.heldout, self.train)
+        self.fingerprint = self._fingerprint(train_labels)
         self._real = {}  # n -> figures of n real training images (the reference)
         self._train_embedding = None
+
+    def _fingerprint(self, train_labels):
+        """A digest of what the figures depend on besides the samples: the held-out and the
+        training images, the labels, the feature space and the seed. Two figures compare only
+        when it is the same (pipeline/ranking.py)."""
+        digest = hashlib.sha256()
+        for array in (self.heldout, self.train):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(repr((list(map(str, train_labels)) if train_labels is not None else None,
+                            self.feature_space, self.seed)).encode())
+        return digest.hexdigest()[:16]
 
     def _random_features(self, images):
         return np.concatenate([random_features(as_unit(images[span]), seed=self.seed)

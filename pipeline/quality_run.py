@@ -86,7 +86,8 @@ def judge(run_id, heldout_csv, num_samples=None, draws=None, seed=None, settings
     command = " ".join(["python -m pipeline quality", "--run_id", run_id, "--path_to_data",
                         str(heldout_csv)])
     eval_run = log_evaluation(prior, figures, params, heldout_input, command,
-                              f"`{heldout_csv}` (under *Datasets*)", experiment)
+                              f"`{heldout_csv}` (under *Datasets*)", experiment,
+                              reference=reference.fingerprint)
     return eval_run, figures
 
 

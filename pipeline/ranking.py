@@ -2,32 +2,35 @@
 that moves `@champion` in the Model Registry.
 
 The rule (`decide`): a new version takes `@champion` only when its FD ratio (FIGURE) on the
-held-out data is lower than the champion's on the *same* held-out data, i.e. the same MLflow
-dataset digest; otherwise it becomes `@challenger`. Why the FD ratio: it is the one figure that
+held-out data is lower than the champion's judged by the *same* reference: the same held-out
+data (MLflow dataset digest) and the same training images, labels and feature space (the
+QualityReference's fingerprint, tag REFERENCE_TAG on the run that linked the figure), which
+the FD ratio's denominator and features depend on; otherwise it becomes `@challenger`. Why the FD ratio: it is the one figure that
 sums up both realism and variety (precision and recall each see one side), lower is better, and
 it divides the samples' Fréchet distance to the held-out images by that of real training images
 to the same held-out images, so it keeps its meaning when two versions' tokenizers saw other
 training rows; it is the figure the presets were compared by (pipeline/run.py). Why the same
-digest: a figure on other held-out images, or another split of them, measures another thing.
+reference: a figure on other held-out images, or judged in another feature space, measures
+another thing.
 A tie does not move it: the champion keeps its alias unless it is beaten.
 
 The cases (`place`): no @champion yet, the new version takes it; the same logged model as the
 champion (a reused prior registered again), it takes it too, nothing changes but the version;
 no quality step (`train.py --register`), nothing to compare, so @challenger; a champion whose
-images cannot be judged on these held-out images (another size or channels: other data),
-@challenger.
+images cannot be judged on these held-out images (another size or channels: other data), or
+that cannot be judged at all (its run or checkpoints gone), @challenger, with a warning. The
+alias is decided before the version is registered, so a failure leaves no version without one.
 
 The figures a model is compared by are the metrics linked to its logged model (MLflow 3 keeps
 them with their dataset's name and digest): the one command links its quality figures there
-(`link_figures`), as does `python -m pipeline quality`. A champion without a figure on this
-held-out data is judged on the spot (`HeldOut.judge`: its own sampling settings, this run's
+(`link_figures`), as does `python -m pipeline quality`. A champion without a figure judged by
+this reference is judged on the spot (`HeldOut.judge`: its own sampling settings, this run's
 number of samples and draws, the very same reference), and the figure is kept in an evaluation
 run linked to its model, so the next comparison finds it.
 """
 
 import dataclasses
 import sys
-import time
 
 import priors
 from core.config import field_type
@@ -40,6 +43,8 @@ FIGURE_NAME = "FD ratio"
 CHAMPION, CHALLENGER = "champion", "challenger"
 STAGE = "quality"  # the stage of an evaluation run
 PRIOR_RUN_TAG = "pipeline.prior_run_id"
+# on a run that links figures: the fingerprint of the QualityReference they were judged by
+REFERENCE_TAG = "quality.reference"
 
 
 # a prior's figures against a reference
@@ -85,33 +90,39 @@ def draw_figures(prior, reference, chosen, num_samples, draws, seed, tokenizer=N
 
 
 def logged_model_id(run_id):
-    """The id of the newest generator model a prior run logged (None when it logged none)."""
+    """The id of the newest complete (READY) model a prior run logged; None when it logged
+    none (a model whose logging failed or was cut short is FAILED or PENDING: not served)."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.exceptions import MlflowException
     try:
         models = tracking.client().search_logged_models(
             experiment_ids=[tracking.client().get_run(run_id).info.experiment_id],
             filter_string=f"source_run_id = '{run_id}'",
-            order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1)
-    except Exception:  # a store without logged models (an old server): nothing to link
+            order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+    except MlflowException:  # a store without logged models (an old server): nothing to link
         return None
-    return models[0].model_id if models else None
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    return ready[0].model_id if ready else None
 
 
-def link_figures(run_id, metrics, dataset, model_id=None, step=0):
+def link_figures(run_id, metrics, dataset, model_id=None, step=0, reference=None):
     """Log `metrics` on `run_id` naming the held-out `dataset` (an MLflow Dataset) and, when
-    there is one, the logged model they judge: the Models tab then shows them on that model."""
-    from mlflow.entities import Metric
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step, model_id=model_id, dataset_name=dataset.name,
-                    dataset_digest=dataset.digest) for k, v in sorted(metrics.items())]
-    tracking.client().log_batch(run_id, metrics=items)
+    there is one, the logged model they judge: the Models tab then shows them on that model.
+    reference: the QualityReference's fingerprint they were judged by, tagged on the run (a
+    figure compares only with figures of the same reference: figure_of)."""
+    tracking.log_metrics(run_id, metrics, step, model_id, dataset)
+    if reference:
+        tracking.client().set_tag(run_id, REFERENCE_TAG, reference)
 
 
-def log_evaluation(prior, figures, params, heldout_input, command, data, experiment=None):
+def log_evaluation(prior, figures, params, heldout_input, command, data, experiment=None,
+                   model_id=None, reference=None):
     """An evaluation run (stage `quality`, tag pipeline.prior_run_id) holding a prior's figures
-    against held-out images: its inputs are the held-out dataset and the prior's logged model,
-    its metrics (quality/*, ceiling/*) are linked to both. -> the run id."""
+    against held-out images: its inputs are the held-out dataset and the prior's logged model
+    (`model_id`, else the newest its run logged), its metrics (quality/*, ceiling/*) are linked
+    to both; reference: as link_figures. -> the run id."""
     from mlflow.entities import LoggedModelInput
-    model_id = logged_model_id(prior.run_id)
+    model_id = model_id or logged_model_id(prior.run_id)
     note = describe.description(
         f"Quality of prior run `{prior.run_id}` ({prior.family}) against held-out images",
         command=command, data=data)
@@ -127,7 +138,7 @@ def log_evaluation(prior, figures, params, heldout_input, command, data, experim
         # named as the one command names them on its pipeline run
         metrics = {(k if k.startswith("ceiling/") else f"quality/{k}"): v
                    for k, v in figures.items() if isinstance(v, (int, float))}
-        link_figures(run_id, metrics, heldout_input.dataset, model_id)
+        link_figures(run_id, metrics, heldout_input.dataset, model_id, reference=reference)
         tracking.log_json(run_id, figures, "quality.json")
         status = "FINISHED"
     finally:
@@ -154,12 +165,16 @@ def decide(new, champion, has_champion=True):
     return CHALLENGER, f"{FIGURE_NAME} {new:.4f} does not beat the champion's {champion:.4f}"
 
 
-def figure_of(model_id, dataset_digest):
-    """The newest FIGURE linked to a logged model on the held-out dataset with this digest."""
+def figure_of(model_id, dataset_digest, reference):
+    """The newest FIGURE linked to a logged model on the held-out dataset with this digest,
+    judged by the same QualityReference (`reference`, its fingerprint: the same training
+    images, labels and feature space, which the FD ratio also depends on)."""
     if not model_id:
         return None
-    metrics = [m for m in tracking.client().get_logged_model(model_id).metrics or []
-               if m.key == FIGURE and m.dataset_digest == dataset_digest]
+    client = tracking.client()
+    metrics = [m for m in client.get_logged_model(model_id).metrics or []
+               if m.key == FIGURE and m.dataset_digest == dataset_digest and m.run_id
+               and client.get_run(m.run_id).data.tags.get(REFERENCE_TAG) == reference]
     return max(metrics, key=lambda m: m.timestamp).value if metrics else None
 
 
@@ -181,11 +196,11 @@ class HeldOut:
     def digest(self):
         return self.dataset_input.dataset.digest
 
-    def judge(self, prior_run_id):
+    def judge(self, prior_run_id, model_id):
         """The FIGURE of another prior on this reference, drawn with the sampling settings of
         its own pipeline run (its best ones) and this run's number of samples and draws (FD
-        grows as the sample shrinks), kept in an evaluation run linked to its model; None when
-        its images are not of the held-out images' size or channels."""
+        grows as the sample shrinks), kept in an evaluation run linked to its logged model
+        `model_id`; None when its images are not of the held-out images' size or channels."""
         from pipeline.device import pick_device
         prior = LoadedPrior(prior_run_id, pick_device(), precision=self.precision)
         if not prior.tokenizer_run_id:
@@ -207,7 +222,8 @@ class HeldOut:
         log_evaluation(prior, figures, params, self.dataset_input,
                        command=describe.process_command(),
                        data=f"`{self.dataset_input.dataset.name}` (under *Datasets*), judged "
-                            f"to rank it against a new version", experiment=self.experiment)
+                            f"to rank it against a new version", experiment=self.experiment,
+                       model_id=model_id, reference=self.reference.fingerprint)
         return figures["fd_ratio"]
 
 
@@ -236,7 +252,12 @@ def place(name, model_id, heldout=None):
         return CHAMPION, "the same model as the champion", champion.version
     if heldout is None:
         return (*decide(None, None), champion.version)
-    old = figure_of(version_model_id(champion), heldout.digest)
+    champion_model = version_model_id(champion)
+    old = figure_of(champion_model, heldout.digest, heldout.reference.fingerprint)
     if old is None and champion.run_id:
-        old = heldout.judge(champion.run_id)
+        try:
+            old = heldout.judge(champion.run_id, champion_model)
+        except Exception as e:  # its run or checkpoints gone, not a prior, ...: not judged
+            print(f"warning: the champion (version {champion.version}) could not be judged: "
+                  f"{tracking.describe_error(e)}", file=sys.stderr)
     return (*decide(heldout.figure, old), champion.version)

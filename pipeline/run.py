@@ -324,6 +324,8 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
     if quality_draws < 1:
         raise UserError(f"--quality_draws must be at least 1, got {quality_draws}")
     budget = TimeBudget(minutes) if minutes is not None else None  # the clock starts here
+    if system_metrics:
+        tracking.require_psutil()  # before any run is created
     budget_key = (budget.key(),) if budget else ()
     kind = image_tokenizers.kind(tokenizer)  # an unknown kind fails before any run is created
     train_config, train_tokenizer = tokenizer_trainer(tokenizer)
@@ -379,7 +381,8 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
         tok_key = stage_key(tokenizer, csv_hash, tok_model,
                             {k: v for k, v in tok_train.items()
                              if k not in ("path_to_data", "experiment")},
-                            *precision_key(resolved["tokenizer"]), *budget_key)
+                            *precision_key(resolved["tokenizer"]),
+                            *(budget_key if has_field(train_config, "max_minutes") else ()))
         if budget and has_field(train_config, "max_minutes") and "max_minutes" not in tok_train:
             tok_train["max_minutes"] = budget.tokenizer_minutes()
         tok_train["precision"] = precision  # (not keyed as given: auto may mean either)
@@ -494,7 +497,8 @@ def run_pipeline(path_to_data, out_dir, preset="small", overrides=None, experime
                 drawn.seed, precision, experiment))
         # the figures name that data set and the prior's logged model: the Models tab ranks
         judged = {k: v for k, v in metrics.items() if k.startswith(("quality/", "ceiling/"))}
-        link_figures(parent, judged, judged_input.dataset, logged_model_id(prior_run))
+        link_figures(parent, judged, judged_input.dataset, logged_model_id(prior_run),
+                     reference=reference.fingerprint)
         tracking.log_metrics(parent, {**{k: v for k, v in metrics.items() if k not in judged},
                                       **{f"time/{k}": v for k, v in timings.items()}}, step=0)
         tracking.client().set_tag(parent, tracking.TOKENIZER_RUN_TAG, tok_run)

@@ -485,12 +485,12 @@ def register_prior(prior_run_id, name, heldout=None):
     client = tracking.client()
     run = tracking.get_run(prior_run_id, "prior")
     model_id = ranking.logged_model_id(prior_run_id)
-    if model_id:
-        version = mlflow.register_model(f"models:/{model_id}", name).version
-    else:
-        version = log_generator(prior_run_id, name)[1]
-        model_id = ranking.version_model_id(client.get_model_version(name, str(version)))
+    if not model_id:
+        model_id = log_generator(prior_run_id)[0][len("models:/"):]
+    # the alias is decided before the version exists: a failure here leaves no version
+    # without an alias
     alias, why, champion = ranking.place(name, model_id, heldout)
+    version = mlflow.register_model(f"models:/{model_id}", name).version
     client.set_registered_model_alias(name, alias, str(version))
     describe_version(client, name, version, run)
     against = f" (against @champion, version {champion})" if champion else ""

@@ -316,11 +316,15 @@ def load_json_artifact(run_id, artifact_path, flag="--run_id"):
             raise UserError(f"{flag} {run_id}: artifact '{artifact_path}' is not valid JSON")
 
 
-def log_metrics(run_id, metrics, step):
-    """Log a dict of metrics at `step` now, in one call (for one-off summaries, not training)."""
+def log_metrics(run_id, metrics, step, model_id=None, dataset=None):
+    """Log a dict of metrics at `step` now, in one call (for one-off summaries, not training);
+    linked to a logged model and naming an MLflow Dataset when given (the Models tab's figures;
+    MLflow's SQL store keeps the dataset only on metrics linked to a model)."""
     from mlflow.entities import Metric
     now_ms = int(time.time() * 1000)
-    items = [Metric(k, float(v), now_ms, int(step)) for k, v in metrics.items()]
+    named = {"dataset_name": dataset.name, "dataset_digest": dataset.digest} if dataset else {}
+    items = [Metric(k, float(v), now_ms, int(step), model_id=model_id, **named)
+             for k, v in sorted(metrics.items())]
     _with_retries(lambda: client().log_batch(run_id, metrics=items), f"log metrics to run {run_id}")
 
 

@@ -74,8 +74,16 @@ def registered(csv, out, *flags):
     return json.loads((out / "summary.json").read_text())
 
 
-def linked_figure(summary, digest):
-    return ranking.figure_of(ranking.logged_model_id(summary["prior_run_id"]), digest)
+def linked_figure(summary, digest, judged_by=None):
+    """The FD ratio linked to a pipeline run's prior's model on `digest`, as judged by the
+    reference of that run (or of the run `judged_by`)."""
+    return ranking.figure_of(ranking.logged_model_id(summary["prior_run_id"]), digest,
+                             reference_of(judged_by or summary))
+
+
+def reference_of(summary):
+    """The fingerprint of the QualityReference a pipeline run judged its prior by."""
+    return tracking.client().get_run(summary["pipeline_run_id"]).data.tags[ranking.REFERENCE_TAG]
 
 
 def champion_version():
@@ -109,17 +117,27 @@ def test_champion_moves_only_to_a_better_version(store, shapes, tmp_path, capsys
         capsys.readouterr().err
 
     # the champion's recorded figure decides: unbeatable (FD ratio 0), a third version is
-    # @challenger; past beating, the same third prior registered again takes @champion
+    # @challenger; past beating, the same third prior registered again takes @champion. A
+    # figure judged by another reference (other training images or labels) is not compared.
+    assert reference_of(trained) == reference_of(first)  # the same data: the same reference
     champion_model = ranking.version_model_id(
         tracking.client().get_model_version_by_alias(NAME, "champion"))
+    elsewhere = tracking.create_run("quality", "ranked")
+    ranking.link_figures(elsewhere, {ranking.FIGURE: 0.0}, judged, champion_model,
+                         reference="another reference")
+    tracking.end_run(elsewhere)
+    assert ranking.figure_of(champion_model, judged.digest, "another reference") == 0.0
+    assert ranking.figure_of(champion_model, judged.digest, reference_of(first)) != 0.0
     recorder = tracking.create_run("quality", "ranked")
-    ranking.link_figures(recorder, {ranking.FIGURE: 0.0}, judged, champion_model)
+    ranking.link_figures(recorder, {ranking.FIGURE: 0.0}, judged, champion_model,
+                         reference=reference_of(first))
     tracking.end_run(recorder)
     third = registered(shapes, tmp_path / "c", "--prior.max_steps", "2")
     assert third["registered_alias"] == "challenger" and champion_version() in ("1", "2")
     assert f"does not beat the champion's {0:.4f}" in capsys.readouterr().err
     assert str(tracking.client().get_model_version_by_alias(NAME, "challenger").version) == "3"
-    ranking.link_figures(recorder, {ranking.FIGURE: 1e9}, judged, champion_model)
+    ranking.link_figures(recorder, {ranking.FIGURE: 1e9}, judged, champion_model,
+                         reference=reference_of(first))
     again = registered(shapes, tmp_path / "d", "--prior.max_steps", "2")
     assert again["stages"]["prior"] == "reuse" and again["registered_alias"] == "champion"
     assert champion_version() == "4"
@@ -131,7 +149,7 @@ def test_champion_moves_only_to_a_better_version(store, shapes, tmp_path, capsys
     assert "judging the champion" in capsys.readouterr().err
     parent = tracking.client().get_run(other["pipeline_run_id"])
     (judged,) = [i.dataset for i in parent.inputs.dataset_inputs if i.tags[0].value == "evaluation"]
-    champion = linked_figure(again, judged.digest)
+    champion = linked_figure(again, judged.digest, judged_by=other)  # on other's reference
     runs = tracking.client().search_runs(
         [parent.info.experiment_id], f"tags.`pipeline.prior_run_id` = '{again['prior_run_id']}'")
     (evaluation,) = [r for r in runs if r.data.tags[tracking.STAGE_TAG] == "quality"]
