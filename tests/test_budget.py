@@ -76,11 +76,18 @@ def test_minutes_reach_the_stages_and_the_same_command_reuses_them(store, two_cl
 
 def test_a_time_limit_cuts_the_tone_calibration_draw(chain):
     from pipeline.generate import TONE_BATCH, generate
-    # no time left after sampling: no calibration draw, recorded as such
+    # no time left after sampling, and no curve kept for these settings (a temperature no
+    # other test draws at): no calibration draw, recorded as such
     cut = generate(chain["prior"], 4, tone_samples=4096, name="no-time", time_limit_s=0.0,
-                   progress=False)
+                   progress=False, temperature=0.77)
     assert cut.generation.tone_samples == 0 and cut.tone is None
-    # time for far more than asked: the draw is the one asked for
-    kept = generate(chain["prior"], 4, tone_samples=TONE_BATCH, name="time", time_limit_s=1e6,
-                    progress=False)
+    # a curve kept for the settings is used whatever the time: nothing to draw
+    generate(chain["prior"], 4, tone_samples=TONE_BATCH, name="fit", progress=False,
+             temperature=0.78)
+    kept = generate(chain["prior"], 4, tone_samples=TONE_BATCH, name="kept", time_limit_s=0.0,
+                    progress=False, temperature=0.78)
     assert kept.generation.tone_samples == TONE_BATCH and kept.tone is not None
+    # time for far more than asked: the draw is the one asked for
+    ample = generate(chain["prior"], 4, tone_samples=TONE_BATCH, name="time", time_limit_s=1e6,
+                     progress=False, temperature=0.79)
+    assert ample.generation.tone_samples == TONE_BATCH and ample.tone is not None
