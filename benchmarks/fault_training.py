@@ -254,14 +254,21 @@ def owner_and_sigterm(store, csv):
     return [refused, sigterm]
 
 
-def refused_upload(store, csv):
-    folder = store.workdir / "refused"
-    args = ["--path_to_data", str(csv), *VQVAE, "--max_steps", "20", "--eval_every", "10",
-            "--checkpoint_every", "10", "--checkpoint_dir", str(folder)]
-    first, _ = store.run("train_vqvae.py", args, patch=REFUSE_CHECKPOINTS)
-    run_id = next(folder.iterdir()).name
+def faulty_training(store, csv, name, max_steps, patch):
+    """train_vqvae.py under a fault `patch`, its checkpoints in a folder of their own
+    -> (the process, that folder, the run id, the run's status)."""
     from pipeline import tracking
-    status = tracking.client().get_run(run_id).info.status
+    folder = store.workdir / name
+    args = ["--path_to_data", str(csv), *VQVAE, "--max_steps", str(max_steps), "--eval_every",
+            "10", "--checkpoint_every", "10", "--checkpoint_dir", str(folder)]
+    first, _ = store.run("train_vqvae.py", args, patch=patch)
+    run_id = next(folder.iterdir()).name
+    return first, folder, run_id, tracking.client().get_run(run_id).info.status
+
+
+def refused_upload(store, csv):
+    first, folder, run_id, status = faulty_training(store, csv, "refused", 20,
+                                                    REFUSE_CHECKPOINTS)
     resumed, resume_s = store.run("train_vqvae.py", ["--resume_run_id", run_id])
     lost = check(run_id, folder, logged_steps(20))
     return {"case": "403 on every checkpoint upload, then --resume_run_id",
@@ -288,7 +295,7 @@ def unreadable_checkpoints(store, codes):
                                        str(store.workdir / "samples")])
     warned = "using checkpoints/last.pt instead" in generated.stderr
     truncated = {"case": "best.pt truncated in the store, then generation",
-                 "outcome": (f"generated from last.pt, with a warning" if generated.returncode == 0
+                 "outcome": ("generated from last.pt, with a warning" if generated.returncode == 0
                              and warned else f"exit {generated.returncode}: "
                              f"{error_line(generated.stderr)}"),
                  "lost": "nothing" if generated.returncode == 0 else "the generation",
@@ -311,13 +318,7 @@ def unreadable_checkpoints(store, codes):
 
 
 def full_disk(store, csv):
-    folder = store.workdir / "full"
-    args = ["--path_to_data", str(csv), *VQVAE, "--max_steps", "30", "--eval_every", "10",
-            "--checkpoint_every", "10", "--checkpoint_dir", str(folder)]
-    first, _ = store.run("train_vqvae.py", args, patch=FULL_AT_SECOND_SAVE)
-    run_id = next(folder.iterdir()).name
-    from pipeline import tracking
-    status = tracking.client().get_run(run_id).info.status
+    first, folder, run_id, status = faulty_training(store, csv, "full", 30, FULL_AT_SECOND_SAVE)
     one_line = "Traceback" not in first.stderr and "no space left" in error_line(first.stderr)
     temporary = len(list((folder / run_id).glob("*.tmp")))
     resumed, resume_s = store.run("train_vqvae.py", ["--resume_run_id", run_id])
