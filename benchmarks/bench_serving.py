@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 
+from benchmarks.common import run_together
 from pipeline import tracking
 from pipeline.servers import ModelServer, free_port
 
@@ -73,12 +74,7 @@ def main():
                         (latencies if ok else failures).append(seconds if ok else (status, answer))
 
             threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
-            started = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            wall = time.perf_counter() - started
+            wall = run_together(threads)
 
             bad_seconds = []
             for body in ({"dataframe_records": [{"num_samples": 10 ** 6}]},

@@ -22,6 +22,16 @@ def timed(fn, device, repeat=1, warmup=1):
     return (time.perf_counter() - start) / repeat
 
 
+def run_together(threads):
+    """Start every thread, wait for all of them; -> the wall seconds that took."""
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
 def matmul_peak_flops(device, size=None, dtype=torch.float32, seconds=1.0):
     """Measured FLOP/s of a large square matmul: the roof that throughput figures are read
     against (a fraction of a measured peak, not of a datasheet number)."""

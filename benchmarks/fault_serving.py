@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.common import run_together
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "fault-serving"
 URI = f"models:/{NAME}@champion"
@@ -289,12 +291,7 @@ def load(workdir, seconds=30, clients=8):
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         threads.append(threading.Thread(target=pinger))
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - started
+        wall = run_together(threads)
     finally:
         server.stop()
     return {"clients": clients, "seconds": wall, "normal_calls": len(latencies),
